@@ -1,0 +1,7 @@
+"""``python -m dartsnas`` is the ``dartsnas`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,160 @@
+"""Dataclass configs <-> command-line flags and YAML files.
+
+A config is a dataclass whose fields carry their help text in ``metadata``. The same dataclass
+feeds argparse (``--batch_size`` and ``--batch-size`` both work), YAML presets (``--config``) and
+the Python API; precedence is dataclass default < YAML file < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, *, choices: typing.Sequence[Any] | None = None, aliases: typing.Sequence[str] = (),
+           cli: bool = True) -> Any:
+    """A config field with its help text (and, optionally, the allowed values and extra flag names)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "aliases": tuple(aliases),
+                                                         "cli": cli})
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(scalar type, optional?) of a field annotation such as ``int | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _parse_value(kind: type, optional: bool, name: str) -> Any:
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of ``cls``; flags not given stay absent from the namespace."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        kind, optional = _base_type(hints[f.name])
+        names = [f"--{f.name}"]
+        if "_" in f.name:
+            names.append(f"--{f.name.replace('_', '-')}")
+        names.extend(meta.get("aliases", ()))
+        default_text = "" if f.default is dataclasses.MISSING else f" (default: {f.default})"
+        help_text = (meta.get("help") or "") + default_text
+        if kind is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, type=_parse_value(kind, optional, f.name),
+                                choices=meta.get("choices"), default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=help_text)
+
+
+def explicit_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the user actually gave on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+PRESET_PACKAGE = "dartsnas.presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml_config(path: str | os.PathLike[str], cls: type) -> dict[str, Any]:
+    """Read a YAML config file (or a shipped preset by name) and check its keys against ``cls``."""
+    text_path = str(path)
+    if not os.path.exists(text_path) and text_path in list_presets():
+        text = resources.files(PRESET_PACKAGE).joinpath(text_path + ".yaml").read_text(encoding="utf-8")
+        where = f"preset {text_path}"
+    elif not os.path.isfile(text_path):
+        raise UserError(f"config file {text_path} does not exist; shipped presets: {', '.join(list_presets())}")
+    else:
+        text = Path(text_path).read_text(encoding="utf-8")
+        where = text_path
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must map option names to values, e.g. 'batch_size: 64'")
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        norm = str(key).replace("-", "_")
+        if norm not in names:
+            raise UserError(f"{where}: unknown option {key!r}; see --help for the valid names")
+        out[norm] = value
+    return out
+
+
+def coerce(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check value types of YAML-provided options (ints where ints are expected, and so on)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        kind, optional = _base_type(hints[key])
+        if value is None and optional:
+            out[key] = None
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind in (int, float, str, bool) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+            raise UserError(f"{where}: option {key!r} must be {kind.__name__}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def make_config(cls: type[T], args: argparse.Namespace | None = None, config_file: str | None = None,
+                **overrides: Any) -> T:
+    """Build ``cls`` from defaults, then a YAML file, then command-line flags, then ``overrides``."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(coerce(cls, read_yaml_config(config_file, cls), str(config_file)))
+    if args is not None:
+        values.update(explicit_args(cls, args))
+    values.update(overrides)
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config saved in a run directory, ignoring keys a newer version no longer has."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)

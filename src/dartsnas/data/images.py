@@ -1,0 +1,283 @@
+"""Image data held in memory as uint8 tensors, augmented on the device, batch by batch.
+
+CIFAR-10 is 150 MB as uint8, so the whole set lives in one tensor (on the GPU when there is one)
+and the paper's augmentation (random crop with zero padding 4, horizontal flip; facts section 2)
+is done on whole batches. That removes the DataLoader worker bottleneck of the original code and
+makes every batch a pure function of a seeded ``torch.Generator``, which is what makes an
+interrupted run resume bit for bit.
+
+Sources:
+
+* ``cifar10``: torchvision's CIFAR-10 folder (downloaded when the network allows), or an ``.npz``
+  file of CIFAR-10 images (``x`` uint8 (N, 32, 32, 3), ``y`` (N,)), normalised with the CIFAR-10
+  constants.
+* ``npz``: any image set in that layout (any size, 1 or 3 channels), normalised with the mean and
+  std of its training part.
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits, a real data set that needs no network.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
+CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
+DATASETS = ("cifar10", "npz", "digits")
+
+
+@dataclass
+class ImageSet:
+    x: torch.Tensor  # uint8, (N, C, H, W)
+    y: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device: torch.device) -> "ImageSet":
+        return ImageSet(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class ImageData:
+    """A data set in memory plus how to normalise and augment it."""
+
+    name: str
+    train: ImageSet
+    test: ImageSet | None
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pad: int  # random-crop padding; 0 disables cropping
+    flip: bool  # random horizontal flips
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.x.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.train.x.shape[2]), int(self.train.x.shape[3])
+
+
+def default_data_dir(name: str) -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "dartsnas" / name
+
+
+def _from_hwc(x: np.ndarray, where: str) -> torch.Tensor:
+    if x.dtype != np.uint8:
+        raise UserError(f"{where}: images must be uint8, got {x.dtype}")
+    if x.ndim == 3:  # (N, H, W): one channel
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise UserError(f"{where}: images must have shape (N, H, W, C) with C = 1 or 3, got {tuple(x.shape)}")
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _labels(y: np.ndarray, n: int, where: str) -> torch.Tensor:
+    if y.ndim != 1 or y.shape[0] != n:
+        raise UserError(f"{where}: labels 'y' must have shape ({n},), got {tuple(y.shape)}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{where}: labels must be integers, got {y.dtype}")
+    if n and y.min() < 0:
+        raise UserError(f"{where}: labels must be >= 0")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def read_npz(path: str | os.PathLike[str]) -> tuple[ImageSet, ImageSet | None]:
+    """Read ``x``/``y`` (and optional ``x_test``/``y_test``) from an ``.npz`` file."""
+    where = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files if k in ("x", "y", "x_test", "y_test")}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UserError(f"cannot read {where} as an .npz file ({exc})") from None
+    if "x" not in arrays or "y" not in arrays:
+        raise UserError(f"{where} must contain arrays 'x' (uint8 images, N x H x W x C) and 'y' (labels)")
+    x = _from_hwc(arrays["x"], where)
+    train = ImageSet(x, _labels(arrays["y"], x.shape[0], where))
+    test = None
+    if "x_test" in arrays and "y_test" in arrays:
+        xt = _from_hwc(arrays["x_test"], where + " (x_test)")
+        test = ImageSet(xt, _labels(arrays["y_test"], xt.shape[0], where + " (y_test)"))
+    if len(train) == 0:
+        raise UserError(f"{where} contains no images")
+    return train, test
+
+
+def _load_cifar10_folder(root: Path, download: bool) -> tuple[ImageSet, ImageSet]:
+    import torchvision
+
+    exists = (root / "cifar-10-batches-py").is_dir()
+    try:
+        train = torchvision.datasets.CIFAR10(str(root), train=True, download=download and not exists)
+        test = torchvision.datasets.CIFAR10(str(root), train=False, download=False)
+    except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError... depending on the failure
+        reason = "not found" if not download else f"not found and could not be downloaded ({type(exc).__name__})"
+        raise UserError(
+            f"CIFAR-10 {reason} in {root}; pass --data DIR (a folder holding cifar-10-batches-py) or "
+            f"--data FILE.npz, or try the offline demo: dartsnas search cnn --dataset digits"
+        ) from None
+    return (
+        ImageSet(_from_hwc(train.data, str(root)), torch.tensor(train.targets, dtype=torch.int64)),
+        ImageSet(_from_hwc(test.data, str(root)), torch.tensor(test.targets, dtype=torch.int64)),
+    )
+
+
+def _digits() -> tuple[ImageSet, ImageSet]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Values are 0..16; scale to the uint8 range like every other source.
+    x = np.clip(digits.images * 16.0, 0, 255).astype(np.uint8)[..., None]
+    y = digits.target.astype(np.int64)
+    # A fixed, class-balanced 1/6 test split (the order of the bundled set is already mixed).
+    test_mask = np.arange(len(y)) % 6 == 5
+    return (
+        ImageSet(_from_hwc(x[~test_mask], "digits"), torch.from_numpy(y[~test_mask])),
+        ImageSet(_from_hwc(x[test_mask], "digits"), torch.from_numpy(y[test_mask])),
+    )
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units."""
+    xf = x.double().div_(255.0)
+    mean = xf.mean(dim=(0, 2, 3))
+    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def load_image_data(dataset: str, data: str | None = None, download: bool = True) -> ImageData:
+    """Load a data set by name; see the module docstring for the sources."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == "digits":
+        train, test = _digits()
+        mean, std = channel_stats(train.x)
+        # Digits must not be mirrored; a one-pixel shift is the analogue of CIFAR's 4 of 32.
+        return ImageData("digits", train, test, 10, mean, std, pad=1, flip=False)
+    if dataset == "npz":
+        if not data:
+            raise UserError("--dataset npz needs --data FILE.npz (arrays 'x': N x H x W x C uint8, 'y': labels)")
+        if not os.path.isfile(data):
+            raise UserError(f"data file {data} does not exist")
+        train, test = read_npz(data)
+        mean, std = channel_stats(train.x)
+        n_cls = int(max(train.y.max().item(), test.y.max().item() if test is not None else 0)) + 1
+        h = train.x.shape[2]
+        return ImageData(Path(data).stem, train, test, n_cls, mean, std, pad=max(1, h // 8), flip=True)
+    # cifar10
+    if data and str(data).endswith(".npz"):
+        if not os.path.isfile(data):
+            raise UserError(f"CIFAR-10 file {data} does not exist; pass an existing .npz or a CIFAR-10 folder")
+        train, test = read_npz(data)
+        if tuple(train.x.shape[1:]) != (3, 32, 32):
+            raise UserError(f"{data} holds images of shape {tuple(train.x.shape[1:])}, not CIFAR-10's 3x32x32; "
+                            "use --dataset npz for other image sets")
+        if int(train.y.max()) > 9:
+            raise UserError(f"{data} has labels above 9; CIFAR-10 has 10 classes (use --dataset npz otherwise)")
+    else:
+        root = Path(data) if data else default_data_dir("cifar10")
+        train, test = _load_cifar10_folder(root, download)
+    return ImageData("cifar10", train, test, 10, CIFAR10_MEAN, CIFAR10_STD, pad=4, flip=True)
+
+
+class Normalizer:
+    """uint8 batch -> float batch: (x / 255 - mean) / std, on the batch's device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                 dtype: torch.dtype = torch.float32):
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=dtype, device=device))).view(1, -1, 1, 1)
+        self.shift = (torch.tensor(mean, dtype=dtype, device=device) / torch.tensor(std, dtype=dtype,
+                                                                                     device=device)).view(1, -1, 1, 1)
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype) * self.scale - self.shift
+
+
+def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding, and random horizontal flip, per sample (uint8 in, uint8 out).
+
+    Padding happens on raw pixels, as torchvision pads the image before normalising, so the border
+    is black rather than the mean colour.
+    """
+    B, _, H, W = x.shape
+    if pad > 0:
+        gen_device = generator.device
+        xp = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=gen_device).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=gen_device).to(x.device)
+        rows = (dy[:, None] + torch.arange(H, device=x.device)[None, :])[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(W, device=x.device)[None, :])[:, None, None, :]
+        batch = torch.arange(B, device=x.device)[:, None, None, None]
+        chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = xp[batch, chan, rows, cols]
+    if flip:
+        mask = torch.rand(B, generator=generator, device=generator.device).to(x.device) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """The generator that shuffles and augments one data stream in one epoch.
+
+    Seeding per (seed, epoch, stream) makes epoch ``e`` identical whether or not the run was
+    interrupted before it, without saving any iterator state.
+    """
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1))
+    return g
+
+
+class BatchStream:
+    """Shuffled, augmented, normalised batches over ``indices`` of an in-memory image set."""
+
+    def __init__(self, images: ImageSet, indices: torch.Tensor, batch_size: int, normalize: Normalizer,
+                 pad: int = 0, flip: bool = False, train: bool = True):
+        self.images = images
+        self.indices = indices
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.pad = pad
+        self.flip = flip
+        self.train = train
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass: shuffled and augmented when ``train`` (needs ``generator``), in order otherwise."""
+        if self.train:
+            assert generator is not None
+            order = self.indices[torch.randperm(len(self.indices), generator=generator)]
+        else:
+            order = self.indices
+        device = self.images.x.device
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size].to(device)
+            x = self.images.x.index_select(0, idx)
+            if self.train:
+                x = augment(x, self.pad, self.flip, generator)  # type: ignore[arg-type]
+            yield self.normalize(x), self.images.y.index_select(0, idx)
+
+    def forever(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless batches: a new shuffle each time the split is exhausted."""
+        while True:
+            yield from self.batches(generator)
+
+
+def split_indices(n: int, portion: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``portion`` of the training set for the weights, the rest for alpha (facts section 2)."""
+    split = int(np.floor(portion * n))
+    return torch.arange(0, split), torch.arange(split, n)

@@ -1,0 +1,469 @@
+"""Genotypes: the discrete architectures DARTS searches for and trains.
+
+One canonical type per search space, importable without torch:
+
+* :class:`Genotype` - a convolutional genotype (normal and reduction cell), paper section 2.1.
+* :class:`RecurrentGenotype` - a recurrent cell (paper section 2.1, recurrent cells).
+
+Genotypes travel as JSON (``to_dict`` / ``from_dict``) and are also accepted in the form the
+authors' code prints (``Genotype(normal=[('sep_conv_3x3', 1), ...], normal_concat=range(2, 6), ...)``).
+That form is parsed with :mod:`ast` and a whitelist of literal shapes; it is never evaluated.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence, Union
+
+from .errors import UserError
+
+# The order fixes the columns of alpha (facts section 1); ``none`` is column 0.
+CNN_PRIMITIVES: tuple[str, ...] = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+# Final networks also know the operations NASNet and AmoebaNet use.
+CNN_FINAL_OPS: tuple[str, ...] = CNN_PRIMITIVES[1:] + ("sep_conv_7x7", "conv_7x1_1x7")
+
+RNN_PRIMITIVES: tuple[str, ...] = ("none", "tanh", "relu", "sigmoid", "identity")
+RNN_FINAL_OPS: tuple[str, ...] = RNN_PRIMITIVES[1:]
+
+Edge = tuple[str, int]
+
+
+def _edges(items: Iterable[Any], where: str) -> tuple[Edge, ...]:
+    out = []
+    for k, item in enumerate(items):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2):
+            raise UserError(f"{where}[{k}] is {item!r}; each edge must be an (operation, input) pair")
+        op, idx = item
+        if not isinstance(op, str) or isinstance(idx, bool) or not isinstance(idx, int):
+            raise UserError(f"{where}[{k}] is {item!r}; expected a pair like ('sep_conv_3x3', 0)")
+        out.append((op, idx))
+    return tuple(out)
+
+
+def _ints(items: Iterable[Any], where: str) -> tuple[int, ...]:
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise UserError(f"{where} contains {item!r}; node indices must be integers")
+        out.append(item)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """A convolutional architecture: two cells, each a list of ``(op, input)`` edges.
+
+    Edges come in pairs: edges ``2k`` and ``2k+1`` feed intermediate node ``k + 2``. Inputs 0 and
+    1 are the outputs of the previous two cells, ``i >= 2`` the earlier intermediate nodes. The
+    cell output concatenates the nodes listed in ``*_concat``.
+    """
+
+    normal: tuple[Edge, ...]
+    normal_concat: tuple[int, ...]
+    reduce: tuple[Edge, ...]
+    reduce_concat: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "normal", _edges(self.normal, "normal"))
+        object.__setattr__(self, "reduce", _edges(self.reduce, "reduce"))
+        object.__setattr__(self, "normal_concat", _ints(self.normal_concat, "normal_concat"))
+        object.__setattr__(self, "reduce_concat", _ints(self.reduce_concat, "reduce_concat"))
+        for name in ("normal", "reduce"):
+            _check_conv_cell(name, getattr(self, name), getattr(self, name + "_concat"))
+
+    kind = "cnn"
+
+    @property
+    def steps(self) -> int:
+        """Number of intermediate nodes per cell (4 for DARTS cells, 5 for NASNet/AmoebaNet)."""
+        return len(self.normal) // 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "normal": [list(e) for e in self.normal],
+            "normal_concat": list(self.normal_concat),
+            "reduce": [list(e) for e in self.reduce],
+            "reduce_concat": list(self.reduce_concat),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def __str__(self) -> str:
+        # The authors' printed form, so that users can paste it into papers and other code bases.
+        return (
+            f"Genotype(normal={list(self.normal)!r}, normal_concat={list(self.normal_concat)!r}, "
+            f"reduce={list(self.reduce)!r}, reduce_concat={list(self.reduce_concat)!r})"
+        )
+
+
+def _check_conv_cell(name: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> None:
+    if not edges or len(edges) % 2:
+        raise UserError(f"{name} has {len(edges)} edges; a cell needs two edges per intermediate node")
+    steps = len(edges) // 2
+    for k, (op, idx) in enumerate(edges):
+        if op not in CNN_FINAL_OPS:
+            raise UserError(
+                f"{name}[{k}] uses unknown operation {op!r}; known operations: {', '.join(CNN_FINAL_OPS)}"
+            )
+        node = k // 2 + 2
+        if not 0 <= idx < node:
+            raise UserError(
+                f"{name}[{k}] = ({op!r}, {idx}) feeds node {node} from input {idx}; "
+                f"inputs of node {node} must be in 0..{node - 1}"
+            )
+    if not concat:
+        raise UserError(f"{name}_concat is empty; list the nodes whose outputs form the cell output")
+    for idx in concat:
+        if not 2 <= idx < steps + 2:
+            raise UserError(f"{name}_concat contains {idx}; intermediate nodes are 2..{steps + 1}")
+
+
+@dataclass(frozen=True)
+class RecurrentGenotype:
+    """A recurrent cell: node ``k + 1`` applies ``recurrent[k] = (activation, predecessor)``.
+
+    Node 0 is computed from ``x_t`` and ``h_{t-1}``; ``h_t`` is the mean of the nodes in ``concat``.
+    """
+
+    recurrent: tuple[Edge, ...]
+    concat: tuple[int, ...]
+
+    kind = "rnn"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "recurrent", _edges(self.recurrent, "recurrent"))
+        object.__setattr__(self, "concat", _ints(self.concat, "concat"))
+        if not self.recurrent:
+            raise UserError("recurrent is empty; a recurrent cell needs at least one node")
+        for k, (op, idx) in enumerate(self.recurrent):
+            if op not in RNN_FINAL_OPS:
+                raise UserError(
+                    f"recurrent[{k}] uses unknown activation {op!r}; known: {', '.join(RNN_FINAL_OPS)}"
+                )
+            if not 0 <= idx <= k:
+                raise UserError(f"recurrent[{k}] = ({op!r}, {idx}) feeds node {k + 1}; its input must be in 0..{k}")
+        if not self.concat:
+            raise UserError("concat is empty; list the nodes averaged into h_t")
+        for idx in self.concat:
+            if not 1 <= idx <= len(self.recurrent):
+                raise UserError(f"concat contains {idx}; nodes are 1..{len(self.recurrent)}")
+
+    @property
+    def steps(self) -> int:
+        return len(self.recurrent)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recurrent": [list(e) for e in self.recurrent], "concat": list(self.concat)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def __str__(self) -> str:
+        return f"Genotype(recurrent={list(self.recurrent)!r}, concat={list(self.concat)!r})"
+
+
+AnyGenotype = Union[Genotype, RecurrentGenotype]
+
+
+def from_dict(data: Any) -> AnyGenotype:
+    """Build a genotype from its JSON dictionary; the keys decide the kind."""
+    if not isinstance(data, dict):
+        raise UserError(f"a genotype must be a JSON object, got {type(data).__name__}")
+    data = dict(data)
+    data.pop("kind", None)
+    conv_keys = {"normal", "normal_concat", "reduce", "reduce_concat"}
+    rnn_keys = {"recurrent", "concat"}
+    keys = set(data)
+    if keys == conv_keys:
+        return Genotype(**{k: _as_list(data[k], k) for k in conv_keys})
+    if keys == rnn_keys:
+        return RecurrentGenotype(**{k: _as_list(data[k], k) for k in rnn_keys})
+    raise UserError(
+        f"genotype has fields {sorted(keys)}; expected {sorted(conv_keys)} (convolutional) "
+        f"or {sorted(rnn_keys)} (recurrent)"
+    )
+
+
+def _as_list(value: Any, key: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"genotype field {key!r} must be a list, got {value!r}")
+    return list(value)
+
+
+# --- the authors' printed form, parsed without evaluation -------------------------------------
+
+
+def _literal(node: ast.AST, where: str) -> Any:
+    """Turn a whitelisted literal AST node into a value: str/int constants, lists, tuples, range()."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int)) and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+        value = node.operand.value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return -value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(elt, where) for elt in node.elts]
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "range"
+        and not node.keywords
+        and 1 <= len(node.args) <= 3
+    ):
+        args = [_literal(a, where) for a in node.args]
+        if all(isinstance(a, int) for a in args) and all(abs(a) < 1000 for a in args):
+            return list(range(*args))
+    snippet = ast.unparse(node)
+    if len(snippet) > 60:
+        snippet = snippet[:57] + "..."
+    raise UserError(f"{where} contains {snippet!r}; only lists of ('op', index) pairs and range(a, b) are allowed")
+
+
+def parse_printed(text: str) -> AnyGenotype:
+    """Parse ``Genotype(normal=[...], normal_concat=range(2, 6), ...)`` (or the recurrent form).
+
+    Only literal lists, tuples, strings, integers and ``range(...)`` are accepted; anything else
+    (names, attribute access, other calls) is rejected, so hostile strings never run.
+    """
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise UserError(f"cannot parse genotype string ({exc.msg}); expected Genotype(normal=[...], ...)") from None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "Genotype"):
+        raise UserError("a genotype string must look like Genotype(normal=[...], normal_concat=..., ...)")
+    if call.args:
+        raise UserError("genotype string must use keyword fields, e.g. Genotype(normal=[...], ...)")
+    fields = {}
+    for kw in call.keywords:
+        if kw.arg is None:
+            raise UserError("genotype string must not use ** expansion")
+        fields[kw.arg] = _literal(kw.value, kw.arg)
+    return from_dict(fields)
+
+
+# --- derivation from continuous weights (paper section 2.4) --------------------------------------
+
+
+def _strength(row: Sequence[float], none_index: int | None) -> float:
+    return max(w for k, w in enumerate(row) if k != none_index)
+
+
+def _best_op(row: Sequence[float], none_index: int | None) -> int:
+    # First maximum wins, like argmax: ties resolve to the earlier primitive.
+    best = None
+    for k, w in enumerate(row):
+        if k != none_index and (best is None or w > row[best]):
+            best = k
+    assert best is not None
+    return best
+
+
+def _none_index(primitives: Sequence[str]) -> int | None:
+    return primitives.index("none") if "none" in primitives else None
+
+
+def derive_cnn_cell(weights: Sequence[Sequence[float]], primitives: Sequence[str], steps: int) -> list[Edge]:
+    """Keep, for every intermediate node, the two incoming edges whose strongest non-``none``
+    weight is largest, each with its argmax non-``none`` operation (strongest edge first).
+
+    Args:
+        weights: softmaxed alphas, one row per edge in cell order (2, 3, 4, ... edges per node).
+        primitives: the operation name of each column.
+        steps: number of intermediate nodes.
+    """
+    none_index = _none_index(primitives)
+    if len(primitives) - (none_index is not None) < 1:
+        raise UserError("the primitives contain no operation besides 'none'")
+    gene: list[Edge] = []
+    start = 0
+    for i in range(steps):
+        n = i + 2
+        rows = weights[start:start + n]
+        if len(rows) != n:
+            raise ValueError(f"expected {sum(range(2, steps + 2))} edge rows, got {len(weights)}")
+        # sorted() is stable, so equally strong edges keep the lower input index first.
+        keep = sorted(range(n), key=lambda j: -_strength(rows[j], none_index))[:2]
+        for j in keep:
+            gene.append((primitives[_best_op(rows[j], none_index)], j))
+        start += n
+    return gene
+
+
+def derive_rnn_cell(weights: Sequence[Sequence[float]], primitives: Sequence[str], steps: int) -> list[Edge]:
+    """Keep, for every node, the single strongest predecessor (non-``none``) and its best activation.
+
+    Args:
+        weights: softmaxed alphas, one row per edge: node 1 has 1 predecessor, node 2 has 2, ...
+    """
+    none_index = _none_index(primitives)
+    gene: list[Edge] = []
+    start = 0
+    for i in range(steps):
+        n = i + 1
+        rows = weights[start:start + n]
+        if len(rows) != n:
+            raise ValueError(f"expected {sum(range(1, steps + 1))} edge rows, got {len(weights)}")
+        j = sorted(range(n), key=lambda j: -_strength(rows[j], none_index))[0]
+        gene.append((primitives[_best_op(rows[j], none_index)], j))
+        start += n
+    return gene
+
+
+# --- named genotypes ----------------------------------------------------------------------------
+
+_C = range(2, 6)
+
+NAMED: dict[str, AnyGenotype] = {
+    # Second-order search (paper Table 1, "DARTS (second order)").
+    "DARTS_V2": Genotype(
+        normal=[("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
+                ("sep_conv_3x3", 1), ("skip_connect", 0), ("skip_connect", 0), ("dil_conv_3x3", 2)],
+        normal_concat=_C,
+        reduce=[("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 1),
+                ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("max_pool_3x3", 1)],
+        reduce_concat=_C,
+    ),
+    # First-order search.
+    "DARTS_V1": Genotype(
+        normal=[("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_3x3", 1),
+                ("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 2)],
+        normal_concat=_C,
+        reduce=[("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 0),
+                ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("avg_pool_3x3", 0)],
+        reduce_concat=_C,
+    ),
+    # NASNet-A (Zoph et al. 2018), five nodes per cell.
+    "NASNet": Genotype(
+        normal=[("sep_conv_5x5", 1), ("sep_conv_3x3", 0), ("sep_conv_5x5", 0), ("sep_conv_3x3", 0),
+                ("avg_pool_3x3", 1), ("skip_connect", 0), ("avg_pool_3x3", 0), ("avg_pool_3x3", 0),
+                ("sep_conv_3x3", 1), ("skip_connect", 1)],
+        normal_concat=[2, 3, 4, 5, 6],
+        reduce=[("sep_conv_5x5", 1), ("sep_conv_7x7", 0), ("max_pool_3x3", 1), ("sep_conv_7x7", 0),
+                ("avg_pool_3x3", 1), ("sep_conv_5x5", 0), ("skip_connect", 3), ("avg_pool_3x3", 2),
+                ("sep_conv_3x3", 2), ("max_pool_3x3", 1)],
+        reduce_concat=[4, 5, 6],
+    ),
+    # AmoebaNet-A (Real et al. 2019).
+    "AmoebaNet": Genotype(
+        normal=[("avg_pool_3x3", 0), ("max_pool_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_5x5", 2),
+                ("sep_conv_3x3", 0), ("avg_pool_3x3", 3), ("sep_conv_3x3", 1), ("skip_connect", 1),
+                ("skip_connect", 0), ("avg_pool_3x3", 1)],
+        normal_concat=[4, 5, 6],
+        reduce=[("avg_pool_3x3", 0), ("sep_conv_3x3", 1), ("max_pool_3x3", 0), ("sep_conv_7x7", 2),
+                ("sep_conv_7x7", 0), ("avg_pool_3x3", 1), ("max_pool_3x3", 0), ("max_pool_3x3", 1),
+                ("conv_7x1_1x7", 0), ("sep_conv_3x3", 5)],
+        reduce_concat=[3, 4, 6],
+    ),
+    # Recurrent cells (paper Table 2).
+    "DARTS_V2_RNN": RecurrentGenotype(
+        recurrent=[("sigmoid", 0), ("relu", 1), ("relu", 1), ("identity", 1),
+                   ("tanh", 2), ("sigmoid", 5), ("tanh", 3), ("relu", 5)],
+        concat=range(1, 9),
+    ),
+    "DARTS_V1_RNN": RecurrentGenotype(
+        recurrent=[("relu", 0), ("relu", 1), ("tanh", 2), ("relu", 3),
+                   ("relu", 4), ("identity", 1), ("relu", 5), ("relu", 1)],
+        concat=range(1, 9),
+    ),
+    "ENAS": RecurrentGenotype(
+        recurrent=[("tanh", 0), ("tanh", 1), ("relu", 1), ("tanh", 3), ("tanh", 3), ("relu", 3),
+                   ("relu", 4), ("relu", 7), ("relu", 8), ("relu", 8), ("relu", 8)],
+        concat=[2, 5, 6, 9, 10, 11],
+    ),
+}
+NAMED["DARTS"] = NAMED["DARTS_V2"]
+NAMED["DARTS_RNN"] = NAMED["DARTS_V2_RNN"]
+
+# The authors use the same names (DARTS, DARTS_V1, DARTS_V2) for the CNN and the RNN cells; which
+# one is meant follows from the search space of the command.
+_RNN_ALIASES = {"DARTS": "DARTS_V2_RNN", "DARTS_V2": "DARTS_V2_RNN", "DARTS_V1": "DARTS_V1_RNN"}
+
+
+def list_genotypes(kind: str | None = None) -> list[str]:
+    """Names of the registered genotypes, optionally only those of ``kind`` ('cnn' or 'rnn')."""
+    return [name for name, g in NAMED.items() if kind is None or g.kind == kind]
+
+
+def get_genotype(name: str, kind: str | None = None) -> AnyGenotype:
+    """Look up a named genotype; ``kind='rnn'`` maps DARTS/DARTS_V1/DARTS_V2 to the recurrent cells."""
+    key = name
+    if kind == "rnn" and name in _RNN_ALIASES:
+        key = _RNN_ALIASES[name]
+    lookup = {k.lower(): k for k in NAMED}
+    if key.lower() not in lookup:
+        raise UserError(f"unknown architecture {name!r}; known names: {', '.join(list_genotypes(kind))}")
+    genotype = NAMED[lookup[key.lower()]]
+    if kind is not None and genotype.kind != kind:
+        raise UserError(f"architecture {name!r} is a {genotype.kind.upper()} cell, but a {kind.upper()} cell is needed")
+    return genotype
+
+
+def load_genotype(spec: str | os.PathLike[str] | AnyGenotype, kind: str | None = None) -> AnyGenotype:
+    """Resolve an architecture given as a name, a JSON file, a run directory or a printed string.
+
+    Args:
+        spec: ``DARTS_V2``; ``path/genotype.json``; a run directory containing ``genotype.json``;
+            ``Genotype(normal=[...], ...)``; or a JSON object string.
+        kind: 'cnn' or 'rnn' to insist on one search space (a clear error otherwise).
+    """
+    if isinstance(spec, (Genotype, RecurrentGenotype)):
+        genotype: AnyGenotype = spec
+    else:
+        text = str(spec).strip()
+        if not text:
+            raise UserError("empty architecture; pass a name such as DARTS_V2, a genotype.json or a run directory")
+        if text.startswith("Genotype"):
+            genotype = parse_printed(text)
+        elif text.startswith("{"):
+            genotype = _from_json_text(text, "the architecture string")
+        elif os.path.isdir(text):
+            path = os.path.join(text, "genotype.json")
+            if not os.path.isfile(path):
+                raise UserError(f"{text} is a directory without genotype.json; pass a search run directory or a file")
+            genotype = _read_file(path)
+        elif os.path.isfile(text):
+            genotype = _read_file(text)
+        elif any(ch in text for ch in "/\\") or text.endswith((".json", ".txt")):
+            raise UserError(f"genotype file {text} does not exist")
+        else:
+            return get_genotype(text, kind)
+    if kind is not None and genotype.kind != kind:
+        raise UserError(
+            f"the architecture is a {genotype.kind.upper()} genotype, but this command needs a {kind.upper()} one"
+        )
+    return genotype
+
+
+def _from_json_text(text: str, where: str) -> AnyGenotype:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict) and "genotype" in data and isinstance(data["genotype"], dict):
+        data = data["genotype"]
+    return from_dict(data)
+
+
+def _read_file(path: str) -> AnyGenotype:
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    if text.startswith("Genotype"):
+        return parse_printed(text)
+    try:
+        return _from_json_text(text, path)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None

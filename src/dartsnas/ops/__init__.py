@@ -1,0 +1,1 @@
+"""Candidate operations of the DARTS search spaces."""

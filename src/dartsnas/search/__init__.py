@@ -1,0 +1,1 @@
+"""The continuous relaxation (search networks) and the bilevel optimiser (architect)."""
