@@ -408,8 +408,15 @@ def get_genotype(name: str, kind: str | None = None) -> AnyGenotype:
         raise UserError(f"unknown architecture {name!r}; known names: {', '.join(list_genotypes(kind))}")
     genotype = NAMED[lookup[key.lower()]]
     if kind is not None and genotype.kind != kind:
-        raise UserError(f"architecture {name!r} is a {genotype.kind.upper()} cell, but a {kind.upper()} cell is needed")
+        raise UserError(_kind_mismatch(f"architecture {name!r}", genotype.kind, kind))
     return genotype
+
+
+_KIND_NAMES = {"cnn": "convolutional (CNN)", "rnn": "recurrent (RNN)"}
+
+
+def _kind_mismatch(what: str, got: str, wanted: str) -> str:
+    return f"{what} is a {_KIND_NAMES[got]} genotype, but this command needs a {_KIND_NAMES[wanted]} one"
 
 
 def load_genotype(spec: str | os.PathLike[str] | AnyGenotype, kind: str | None = None) -> AnyGenotype:
@@ -442,9 +449,7 @@ def load_genotype(spec: str | os.PathLike[str] | AnyGenotype, kind: str | None =
         else:
             return get_genotype(text, kind)
     if kind is not None and genotype.kind != kind:
-        raise UserError(
-            f"the architecture is a {genotype.kind.upper()} genotype, but this command needs a {kind.upper()} one"
-        )
+        raise UserError(_kind_mismatch("the architecture", genotype.kind, kind))
     return genotype
 
 

@@ -1,0 +1,392 @@
+"""``dartsnas search cnn``: the convolutional cell search of paper section 3.1.1.
+
+``run(SearchConfig(...))`` is the whole job; the command line and the tests call it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..config import add_config_arguments, check, explicit_args, from_dict, make_config, option, to_dict
+from ..data.images import DATASETS, BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
+from ..errors import UserError
+from ..genotype import Genotype
+from ..rundir import RunDir, atomic_write, default_run_dir, write_json
+from ..search.architect import Architect, VirtualStep
+from ..search.cnn import SearchNetwork
+from ..utils import AverageMeter, accuracy, resolve_device, rng_state, seed_everything, set_rng_state
+from .common import TensorBoard, progress, write_figures
+
+logger = logging.getLogger("dartsnas")
+
+FORMAT_VERSION = 1
+COMMAND = "search-cnn"
+
+
+@dataclass
+class SearchConfig:
+    """Settings of a CNN search; the defaults are the paper's (facts section 2)."""
+
+    dataset: str = option("cifar10", "data source: cifar10 (folder or .npz), npz (any image set) or digits "
+                                     "(bundled, offline)", choices=DATASETS)
+    data: str | None = option(None, "CIFAR-10 folder or .npz file (default: a per-user cache folder)")
+    batch_size: int = option(64, "batch size of both the weight and the alpha stream")
+    learning_rate: float = option(0.025, "initial weight learning rate (cosine-annealed)")
+    learning_rate_min: float = option(0.001, "final weight learning rate")
+    momentum: float = option(0.9, "weight SGD momentum")
+    weight_decay: float = option(3e-4, "weight decay of the weights")
+    arch_learning_rate: float = option(3e-4, "Adam learning rate of alpha")
+    arch_weight_decay: float = option(1e-3, "weight decay of alpha")
+    init_channels: int = option(16, "channels of the first cell (C)")
+    layers: int = option(8, "number of cells")
+    nodes: int = option(4, "intermediate nodes per cell")
+    epochs: int = option(50, "search epochs")
+    train_portion: float = option(0.5, "fraction of the training set used for the weights; the rest trains alpha")
+    unrolled: bool = option(False, "second-order approximation (paper eq. 7) instead of first order")
+    hvp: str = option("fd", "Hessian-vector product of the second-order step: fd (the paper's finite "
+                            "difference) or exact (double backward)", choices=("fd", "exact"))
+    hvp_r: float = option(0.01, "finite-difference step: eps = hvp_r / ||v||")
+    hvp_check: bool = option(False, "once per epoch, log the cosine between the finite-difference and the "
+                                    "exact Hessian-vector product on one batch")
+    grad_clip: float = option(5.0, "gradient-norm clip of the weight step")
+    seed: int = option(2, "random seed")
+    save: str | None = option(None, "run directory (default: runs/search-cnn-<timestamp>)")
+    device: str = option("auto", "auto, cpu or cuda")
+    workers: int = option(0, "data-loading worker processes (images are kept in memory and augmented on the "
+                             "device, so 0 is best for these data sets)")
+    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
+    max_steps: int | None = option(None, "stop after this many steps in total, writing everything a finished "
+                                         "run writes (smoke tests, timing)")
+    eval_batches: int | None = option(None, "validate on at most this many batches per epoch (default: all)")
+    report_freq: int = option(50, "log training progress every this many steps")
+    tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
+    plots: bool = option(True, "draw figures into the run directory at the end")
+    download: bool = option(True, "download CIFAR-10 when it is missing and the network allows")
+
+    def validate(self) -> None:
+        check(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
+        check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        check(0.0 < self.train_portion < 1.0,
+              f"--train_portion must be between 0 and 1 (exclusive), got {self.train_portion}")
+        for name in ("learning_rate", "arch_learning_rate", "hvp_r", "grad_clip"):
+            value = getattr(self, name)
+            check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
+        for name in ("learning_rate_min", "weight_decay", "arch_weight_decay", "momentum"):
+            value = getattr(self, name)
+            check(value >= 0 and math.isfinite(value), f"--{name} must be >= 0, got {value}")
+        check(self.learning_rate_min <= self.learning_rate,
+              f"--learning_rate_min ({self.learning_rate_min}) must not exceed --learning_rate ({self.learning_rate})")
+        check(self.init_channels >= 1, f"--init_channels must be at least 1, got {self.init_channels}")
+        check(self.layers >= 3, f"--layers must be at least 3 (the search network has two reduction cells), "
+                                f"got {self.layers}")
+        check(self.nodes >= 2, f"--nodes must be at least 2, got {self.nodes}")
+        check(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be at least 1, got {self.max_steps}")
+        check(self.eval_batches is None or self.eval_batches >= 1,
+              f"--eval_batches must be at least 1, got {self.eval_batches}")
+        check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
+        check(self.report_freq >= 1, f"--report_freq must be at least 1, got {self.report_freq}")
+        if self.dataset == "npz":
+            check(bool(self.data), "--dataset npz needs --data FILE.npz")
+
+
+# Settings that may differ when a run is resumed: they do not change the mathematics.
+RESUMABLE_OVERRIDES = {"device", "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download",
+                       "data"}
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    genotype: Genotype
+    metrics: list[dict[str, Any]]
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> SearchConfig:
+    """The stored config of ``run_dir`` with the allowed ``overrides`` applied."""
+    rd = RunDir(run_dir)
+    if not rd.checkpoint.is_file():
+        raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from; start a new run instead")
+    stored = rd.read_config()
+    if stored.get("command") != COMMAND:
+        raise UserError(f"{run_dir} is a {stored.get('command')!r} run, not a CNN search; resume it with its own command")
+    cfg = from_dict(SearchConfig, stored["config"])
+    changes = {}
+    for key, value in overrides.items():
+        if key == "save":
+            continue
+        if getattr(cfg, key) == value:
+            continue
+        if key not in RESUMABLE_OVERRIDES:
+            raise UserError(f"--{key} cannot change when resuming (the run uses {getattr(cfg, key)!r}); "
+                            f"start a new run to change it")
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes, save=str(run_dir))
+
+
+def _save_checkpoint(rd: RunDir, state: dict[str, Any]) -> None:
+    atomic_write(rd.checkpoint, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, foreign pickle, ...
+        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None) -> tuple[float, float]:
+    loss_m, acc_m = AverageMeter(), AverageMeter()
+    model.eval()
+    with torch.no_grad():
+        for i, (x, y) in enumerate(stream.batches()):
+            if max_batches is not None and i >= max_batches:
+                break
+            logits = model(x)
+            n = y.shape[0]
+            loss_m.update(F.cross_entropy(logits, y).item(), n)
+            acc_m.update(accuracy(logits, y)[0], n)
+    model.train()
+    return loss_m.avg, acc_m.avg
+
+
+def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype: torch.dtype = torch.float32
+                 ) -> tuple[SearchNetwork, torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR, Architect]:
+    """The search network, its two optimisers (paper section 3.1.1) and the architect."""
+    model = SearchNetwork(cfg.init_channels, data.num_classes, cfg.layers, steps=cfg.nodes, multiplier=cfg.nodes,
+                          in_channels=data.in_channels).to(device=device, dtype=dtype)
+    w_opt = torch.optim.SGD(model.weight_parameters(), cfg.learning_rate, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, cfg.epochs, eta_min=cfg.learning_rate_min)
+    a_opt = torch.optim.Adam(model.arch_parameters(), lr=cfg.arch_learning_rate, betas=(0.5, 0.999),
+                             weight_decay=cfg.arch_weight_decay)
+
+    def loss_fn(params: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    architect = Architect(
+        dict(model.named_weight_parameters()),
+        {"alphas_normal": model.alphas_normal, "alphas_reduce": model.alphas_reduce},
+        loss_fn, a_opt, w_opt, unrolled=cfg.unrolled, hvp=cfg.hvp, hvp_r=cfg.hvp_r,
+        virtual=VirtualStep(momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+    )
+    return model, w_opt, scheduler, architect
+
+
+def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of the weights with alpha held fixed (no alpha gradient is computed)."""
+    alphas = model.arch_parameters()
+    for a in alphas:
+        a.requires_grad_(False)
+    try:
+        w_opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.weight_parameters(), grad_clip)
+        w_opt.step()
+    finally:
+        for a in alphas:
+            a.requires_grad_(True)
+    return loss.detach(), logits.detach()
+
+
+def run(config: SearchConfig | None = None, resume: str | Path | None = None,
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> SearchResult:
+    """Search a convolutional cell and return the run directory, final genotype and metrics.
+
+    Args:
+        config: the settings (ignored when ``resume`` is given: the run's stored settings are used).
+        resume: a run directory to continue from its last checkpoint.
+        on_epoch_end: called as ``on_epoch_end(epoch, record)`` after each epoch's checkpoint.
+    """
+    if resume is not None:
+        cfg = config if config is not None and config.save == str(resume) else resume_config(resume, {})
+    else:
+        cfg = config if config is not None else SearchConfig()
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    rd = RunDir(resume if resume is not None else (cfg.save or default_run_dir(COMMAND)))
+    rd.create(resume=resume is not None)
+    cfg = dataclasses.replace(cfg, save=str(rd.path))
+    with rd.logging():
+        return _run(cfg, rd, device, resume is not None, on_epoch_end)
+
+
+def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
+         on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> SearchResult:
+    seed_everything(cfg.seed)
+    data = load_image_data(cfg.dataset, cfg.data, download=cfg.download)
+    train_idx, valid_idx = split_indices(len(data.train), cfg.train_portion)
+    if len(train_idx) == 0 or len(valid_idx) == 0:
+        raise UserError(f"--train_portion {cfg.train_portion} leaves an empty split of the {len(data.train)} "
+                        f"training images; use a value nearer 0.5")
+    images = data.train.to(device)
+    normalize = Normalizer(data.mean, data.std, device)
+    train_stream = BatchStream(images, train_idx, cfg.batch_size, normalize, data.pad, data.flip, train=True)
+    alpha_stream = BatchStream(images, valid_idx, cfg.batch_size, normalize, data.pad, data.flip, train=True)
+    eval_stream = BatchStream(images, valid_idx, cfg.batch_size, normalize, train=False)
+
+    model, w_opt, scheduler, architect = build_search(cfg, data, device)
+    start_epoch, step = 0, 0
+    if resuming:
+        state = load_checkpoint(rd.checkpoint)
+        if state.get("format_version") != FORMAT_VERSION or state.get("kind") != COMMAND:
+            raise UserError(f"{rd.checkpoint} is not a CNN search checkpoint of this version")
+        model.load_state_dict(state["model"])
+        w_opt.load_state_dict(state["w_optimizer"])
+        architect.arch_optimizer.load_state_dict(state["a_optimizer"])  # type: ignore[union-attr]
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_epoch, step = state["epoch"], state["step"]
+        rd.truncate_metrics(start_epoch)
+        if state.get("finished"):
+            logger.info("run in %s already finished after epoch %d; nothing to do", rd.path, start_epoch)
+            genotype = model.genotype()
+            return SearchResult(rd.path, genotype, rd.read_metrics())
+        logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
+    else:
+        rd.write_config(to_dict(cfg), COMMAND)
+        logger.info("config %s", to_dict(cfg))
+        logger.info("data: %s, %d images for the weights, %d for alpha, %d classes, input %dx%dx%d", data.name,
+                    len(train_idx), len(valid_idx), data.num_classes, data.in_channels, *data.image_size)
+        n_params = sum(p.numel() for p in model.weight_parameters())
+        logger.info("search network: %d weights (%.2f MB), %s order on %s", n_params, n_params * 4 / 1e6,
+                    "second" if cfg.unrolled else "first", device)
+
+    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard else None
+    genotype = model.genotype()
+    finished = False
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            record: dict[str, Any] = {"epoch": epoch + 1}
+            logger.info("epoch %d/%d lr %.6g", epoch + 1, cfg.epochs, lr)
+            train_gen = epoch_generator(cfg.seed, epoch, 0)
+            alpha_batches = alpha_stream.forever(epoch_generator(cfg.seed, epoch, 1))
+            if cfg.hvp_check:
+                record.update(_hvp_check(architect, train_stream, alpha_stream, cfg.seed, epoch, lr))
+            loss_m, acc_m = AverageMeter(), AverageMeter()
+            n_steps = len(train_stream)
+            if cfg.max_steps is not None:
+                n_steps = min(n_steps, cfg.max_steps - step)
+            bar = progress(n_steps, f"epoch {epoch + 1}")
+            for i, (x, y) in enumerate(train_stream.batches(train_gen)):
+                if i >= n_steps:
+                    break
+                x_val, y_val = next(alpha_batches)
+                # Paper section 2.3 / Alg. 1: update alpha first, then the weights.
+                architect.step((x, y), (x_val, y_val), lr)
+                loss, logits = weight_step(model, w_opt, x, y, cfg.grad_clip)
+                step += 1
+                n = y.shape[0]
+                loss_m.update(loss.item(), n)
+                acc_m.update(accuracy(logits, y)[0], n)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_m.avg:.3f}", acc=f"{acc_m.avg:.1f}")
+                if not math.isfinite(loss_m.avg):
+                    raise UserError(f"the training loss became {loss_m.avg} at step {step}; lower --learning_rate "
+                                    f"or --arch_learning_rate")
+                if (i + 1) % cfg.report_freq == 0:
+                    logger.info("train step %d/%d loss %.4f acc %.2f", i + 1, n_steps, loss_m.avg, acc_m.avg)
+            bar.close()
+            scheduler.step()
+            valid_loss, valid_acc = _evaluate(model, eval_stream, cfg.eval_batches)
+            genotype = model.genotype()
+            finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
+            record.update({
+                "step": step, "train_loss": loss_m.avg, "train_acc": acc_m.avg, "valid_loss": valid_loss,
+                "valid_acc": valid_acc, "lr": lr, "time": time.perf_counter() - t0, "genotype": genotype.to_dict(),
+            })
+            logger.info("epoch %d train_loss %.4f train_acc %.2f valid_loss %.4f valid_acc %.2f (%.1f s)",
+                        epoch + 1, loss_m.avg, acc_m.avg, valid_loss, valid_acc, record["time"])
+            logger.info("genotype = %s", genotype)
+            _write_epoch(rd, model, genotype, record)
+            _save_checkpoint(rd, {
+                "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
+                "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
+                "a_optimizer": architect.arch_optimizer.state_dict(),  # type: ignore[union-attr]
+                "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": to_dict(cfg),
+                "genotype": genotype.to_dict(),
+            })
+            if tb is not None:
+                tb.log(record, epoch + 1)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+            if finished:
+                break
+    finally:
+        if tb is not None:
+            tb.close()
+    write_json(rd.genotype, genotype.to_dict())
+    logger.info("final genotype = %s", genotype)
+    logger.info("run directory: %s", rd.path)
+    if cfg.plots:
+        write_figures(rd.path)
+    return SearchResult(rd.path, genotype, rd.read_metrics())
+
+
+def _write_epoch(rd: RunDir, model: SearchNetwork, genotype: Genotype, record: dict[str, Any]) -> None:
+    epoch = record["epoch"]
+    write_json(rd.path / "genotypes" / f"epoch_{epoch:03d}.json", genotype.to_dict())
+    write_json(rd.path / "alphas" / f"epoch_{epoch:03d}.json",
+               {"primitives": list(model.primitives), **model.arch_weights()})
+    rd.append_metrics(record)
+
+
+def _hvp_check(architect: Architect, train_stream: BatchStream, alpha_stream: BatchStream, seed: int, epoch: int,
+               lr: float) -> dict[str, float]:
+    # A separate generator, so that the check does not shift the batches the search itself sees.
+    gen = epoch_generator(seed, epoch, 2)
+    batch_t = next(iter(train_stream.batches(gen)))
+    batch_v = next(iter(alpha_stream.batches(gen)))
+    stats = architect.hvp_agreement(batch_t, batch_v, lr)
+    logger.info("hvp check: cosine(finite difference, exact) = %.4f, implicit term = %.1f%% of the gradient norm",
+                stats["hvp_cosine"], 100 * stats["implicit_ratio"])
+    return stats
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def _cli(args: argparse.Namespace) -> int:
+    given = explicit_args(SearchConfig, args)
+    if args.resume:
+        if args.config:
+            raise UserError("--config cannot be combined with --resume (the run keeps its stored settings)")
+        cfg = resume_config(args.resume, given)
+        result = run(cfg, resume=args.resume)
+    else:
+        result = run(make_config(SearchConfig, args, args.config))
+    print(f"genotype = {result.genotype}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
+    p = groups["search"].add_parser(
+        "cnn", help="search a convolutional cell (CIFAR-10 by default)",
+        description="Search a convolutional cell with DARTS. Defaults are the paper's first-order setting; "
+                    "add --unrolled for second order.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML file (or shipped preset name) of settings; flags win")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search from its last checkpoint")
+    add_config_arguments(p, SearchConfig)
+    p.set_defaults(handler=_cli)

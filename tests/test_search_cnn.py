@@ -1,0 +1,89 @@
+"""The CNN search network: shapes, gradients, the mixed operation."""
+
+from __future__ import annotations
+
+import torch
+
+from dartsnas.genotype import CNN_PRIMITIVES
+from dartsnas.ops.cnn import OPS
+from dartsnas.search.cnn import MixedOp, SearchNetwork, num_edges
+
+
+def tiny(**kw) -> SearchNetwork:
+    args = dict(C=4, num_classes=5, layers=3, in_channels=3)
+    args.update(kw)
+    return SearchNetwork(**args)
+
+
+def test_shapes_through_normal_and_reduction_cells():
+    model = tiny(layers=5)
+    x = torch.randn(2, 3, 16, 16)
+    reductions = [i for i, c in enumerate(model.cells) if c.reduction]
+    assert reductions == [1, 3]  # layers // 3 and 2 * layers // 3
+    s0 = s1 = model.stem(x)
+    w = torch.softmax(model.alphas_normal, -1)
+    C = 4
+    for i, cell in enumerate(model.cells):
+        if cell.reduction:
+            C *= 2
+        h = s1.shape[-1]
+        s0, s1 = s1, cell(s0, s1, w)
+        assert s1.shape[1] == 4 * C  # multiplier * C channels
+        assert s1.shape[-1] == (h // 2 if cell.reduction else h)
+    assert model(x).shape == (2, 5)
+    assert model.alphas_normal.shape == (num_edges(4), len(CNN_PRIMITIVES)) == (14, 8)
+
+
+def test_every_weight_and_alpha_gets_a_gradient():
+    model = tiny()
+    loss = model(torch.randn(3, 3, 8, 8)).logsumexp(1).mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert {"alphas_normal", "alphas_reduce"} <= {n for n, _ in model.named_parameters()}
+    assert len(model.weight_parameters()) + 2 == len(list(model.parameters()))
+
+
+def test_alphas_are_parameters_saved_in_state_dict_and_not_in_weight_list():
+    model = tiny()
+    state = model.state_dict()
+    assert "alphas_normal" in state and "alphas_reduce" in state
+    weight_ids = {id(p) for p in model.weight_parameters()}
+    assert all(id(a) not in weight_ids for a in model.arch_parameters())
+
+
+def test_mixed_op_without_none_equals_sum_with_zero_op():
+    torch.manual_seed(1)
+    for stride in (1, 2):
+        mixed = MixedOp(4, stride).double()
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+        alpha = torch.randn(len(CNN_PRIMITIVES), dtype=torch.float64, requires_grad=True)
+        w = torch.softmax(alpha, -1)
+        out = mixed(x, w)
+        # Reference: every primitive including the zero op, in the paper's order.
+        ops = iter(mixed.ops)
+        ref = sum(w[i] * (OPS["none"](4, stride, False)(x) if name == "none" else next(ops)(x))
+                  for i, name in enumerate(CNN_PRIMITIVES))
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g_out, = torch.autograd.grad(out.sum(), alpha, retain_graph=True)
+        g_ref, = torch.autograd.grad(ref.sum(), alpha)
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-10, atol=1e-12)
+        assert g_out[0].abs() > 0  # 'none' still receives a gradient through the softmax
+
+
+def test_mixed_op_gradcheck_input_and_weights():
+    mixed = MixedOp(2, 1).double()
+    for m in mixed.modules():  # batch statistics make gradcheck ill-conditioned; use fixed ones
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(len(CNN_PRIMITIVES), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: mixed(x, w), (x, w), eps=1e-6, atol=1e-5)
+
+
+def test_derived_genotype_is_valid_and_uses_no_none():
+    model = tiny()
+    g = model.genotype()
+    assert len(g.normal) == 8 and len(g.reduce) == 8
+    assert all(op != "none" for op, _ in g.normal + g.reduce)
+    assert g.normal_concat == (2, 3, 4, 5)
