@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny test networks run fastest on one thread, and several threads per process thrash when the
+# machine is busy; subprocesses started by tests inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 # One setting finds the real data sets (PTB, WikiText-2, CIFAR-10 samples).
 DATA_DIR = Path(os.environ.get("DARTSNAS_DATA", REPO.parent / "shared" / "data"))

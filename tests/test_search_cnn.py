@@ -87,3 +87,17 @@ def test_derived_genotype_is_valid_and_uses_no_none():
     assert len(g.normal) == 8 and len(g.reduce) == 8
     assert all(op != "none" for op, _ in g.normal + g.reduce)
     assert g.normal_concat == (2, 3, 4, 5)
+
+
+def test_shared_relu_gives_the_same_values_and_gradients():
+    torch.manual_seed(2)
+    for stride in (1, 2):
+        mixed = MixedOp(4, stride).double()
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+        w = torch.softmax(torch.randn(len(CNN_PRIMITIVES), dtype=torch.float64), -1)
+        shared = mixed(x, w, torch.relu(x))
+        separate = mixed(x, w)
+        torch.testing.assert_close(shared, separate, rtol=0, atol=1e-13)
+        g1, = torch.autograd.grad(shared.square().sum(), x)
+        g2, = torch.autograd.grad(separate.square().sum(), x)
+        torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)

@@ -28,6 +28,7 @@ GROUPS: list[tuple[str, str]] = [
 COMMAND_MODULES: list[str] = [
     "dartsnas.engine.search_cnn",
     "dartsnas.commands",
+    "dartsnas.commands_viz",
 ]
 
 

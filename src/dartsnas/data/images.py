@@ -196,14 +196,16 @@ class Normalizer:
     """uint8 batch -> float batch: (x / 255 - mean) / std, on the batch's device."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
         self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=dtype, device=device))).view(1, -1, 1, 1)
         self.shift = (torch.tensor(mean, dtype=dtype, device=device) / torch.tensor(std, dtype=dtype,
                                                                                      device=device)).view(1, -1, 1, 1)
         self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype) * self.scale - self.shift
+        out = x.to(self.dtype) * self.scale - self.shift
+        return out.contiguous(memory_format=self.memory_format)
 
 
 def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:

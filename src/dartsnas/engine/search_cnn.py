@@ -70,6 +70,9 @@ class SearchConfig:
                                          "run writes (smoke tests, timing)")
     eval_batches: int | None = option(None, "validate on at most this many batches per epoch (default: all)")
     report_freq: int = option(50, "log training progress every this many steps")
+    channels_last: str = option("auto", "channels-last memory format: auto (on for CPU, where depthwise and "
+                                        "pointwise convolutions run several times faster), on or off",
+                                choices=("auto", "on", "off"))
     tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
     plots: bool = option(True, "draw figures into the run directory at the end")
     download: bool = option(True, "download CIFAR-10 when it is missing and the network allows")
@@ -102,7 +105,7 @@ class SearchConfig:
 
 
 # Settings that may differ when a run is resumed: they do not change the mathematics.
-RESUMABLE_OVERRIDES = {"device", "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download",
+RESUMABLE_OVERRIDES = {"device", "channels_last", "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download",
                        "data"}
 
 
@@ -161,11 +164,17 @@ def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None
     return loss_m.avg, acc_m.avg
 
 
+def use_channels_last(setting: str, device: torch.device) -> bool:
+    return setting == "on" or (setting == "auto" and device.type == "cpu")
+
+
 def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype: torch.dtype = torch.float32
                  ) -> tuple[SearchNetwork, torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR, Architect]:
     """The search network, its two optimisers (paper section 3.1.1) and the architect."""
     model = SearchNetwork(cfg.init_channels, data.num_classes, cfg.layers, steps=cfg.nodes, multiplier=cfg.nodes,
                           in_channels=data.in_channels).to(device=device, dtype=dtype)
+    if use_channels_last(cfg.channels_last, device):
+        model = model.to(memory_format=torch.channels_last)
     w_opt = torch.optim.SGD(model.weight_parameters(), cfg.learning_rate, momentum=cfg.momentum,
                             weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, cfg.epochs, eta_min=cfg.learning_rate_min)
@@ -238,7 +247,7 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
         raise UserError(f"--train_portion {cfg.train_portion} leaves an empty split of the {len(data.train)} "
                         f"training images; use a value nearer 0.5")
     images = data.train.to(device)
-    normalize = Normalizer(data.mean, data.std, device)
+    normalize = Normalizer(data.mean, data.std, device, channels_last=use_channels_last(cfg.channels_last, device))
     train_stream = BatchStream(images, train_idx, cfg.batch_size, normalize, data.pad, data.flip, train=True)
     alpha_stream = BatchStream(images, valid_idx, cfg.batch_size, normalize, data.pad, data.flip, train=True)
     eval_stream = BatchStream(images, valid_idx, cfg.batch_size, normalize, train=False)

@@ -93,7 +93,9 @@ class FactorizedReduce(nn.Module):
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
+        return self.forward_after_relu(self.relu(x))
+
+    def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
         a = self.conv_1(x)
         b = self.conv_2(x[:, :, 1:, 1:])
         if b.shape[-2:] != a.shape[-2:]:
@@ -136,3 +138,21 @@ OPS: dict[str, OpFactory] = {
     "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine),
     "conv_7x1_1x7": lambda C, stride, affine: Conv7x1_1x7(C, stride, affine=affine),
 }
+
+
+def starts_with_relu(op: nn.Module) -> bool:
+    """Whether ``op`` begins with a ReLU that :func:`forward_after_relu` can skip."""
+    if isinstance(op, FactorizedReduce):
+        return True
+    seq = getattr(op, "op", None)
+    return isinstance(seq, nn.Sequential) and isinstance(seq[0], nn.ReLU)
+
+
+def forward_after_relu(op: nn.Module, x_relu: torch.Tensor) -> torch.Tensor:
+    """``op(x)`` given ``relu(x)``: lets every operation on the same input share one ReLU."""
+    if isinstance(op, FactorizedReduce):
+        return op.forward_after_relu(x_relu)
+    seq = op.op  # type: ignore[attr-defined]
+    for k in range(1, len(seq)):
+        x_relu = seq[k](x_relu)
+    return x_relu
