@@ -14,10 +14,10 @@ LR = 0.5  # a large xi makes the implicit (Hessian) term large, so a wrong one c
 MOMENTUM, WD = 0.9, 3e-4
 
 
-def tiny_search(unrolled: bool = True, hvp: str = "exact", hvp_r: float = 0.01):
+def tiny_search(unrolled: bool = True, hvp: str = "exact", hvp_r: float = 0.01, channels_last: str = "off"):
     torch.manual_seed(3)
     cfg = SearchConfig(init_channels=2, layers=3, learning_rate=LR, momentum=MOMENTUM, weight_decay=WD,
-                       unrolled=unrolled, hvp=hvp, hvp_r=hvp_r, epochs=4)
+                       unrolled=unrolled, hvp=hvp, hvp_r=hvp_r, epochs=4, channels_last=channels_last)
     data = ImageData("t", ImageSet(torch.zeros(1, 1, 6, 6, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)),
                      None, num_classes=3, mean=(0.5,), std=(0.25,), pad=0, flip=False)
     model, w_opt, scheduler, architect = build_search(cfg, data, torch.device("cpu"), dtype=torch.float64)
@@ -160,3 +160,18 @@ def test_hvp_agreement_reports_cosine(hvp):
     stats = architect.hvp_agreement(train, valid, LR)
     assert stats["hvp_cosine"] == pytest.approx(1.0, abs=1e-6)
     assert 0 < stats["implicit_ratio"]
+
+
+@pytest.mark.parametrize("unrolled, hvp", [(False, "fd"), (True, "fd"), (True, "exact")])
+def test_channels_last_fast_path_matches_the_plain_path(unrolled, hvp):
+    plain = tiny_search(unrolled=unrolled, hvp=hvp, channels_last="off")
+    fast = tiny_search(unrolled=unrolled, hvp=hvp, channels_last="on")
+    model_p, _, arch_p, train, valid = plain
+    model_f, _, arch_f, _, _ = fast
+    cl = torch.channels_last
+    train_f = (train[0].contiguous(memory_format=cl), train[1])
+    valid_f = (valid[0].contiguous(memory_format=cl), valid[1])
+    torch.testing.assert_close(model_f(valid_f[0]), model_p(valid[0]), rtol=1e-10, atol=1e-12)
+    g_plain = flat(arch_p.grad(train, valid, LR))
+    g_fast = flat(arch_f.grad(train_f, valid_f, LR))
+    torch.testing.assert_close(g_fast, g_plain, rtol=1e-8, atol=1e-11)

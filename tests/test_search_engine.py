@@ -151,3 +151,9 @@ def test_resume_refuses_to_change_the_mathematics(small_npz, tmp_path, capsys):
 def test_python_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "dartsnas", "genotypes"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "DARTS_V2" in out.stdout and "NASNet" in out.stdout
+
+
+def test_tensorboard_events_are_written(small_npz, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed")
+    run(tiny_config(small_npz, tmp_path / "tb", epochs=1, max_steps=1, tensorboard=True))
+    assert list((tmp_path / "tb" / "tb").glob("events.out.tfevents.*"))
