@@ -45,3 +45,35 @@ def cifar_test_npz(data_dir: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found (set DARTSNAS_DATA)")
     return path
+
+
+@pytest.fixture
+def ptb_dir(data_dir: Path) -> Path:
+    path = data_dir / "penn"
+    if not (path / "train.txt").is_file():
+        pytest.skip(f"{path} not found (set DARTSNAS_DATA)")
+    return path
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """A small generated word corpus in the PTB layout (train/valid/test.txt)."""
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(20)]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split, lines in (("train", 120), ("valid", 40), ("test", 40)):
+        text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(lines))
+        (folder / f"{split}.txt").write_text(text + "\n")
+    return folder
+
+
+@pytest.fixture
+def reference_dir() -> Path:
+    """Key lists (name and shape) of the authors' released checkpoints, next to the data folder."""
+    path = Path(os.environ.get("DARTSNAS_REFERENCE", DATA_DIR.parent / "reference"))
+    if not (path / "state_dict_keys_cifar.txt").is_file():
+        pytest.skip(f"reference key lists not found in {path} (set DARTSNAS_REFERENCE)")
+    return path

@@ -27,6 +27,12 @@ GROUPS: list[tuple[str, str]] = [
 # name to its subparsers; ``commands`` is the top-level subparsers (for commands without a target).
 COMMAND_MODULES: list[str] = [
     "dartsnas.engine.search_cnn",
+    "dartsnas.engine.train_cnn",
+    "dartsnas.engine.evaluate_cnn",
+    "dartsnas.engine.search_rnn",
+    "dartsnas.engine.train_rnn",
+    "dartsnas.engine.evaluate_rnn",
+    "dartsnas.engine.protocol",
     "dartsnas.commands",
     "dartsnas.commands_viz",
 ]

@@ -223,7 +223,8 @@ def run(config: SearchConfig | None = None, resume: str | Path | None = None,
         on_epoch_end: called as ``on_epoch_end(epoch, record)`` after each epoch's checkpoint.
     """
     if resume is not None:
-        cfg = config if config is not None and config.save == str(resume) else resume_config(resume, {})
+        # A config from resume_config() carries allowed changes (device, threads...); else the stored one.
+        cfg = config if config is not None else resume_config(resume, {})
     else:
         cfg = config if config is not None else SearchConfig()
     cfg.validate()
@@ -235,7 +236,12 @@ def run(config: SearchConfig | None = None, resume: str | Path | None = None,
     rd.create(resume=resume is not None)
     cfg = dataclasses.replace(cfg, save=str(rd.path))
     with rd.logging():
-        return _run(cfg, rd, device, resume is not None, on_epoch_end)
+        try:
+            return _run(cfg, rd, device, resume is not None, on_epoch_end)
+        except KeyboardInterrupt:
+            if rd.checkpoint.exists():
+                logger.warning("interrupted; continue with: dartsnas search cnn --resume %s", rd.path)
+            raise
 
 
 def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,

@@ -227,6 +227,11 @@ def render_report(run_dir: str | Path, figures: Sequence[Path]) -> str:
     if numbers:
         parts += ["<h2>Final numbers</h2>", _table(numbers)]
 
+    # A protocol directory (search, selection, final runs) writes its results as summary.md.
+    summary = rd.path / "summary.md"
+    if summary.is_file():
+        parts += ["<h2>Protocol summary</h2>", f"<pre>{html.escape(summary.read_text(encoding='utf-8'))}</pre>"]
+
     if genotype is not None:
         parts += ["<h2>Architecture</h2>", f"<pre>{html.escape(str(genotype))}</pre>"]
         for cell in cell_names(genotype):

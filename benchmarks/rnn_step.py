@@ -1,0 +1,158 @@
+"""Time one recurrent search step and the training throughput of the final model.
+
+* ``search``: one full search step (alpha step + weight step) at the paper's search size (batch
+  256, bptt 35, 300 units, PTB's 10,000-word vocabulary), first and second order
+  (finite-difference HVP unless ``--hvp exact``).
+* ``train``: training tokens per second of the 850-unit DARTS_V2 model (batch 64, bptt 35).
+
+Each configuration runs in its own process so that its peak memory (max RSS, or peak CUDA memory on
+a GPU) is its own. Inputs are random token ids: the cost does not depend on the text.
+
+    python benchmarks/rnn_step.py                          # search (orders 1, 2) and train
+    python benchmarks/rnn_step.py --what search --orders 1 --steps 2
+    python benchmarks/rnn_step.py --json results.json
+
+Run by hand; figures go to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VOCAB = 10000
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak(dev) -> float:
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def search(order: int, steps: int, device: str, hvp: str, threads: int, batch: int, bptt: int) -> dict:
+    import torch
+
+    from dartsnas.engine.search_rnn import RNNSearchConfig, TextBatch, build_search, search_step
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    cfg = RNNSearchConfig(unrolled=order == 2, hvp=hvp, batch_size=batch, bptt=bptt)
+    model, w_opt, architect = build_search(cfg, VOCAB, dev)
+    hidden, hidden_valid = model.init_hidden(batch), model.init_hidden(batch)
+    times = []
+    for i in range(steps + 1):  # the first step warms up allocators
+        tokens = torch.randint(0, VOCAB, (bptt + 1, batch), device=dev)
+        tokens_v = torch.randint(0, VOCAB, (bptt + 1, batch), device=dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        train = TextBatch(tokens[:-1], tokens[1:], hidden, 2 * i)
+        valid = TextBatch(tokens_v[:-1], tokens_v[1:], hidden_valid, 2 * i + 1)
+        _, hidden, hidden_valid = search_step(model, w_opt, architect, train, valid, cfg.learning_rate, cfg)
+        _sync(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"what": "search", "order": order, "batch": batch, "bptt": bptt, "median_s": statistics.median(times),
+            "steps": steps, "peak_gib": _peak(dev), "device": device, "hvp": hvp, "threads": threads}
+
+
+def train(steps: int, device: str, threads: int, batch: int, bptt: int, nhid: int) -> dict:
+    import torch
+
+    from dartsnas.engine.train_rnn import weight_step
+    from dartsnas.genotype import get_genotype
+    from dartsnas.models.rnn import RNNModel
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = RNNModel(VOCAB, nhid, nhid, nhid, genotype=get_genotype("DARTS", kind="rnn")).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=20.0, weight_decay=8e-7)
+    hiddens = [model.init_hidden(batch)]
+    times = []
+    for i in range(steps + 1):
+        tokens = torch.randint(0, VOCAB, (bptt + 1, batch), device=dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        weight_step(model, opt, list(model.parameters()), tokens[:-1], tokens[1:], hiddens, 20.0, 0.25, 1e-3)
+        _sync(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"what": "train", "batch": batch, "bptt": bptt, "nhid": nhid, "median_s": median,
+            "tokens_per_s": batch * bptt / median, "steps": steps, "peak_gib": _peak(dev), "device": device,
+            "threads": threads}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", default="search,train", help="comma-separated: search, train")
+    p.add_argument("--orders", default="1,2")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 256 search, 64 train)")
+    p.add_argument("--bptt", type=int, default=35)
+    p.add_argument("--nhid", type=int, default=850, help="units of the trained model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--hvp", default="fd", choices=["fd", "exact"])
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "search,ORDER" or "train" in a child process
+    args = p.parse_args()
+    if args.one:
+        if args.one == "train":
+            row = train(args.steps, args.device, args.threads, args.batch or 64, args.bptt, args.nhid)
+        else:
+            row = search(int(args.one.split(",")[1]), args.steps, args.device, args.hvp, args.threads,
+                         args.batch or 256, args.bptt)
+        print(json.dumps(row))
+        return
+    jobs = []
+    whats = args.what.split(",")
+    if "search" in whats:
+        jobs += [f"search,{order}" for order in args.orders.split(",")]
+    if "train" in whats:
+        jobs.append("train")
+    rows = []
+    for job in jobs:
+        cmd = [sys.executable, __file__, "--one", job, "--steps", str(args.steps), "--bptt", str(args.bptt),
+               "--nhid", str(args.nhid), "--device", args.device, "--hvp", args.hvp, "--threads", str(args.threads)]
+        if args.batch:
+            cmd += ["--batch", str(args.batch)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        if row["what"] == "search":
+            print(f"search order {row['order']}  batch {row['batch']}  median {row['median_s']:8.3f} s/step  "
+                  f"peak {row['peak_gib']:6.2f} GiB  ({args.device}, {args.threads} threads, hvp={args.hvp})",
+                  flush=True)
+        else:
+            print(f"train {row['nhid']} units  batch {row['batch']}  {row['tokens_per_s']:9.0f} tokens/s  "
+                  f"({row['median_s']:.3f} s/step)  peak {row['peak_gib']:6.2f} GiB  ({args.device}, "
+                  f"{args.threads} threads)", flush=True)
+    if args.json:
+        import torch
+
+        meta = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                "torch": torch.__version__, "python": platform.python_version()}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

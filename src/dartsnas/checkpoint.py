@@ -1,0 +1,154 @@
+"""Loading and saving trained weights without executing pickled code.
+
+Accepted files (``load_weights``):
+
+* ``*.safetensors`` written by ``dartsnas train`` (``best``/``final``): tensors plus metadata
+  ``format_version``, ``model`` ('cifar10' or 'imagenet'), ``genotype`` and ``config`` as JSON.
+* ``checkpoints/last.pt`` of a training run: a dict with ``format_version``, ``model`` and ``config``.
+* The authors' released files: ``cifar10_model.pt`` (a plain state_dict) and ``imagenet_model.pt``
+  (``{'state_dict': ...}``, keys possibly prefixed ``module.`` by ``nn.DataParallel``). They were
+  written by PyTorch 0.3 and lack the BatchNorm ``num_batches_tracked`` buffers.
+
+Every ``.pt`` file is read with ``torch.load(weights_only=True)``, which only rebuilds tensors and
+plain containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .genotype import AnyGenotype
+from .genotype import from_dict as genotype_from_dict
+from .rundir import atomic_write
+
+SAFETENSORS_FORMAT = "1"
+# Prefixes added by wrappers: nn.DataParallel / DistributedDataParallel, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadedWeights:
+    """A state_dict and whatever the file says about the network it belongs to."""
+
+    state_dict: dict[str, torch.Tensor]
+    source: str  # 'safetensors', 'run-checkpoint', 'state_dict' or 'wrapped-state_dict'
+    genotype: AnyGenotype | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None  # 'cifar10' or 'imagenet' when the file says so
+
+
+def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    for prefix in _WRAPPER_PREFIXES:
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix):]: v for k, v in out.items()}
+    return out
+
+
+def _tensors_only(state: Mapping[str, Any], path: str) -> dict[str, torch.Tensor]:
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None or not state:
+        raise UserError(f"{path} does not hold a network's weights (a dict of tensors); "
+                        f"expected a dartsnas checkpoint or the authors' released model file")
+    return _strip_prefixes(state)  # type: ignore[arg-type]
+
+
+def load_weights(path: str | os.PathLike[str]) -> LoadedWeights:
+    """Read weights (and, for our own files, the genotype and config) from ``path``."""
+    path = str(path)
+    if os.path.isdir(path):
+        for name in ("final.safetensors", "best.safetensors", os.path.join("checkpoints", "last.pt")):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_weights(os.path.join(path, name))
+        raise UserError(f"{path} holds no final.safetensors, best.safetensors or checkpoints/last.pt; "
+                        f"pass a weights file with --model_path")
+    if not os.path.isfile(path):
+        raise UserError(f"model file {path} does not exist")
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or a pickle that needs code to run
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read {path} as weights ({first}); only tensors are loaded, never pickled code")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    if "format_version" in obj and isinstance(obj.get("model"), dict):
+        genotype = obj.get("genotype")
+        return LoadedWeights(_tensors_only(obj["model"], path), "run-checkpoint",
+                             genotype_from_dict(genotype) if isinstance(genotype, dict) else None,
+                             dict(obj.get("config") or {}), obj.get("network"))
+    if isinstance(obj.get("state_dict"), dict):
+        return LoadedWeights(_tensors_only(obj["state_dict"], path), "wrapped-state_dict")
+    return LoadedWeights(_tensors_only(obj, path), "state_dict")
+
+
+def _load_safetensors(path: str) -> LoadedWeights:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path} as safetensors ({exc})") from None
+    genotype = None
+    config: dict[str, Any] = {}
+    try:
+        if meta.get("genotype"):
+            genotype = genotype_from_dict(json.loads(meta["genotype"]))
+        if meta.get("config"):
+            config = json.loads(meta["config"])
+    except json.JSONDecodeError:
+        raise UserError(f"{path} has unreadable metadata; pass --arch and the network size explicitly") from None
+    return LoadedWeights(_strip_prefixes(state), "safetensors", genotype, config, meta.get("model"))
+
+
+def save_weights(path: str | os.PathLike[str], model: nn.Module, network: str, genotype: AnyGenotype,
+                 config: Mapping[str, Any], extra: Mapping[str, str] | None = None) -> None:
+    """Write ``model``'s state_dict as safetensors, with what is needed to rebuild it as metadata."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {"format_version": SAFETENSORS_FORMAT, "model": network, "genotype": json.dumps(genotype.to_dict()),
+            "config": json.dumps(dict(config))}
+    meta.update(extra or {})
+    blob = save(state, metadata=meta)
+    atomic_write(Path(path), lambda f: f.write(blob))
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "the checkpoint") -> None:
+    """Strictly load ``state`` into ``model``, or raise a one-line error naming the first mismatch.
+
+    BatchNorm ``num_batches_tracked`` buffers may be absent (files written before PyTorch 0.4);
+    the model keeps its own values for them (they only matter with ``momentum=None``).
+    """
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            raise UserError(f"{what} does not match the network: it has {key} ({_shape(value)}), which the network "
+                            f"lacks; check --arch, --layers, --init_channels and --auxiliary")
+        if own[key].shape != value.shape:
+            raise UserError(f"{what} does not match the network: {key} is {_shape(value)} there but "
+                            f"{_shape(own[key])} here; check --arch, --layers and --init_channels")
+    for key, value in own.items():
+        if key not in state and not key.endswith("num_batches_tracked"):
+            raise UserError(f"{what} does not match the network: it lacks {key} ({_shape(value)}); "
+                            f"check --arch, --layers, --init_channels and --auxiliary")
+    full = dict(own)
+    full.update(state)
+    model.load_state_dict(full, strict=True)

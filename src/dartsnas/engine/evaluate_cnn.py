@@ -1,0 +1,435 @@
+"""``dartsnas test cifar10|imagenet`` and ``dartsnas info``: evaluate trained convolutional networks.
+
+``test`` accepts our own weights (``final.safetensors``, ``best.safetensors``, a run directory or
+its ``checkpoints/last.pt``) and the authors' released ``cifar10_model.pt`` / ``imagenet_model.pt``.
+The network's size and auxiliary head are read off the weights; the genotype from the file's
+metadata, or ``--arch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import LoadedWeights, load_into, load_weights
+from ..config import add_config_arguments, check, make_config, option
+from ..data.images import CIFAR10_MEAN, CIFAR10_STD, BatchStream, ImageSet, Normalizer, load_image_data, read_npz
+from ..errors import UserError
+from ..genotype import Genotype, load_genotype
+from ..models.cnn import NETWORK_DEFAULTS, build_network, count_network_parameters, multiply_adds
+from ..utils import AverageMeter, accuracy, resolve_device
+
+logger = logging.getLogger("dartsnas")
+
+NETWORK_NAMES = {"cifar10": "CIFAR-10", "imagenet": "ImageNet"}
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+# -- runtime settings shared with training ------------------------------------------------------
+
+
+def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 where the GPU supports it, else fp16; float32 (None) on the CPU."""
+    if setting == "off":
+        return None
+    if device.type != "cuda":
+        if setting == "auto":
+            return None
+        raise UserError(f"--amp {setting} needs a CUDA device; on the CPU the networks run in float32 "
+                        f"(use --amp off or --amp auto)")
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def use_channels_last(setting: str, device: torch.device, amp_dtype: torch.dtype | None,
+                      model: torch.nn.Module | None = None) -> bool:
+    """Channels-last where it helps: on the CPU (depthwise and 1x1 convolutions run faster) and on
+    CUDA under mixed precision (tensor-core convolutions want NHWC)."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    if device.type == "cpu":
+        return model is None or not _narrow_strided_pointwise(model)
+    return amp_dtype is not None
+
+
+def _narrow_strided_pointwise(model: torch.nn.Module) -> bool:
+    # oneDNN (as in PyTorch 2.14's CPU build) corrupts memory computing the weight gradient of a
+    # channels-last 1x1 stride-2 convolution with fewer than about 16 input channels on large maps
+    # (the factorized reduce of toy-sized networks). Such networks gain little from the format.
+    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2)
+               and m.in_channels < 16 for m in model.modules())
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float  # accuracy in percent
+    top5: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+    def as_record(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_loss": self.loss, f"{prefix}_acc": self.top1, f"{prefix}_acc_top5": self.top5}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+             max_batches: int | None = None) -> EvalResult:
+    """Cross-entropy loss and top-1/top-5 accuracy of ``model`` in evaluation mode."""
+    was_training = model.training
+    model.eval()
+    loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    try:
+        for i, (x, y) in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            y = y.to(device, non_blocking=True)
+            with autocast(device, amp_dtype):
+                logits, _ = model(x)
+            logits = logits.float()
+            n = y.shape[0]
+            top1, top5 = accuracy(logits, y, topk=(1, 5))
+            loss_m.update(F.cross_entropy(logits, y).item(), n)
+            top1_m.update(top1, n)
+            top5_m.update(top5, n)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        model.train(was_training)
+    return EvalResult(loss_m.avg, top1_m.avg, top5_m.avg, loss_m.count, time.perf_counter() - t0)
+
+
+# -- CIFAR-10 test images -----------------------------------------------------------------------
+
+
+def _cifar_npz(path: str, want_test: bool) -> ImageSet:
+    train, test = read_npz(path)
+    images = test if (want_test and test is not None) else train
+    if tuple(images.x.shape[1:]) != (3, 32, 32):
+        raise UserError(f"{path} holds images of shape {tuple(images.x.shape[1:])}, not CIFAR-10's 3x32x32")
+    if int(images.y.max()) > 9:
+        raise UserError(f"{path} has labels above 9; CIFAR-10 has 10 classes")
+    return images
+
+
+def sibling_test_file(data: str) -> tuple[str | None, list[str]]:
+    """The one ``*test*.npz`` next to a training ``.npz`` file, and every candidate found."""
+    here = Path(data)
+    candidates = sorted(str(p) for p in here.parent.glob("*.npz") if "test" in p.name.lower() and p != here)
+    return (candidates[0] if len(candidates) == 1 else None), candidates
+
+
+def cifar_test_images(data: str | None, test_data: str | None, download: bool = True,
+                      required: bool = True) -> tuple[ImageSet | None, str]:
+    """The CIFAR-10 test images and where they came from.
+
+    In order: ``test_data`` (an .npz: ``x_test``/``y_test`` if present, else ``x``/``y``); the
+    ``x_test`` arrays of a ``data`` .npz; a ``data`` .npz whose name says ``test``; the single
+    ``*test*.npz`` next to a ``data`` .npz; the test batch of a CIFAR-10 folder.
+    """
+    if test_data:
+        if not Path(test_data).is_file():
+            raise UserError(f"test data file {test_data} does not exist")
+        return _cifar_npz(test_data, want_test=True), test_data
+    if data and str(data).endswith(".npz"):
+        if not Path(data).is_file():
+            raise UserError(f"CIFAR-10 file {data} does not exist")
+        _, test = read_npz(data)
+        if test is not None:
+            return _cifar_npz(data, want_test=True), f"{data} (x_test)"
+        if "test" in Path(data).name.lower():
+            return _cifar_npz(data, want_test=False), data
+        found, candidates = sibling_test_file(data)
+        if found:
+            return _cifar_npz(found, want_test=True), found
+        if not required:
+            return None, ""
+        hint = f" (several candidates: {', '.join(candidates)})" if candidates else ""
+        raise UserError(f"{data} holds no test images and no single *test*.npz lies next to it{hint}; "
+                        f"pass --test_data FILE.npz")
+    loaded = load_image_data("cifar10", data, download=download)
+    return loaded.test, str(data or "the CIFAR-10 folder")
+
+
+def cifar_batches(images: ImageSet, batch_size: int, device: torch.device
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    normalize = Normalizer(CIFAR10_MEAN, CIFAR10_STD, device)
+    stream = BatchStream(images.to(device), torch.arange(len(images)), batch_size, normalize, train=False)
+    return stream.batches()
+
+
+# -- reading a network off its weights ----------------------------------------------------------
+
+
+def infer_network(state: Mapping[str, torch.Tensor], network: str, where: str) -> dict[str, Any]:
+    """Channels, cells, classes and auxiliary head of the network a state_dict belongs to."""
+    stem_key = {"cifar10": "stem.0.weight", "imagenet": "stem0.3.weight"}[network]
+    if stem_key not in state or "classifier.weight" not in state:
+        other = "imagenet" if network == "cifar10" else "cifar10"
+        hint = (f"; these look like {NETWORK_NAMES[other]} weights: use dartsnas test {other}"
+                if {"cifar10": "stem.0.weight", "imagenet": "stem0.3.weight"}[other] in state else "")
+        article = "an" if network == "imagenet" else "a"
+        raise UserError(f"{where} does not hold {article} {NETWORK_NAMES[network]} evaluation network (no {stem_key})"
+                        f"{hint}")
+    C = int(state[stem_key].shape[0])
+    if network == "cifar10":
+        C //= 3  # the CIFAR stem has 3C channels
+    cells = {int(m.group(1)) for k in state if (m := re.match(r"cells\.(\d+)\.", k))}
+    return {
+        "init_channels": C,
+        "layers": max(cells) + 1 if cells else 0,
+        "num_classes": int(state["classifier.weight"].shape[0]),
+        "auxiliary": any(k.startswith("auxiliary_head.") for k in state),
+    }
+
+
+def resolve_genotype(arch: str | None, loaded: LoadedWeights) -> tuple[Genotype, str]:
+    if arch:
+        return load_genotype(arch, kind="cnn"), arch  # type: ignore[return-value]
+    if loaded.genotype is not None:
+        if not isinstance(loaded.genotype, Genotype):
+            raise UserError("the weights' metadata holds a recurrent genotype; use dartsnas test ptb")
+        return loaded.genotype, "from the weights' metadata"
+    return load_genotype("DARTS", kind="cnn"), "DARTS (no --arch given, the weights name none)"  # type: ignore[return-value]
+
+
+# -- dartsnas test ------------------------------------------------------------------------------
+
+
+@dataclass
+class TestConfig:
+    """Settings of ``dartsnas test cifar10|imagenet``."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    model_path: str | None = option(None, "weights to evaluate: final.safetensors/best.safetensors of a run, a run "
+                                          "directory, its checkpoints/last.pt, or the authors' cifar10_model.pt / "
+                                          "imagenet_model.pt")
+    arch: str | None = option(None, "architecture (default: from the weights' metadata, else DARTS): a name, "
+                                    "genotype.json, search run directory or printed Genotype(...)")
+    data: str | None = option(None, "CIFAR-10 folder or .npz, or ImageNet folder with val/ (default: the data "
+                                    "of the training run when the weights name it)")
+    test_data: str | None = option(None, "CIFAR-10 only: .npz file of test images (default: found from --data)")
+    init_channels: int | None = option(None, "initial channels C (default: read off the weights)")
+    layers: int | None = option(None, "number of cells (default: read off the weights)")
+    auxiliary: bool | None = option(None, "whether the weights include the auxiliary head (default: read off "
+                                          "the weights; the head is never used for testing)")
+    batch_size: int | None = option(None, "evaluation batch size (default: the training run's, else 96 for "
+                                          "CIFAR-10 and 128 for ImageNet)")
+    image_size: int | None = option(None, "ImageNet only: crop size (default: the training run's, else 224)")
+    eval_batches: int | None = option(None, "evaluate only this many batches (a quick check; default: all)")
+    device: str = option("auto", "auto, cpu or cuda")
+    workers: int = option(4, "ImageNet only: data-loading worker processes")
+    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
+    amp: str = option("auto", "mixed precision on CUDA: auto (bf16 where supported, else fp16), bf16, fp16 or off; "
+                              "always float32 on the CPU", choices=AMP_CHOICES)
+    channels_last: str = option("auto", "channels-last memory format: auto (CPU, or CUDA with mixed precision), "
+                                        "on or off", choices=("auto", "on", "off"))
+    download: bool = option(True, "download CIFAR-10 when no --data is given and it is missing")
+
+    def validate(self) -> None:
+        check(bool(self.model_path), "pass the weights to evaluate with --model_path FILE")
+        for name in ("init_channels", "layers", "batch_size", "image_size", "eval_batches", "threads"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"--{name} must be at least 1, got {value}")
+        check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+
+
+@dataclass
+class TestResult:
+    network: str
+    loss: float
+    top1: float
+    top5: float
+    images: int
+    images_per_s: float
+    parameters: int
+    parameters_with_auxiliary: int
+    source: str
+    description: str = ""
+
+    @property
+    def error(self) -> float:
+        return 100.0 - self.top1
+
+    @property
+    def error_top5(self) -> float:
+        return 100.0 - self.top5
+
+
+def run_test(cfg: TestConfig, network: str) -> TestResult:
+    """Evaluate the weights of ``cfg.model_path`` on the test split of ``network`` ('cifar10'/'imagenet')."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    assert cfg.model_path is not None
+    loaded = load_weights(cfg.model_path)
+    if loaded.model and loaded.model != network:
+        raise UserError(f"{cfg.model_path} holds a {NETWORK_NAMES.get(loaded.model, loaded.model)} network; "
+                        f"use dartsnas test {loaded.model}")
+    genotype, arch_name = resolve_genotype(cfg.arch, loaded)
+    found = infer_network(loaded.state_dict, network, cfg.model_path)
+    sizes = {key: getattr(cfg, key) if getattr(cfg, key) is not None else found[key]
+             for key in ("init_channels", "layers", "auxiliary")}
+    try:
+        model = build_network(network, genotype, sizes["init_channels"], sizes["layers"], sizes["auxiliary"],
+                              found["num_classes"])
+    except ValueError as exc:
+        raise UserError(f"cannot build the network: {exc}") from None
+    load_into(model, loaded.state_dict, what=str(cfg.model_path))
+    amp_dtype = resolve_amp(cfg.amp, device)
+    channels_last = use_channels_last(cfg.channels_last, device, amp_dtype, model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trained = loaded.config
+    batch_size = cfg.batch_size or trained.get("batch_size") or {"cifar10": 96, "imagenet": 128}[network]
+    description = (f"{NETWORK_NAMES[network]}, {sizes['layers']} cells, C={sizes['init_channels']}, "
+                   f"architecture {arch_name}")
+
+    if network == "cifar10":
+        # The training run's data, unless the user names other data.
+        data, test_data = (cfg.data, cfg.test_data) if cfg.data or cfg.test_data else (
+            trained.get("data"), trained.get("test_data"))
+        images, source = cifar_test_images(data, test_data, download=cfg.download)
+        assert images is not None
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = cifar_batches(images, batch_size, device)
+    else:
+        from ..data.imagenet import load_image_folder, make_loader
+
+        image_size = cfg.image_size or trained.get("image_size") or 224
+        folder = load_image_folder(cfg.data or trained.get("data"), image_size, train=False)
+        if folder.num_classes != found["num_classes"]:
+            raise UserError(f"{cfg.data or trained.get('data')}/val has {folder.num_classes} classes but the network "
+                            f"predicts {found['num_classes']}")
+        batches = make_loader(folder.val, batch_size, train=False, workers=cfg.workers, device=device)
+        source = str(Path(cfg.data or trained.get("data")) / "val")
+    result = evaluate(model, batches, device, amp_dtype, channels_last, cfg.eval_batches)
+    if result.images == 0:
+        raise UserError(f"{source} holds no test images")
+    return TestResult(network, result.loss, result.top1, result.top5, result.images, result.images_per_s,
+                      count_network_parameters(model), count_network_parameters(model, auxiliary=True), source,
+                      description)
+
+
+def _test_cli(network: str):
+    def handler(args: argparse.Namespace) -> int:
+        if args.gpu is not None:
+            args.device = f"cuda:{args.gpu}"
+        result = run_test(make_config(TestConfig, args), network)
+        print(f"network: {result.description}")
+        print(f"test images: {result.images} ({result.source})")
+        if network == "imagenet":
+            print(f"test error: top-1 {result.error:.2f}%  top-5 {result.error_top5:.2f}%  "
+                  f"(accuracy {result.top1:.2f}% / {result.top5:.2f}%)")
+        else:
+            print(f"test error: {result.error:.2f}%  (accuracy {result.top1:.2f}%)")
+        print(f"test loss: {result.loss:.4f}")
+        print(f"parameters: {result.parameters:,} ({result.parameters / 1e6:.2f}M, without the auxiliary head)")
+        print(f"speed: {result.images_per_s:.1f} images/s")
+        return 0
+    return handler
+
+
+# -- dartsnas info ------------------------------------------------------------------------------
+
+
+@dataclass
+class InfoConfig:
+    dataset: str = option("cifar10", "which evaluation network", choices=tuple(NETWORK_DEFAULTS))
+    init_channels: int | None = option(None, "initial channels C (default: 36 for CIFAR-10, 48 for ImageNet)")
+    layers: int | None = option(None, "number of cells (default: 20 for CIFAR-10, 14 for ImageNet)")
+    num_classes: int | None = option(None, "number of classes (default: 10 / 1000)")
+    image_size: int | None = option(None, "input size for the multiply-adds (default: 32 / 224)")
+
+
+@dataclass
+class NetworkInfo:
+    parameters: int
+    parameters_with_auxiliary: int
+    multiply_adds: int
+    image_size: int
+
+
+def network_info(arch: str | Genotype, cfg: InfoConfig) -> NetworkInfo:
+    """Parameters (with and without the auxiliary head) and multiply-adds of one image."""
+    genotype = load_genotype(arch, kind="cnn")
+    defaults = NETWORK_DEFAULTS[cfg.dataset]
+    C = cfg.init_channels or defaults["init_channels"]
+    layers = cfg.layers or defaults["layers"]
+    size = cfg.image_size or defaults["image_size"]
+    try:
+        model = build_network(cfg.dataset, genotype, C, layers, True,  # type: ignore[arg-type]
+                              cfg.num_classes or defaults["num_classes"])
+    except ValueError as exc:
+        raise UserError(f"cannot build the network: {exc}") from None
+    return NetworkInfo(count_network_parameters(model), count_network_parameters(model, auxiliary=True),
+                       multiply_adds(model, size), size)
+
+
+def _info_cli(args: argparse.Namespace) -> int:
+    cfg = make_config(InfoConfig, args)
+    info = network_info(args.arch, cfg)
+    defaults = NETWORK_DEFAULTS[cfg.dataset]
+    print(f"network: {NETWORK_NAMES[cfg.dataset]}, {cfg.layers or defaults['layers']} cells, "
+          f"C={cfg.init_channels or defaults['init_channels']}")
+    print(f"parameters: {info.parameters:,} ({info.parameters / 1e6:.2f}M) without the auxiliary head, "
+          f"{info.parameters_with_auxiliary:,} with it")
+    print(f"multiply-adds: {info.multiply_adds / 1e6:.1f}M per {info.image_size}x{info.image_size} image "
+          f"(convolutions and linear layers)")
+    return 0
+
+
+def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
+    for network in ("cifar10", "imagenet"):
+        name = NETWORK_NAMES[network]
+        p = groups["test"].add_parser(
+            network, help=f"test error of a trained {name} network",
+            description=f"Print the test error, loss, parameter count and speed of a trained {name} network. "
+                        f"Weights may be a dartsnas run's safetensors/checkpoint or the authors' released "
+                        f"model file; nothing pickled is ever executed.",
+        )
+        add_config_arguments(p, TestConfig)
+        p.add_argument("--gpu", type=int, metavar="N", help="GPU index, as in the authors' code (= --device cuda:N)")
+        # Accepted for commands copied from the authors' test scripts; they do not affect testing.
+        for flag, kind in (("--seed", int), ("--cutout_length", int), ("--drop_path_prob", float),
+                           ("--report_freq", float)):
+            p.add_argument(flag, type=kind, help=argparse.SUPPRESS)
+        p.add_argument("--cutout", action="store_true", help=argparse.SUPPRESS)
+        p.set_defaults(handler=_test_cli(network))
+    p = commands.add_parser(
+        "info", help="parameters and multiply-adds of an architecture",
+        description="Print the parameter count and the multiply-adds of the CIFAR-10 or ImageNet evaluation "
+                    "network built from an architecture.",
+    )
+    p.add_argument("arch", metavar="ARCH", help="a name (DARTS_V2), genotype.json, run directory or 'Genotype(...)'")
+    add_config_arguments(p, InfoConfig)
+    p.set_defaults(handler=_info_cli)

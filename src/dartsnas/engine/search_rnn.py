@@ -1,0 +1,360 @@
+"""``dartsnas search rnn``: the recurrent cell search of paper section 3.1.2 on Penn Treebank.
+
+Each step (paper Alg. 1): one alpha step on a batch of the validation set, then one SGD step of
+the weights on the next training chunk. The recurrent specifics (facts section 4): chunk lengths
+are bptt (95 %) or bptt / 2 with the learning rate scaled by ``seq_len / bptt``; the alpha batches
+walk through the validation set in step with the training position; both streams carry their
+hidden state from chunk to chunk (detached); the second-order virtual step is plain SGD with the
+training gradient clipped to 0.25 (see :class:`~dartsnas.search.architect.VirtualStep`).
+
+``run(RNNSearchConfig(...))`` is the whole job; the command line and the tests call it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from ..config import add_config_arguments, check, explicit_args, make_config, option, to_dict
+from ..data.text import Corpus, batchify, get_batch
+from ..errors import UserError
+from ..genotype import RecurrentGenotype
+from ..rundir import RunDir, default_run_dir, write_json
+from ..search.architect import Architect, VirtualStep
+from ..search.rnn import STEPS, RNNSearchModel
+from ..utils import resolve_device, rng_state, seed_everything, set_rng_state
+from .common import TensorBoard, progress, write_figures
+from .evaluate_rnn import evaluate, perplexity
+from .train_rnn import load_checkpoint, resume_config, save_checkpoint, weight_step
+
+logger = logging.getLogger("dartsnas")
+
+FORMAT_VERSION = 1
+COMMAND = "search-rnn"
+
+
+@dataclass
+class RNNSearchConfig:
+    """Settings of a recurrent search; the defaults are the paper's (facts section 4)."""
+
+    data: str = option("data/penn", "corpus folder with train.txt, valid.txt, test.txt")
+    emsize: int = option(300, "embedding size")
+    nhid: int = option(300, "hidden units of the cell")
+    nhidlast: int = option(300, "hidden units of the last layer (equal to nhid: tied weights)")
+    nodes: int = option(STEPS, "intermediate nodes of the cell")
+    learning_rate: float = option(20.0, "weight learning rate", aliases=("--lr",))
+    grad_clip: float = option(0.25, "gradient-norm clip of the weight step (and of the virtual step)",
+                              aliases=("--clip",))
+    weight_decay: float = option(5e-7, "weight decay of the weights", aliases=("--wdecay",))
+    arch_learning_rate: float = option(3e-3, "Adam learning rate of alpha", aliases=("--arch_lr",))
+    arch_weight_decay: float = option(1e-3, "weight decay of alpha", aliases=("--arch_wdecay",))
+    epochs: int = option(50, "search epochs")
+    batch_size: int = option(256, "batch size of both the weight and the alpha stream")
+    bptt: int = option(35, "sequence length")
+    dropout: float = option(0.75, "locked dropout on the cell outputs")
+    dropouth: float = option(0.25, "dropout on h inside the cell")
+    dropoutx: float = option(0.75, "dropout on x inside the cell")
+    dropouti: float = option(0.2, "locked dropout on the embeddings")
+    dropoute: float = option(0.0, "embedding dropout (whole words)")
+    beta: float = option(1e-3, "temporal activation regularisation (slowness) coefficient")
+    unrolled: bool = option(False, "second-order approximation (paper eq. 7) instead of first order")
+    hvp: str = option("fd", "Hessian-vector product of the second-order step: fd (the paper's finite "
+                            "difference) or exact (double backward)", choices=("fd", "exact"))
+    hvp_r: float = option(0.01, "finite-difference step: eps = hvp_r / ||v||")
+    hvp_check: bool = option(False, "once per epoch, log the cosine between the finite-difference and the "
+                                    "exact Hessian-vector product on one batch")
+    eval_batch_size: int = option(10, "validation batch size")
+    seed: int = option(3, "random seed")
+    save: str | None = option(None, "run directory (default: runs/search-rnn-<timestamp>)")
+    device: str = option("auto", "auto, cpu or cuda")
+    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
+    max_steps: int | None = option(None, "stop after this many steps in total, writing everything a finished "
+                                         "run writes (smoke tests, timing)")
+    eval_batches: int | None = option(None, "validate on at most this many chunks per epoch (default: all)")
+    report_freq: int = option(50, "log training progress every this many steps")
+    tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
+    plots: bool = option(True, "draw figures into the run directory at the end")
+
+    def validate(self) -> None:
+        for name in ("emsize", "nhid", "nhidlast", "nodes", "epochs", "batch_size", "bptt", "eval_batch_size",
+                     "report_freq"):
+            check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
+        check(self.batch_size >= 2, "--batch_size must be at least 2 (the search cell normalises node states over "
+                                    "the batch)")
+        check(self.emsize == self.nhid == self.nhidlast,
+              f"--emsize, --nhid and --nhidlast must be equal (the decoder is tied to the embedding), got "
+              f"{self.emsize}, {self.nhid}, {self.nhidlast}")
+        for name in ("learning_rate", "grad_clip", "arch_learning_rate", "hvp_r"):
+            value = getattr(self, name)
+            check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
+        for name in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute"):
+            value = getattr(self, name)
+            check(0.0 <= value < 1.0, f"--{name} must be in [0, 1), got {value}")
+        check(self.beta >= 0 and self.weight_decay >= 0 and self.arch_weight_decay >= 0,
+              "--beta, --weight_decay and --arch_weight_decay must be >= 0")
+        check(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be at least 1, got {self.max_steps}")
+        check(self.eval_batches is None or self.eval_batches >= 1,
+              f"--eval_batches must be at least 1, got {self.eval_batches}")
+        check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
+
+
+RESUMABLE_OVERRIDES = {"device", "threads", "max_steps", "tensorboard", "plots", "report_freq", "data",
+                       "eval_batches"}
+
+
+@dataclass
+class TextBatch:
+    """A chunk for the architect's ``loss_fn``: tokens, targets, the stream's incoming hidden state
+    and the seed of its dropout masks. ``hidden_out`` receives the (detached) final hidden state of
+    the latest evaluation, which is how the alpha stream carries its state to the next chunk."""
+
+    data: Tensor
+    targets: Tensor
+    hidden: Tensor
+    seed: int
+    hidden_out: Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class RNNSearchResult:
+    run_dir: Path
+    genotype: RecurrentGenotype
+    metrics: list[dict[str, Any]]
+
+
+def make_loss_fn(model: RNNSearchModel) -> Callable[[dict[str, Tensor], TextBatch], Tensor]:
+    def loss_fn(params: dict[str, Tensor], batch: TextBatch) -> Tensor:
+        # The same masks for every evaluation of this chunk within an alpha step: the virtual step,
+        # w' and the two finite-difference points then all differentiate one function of the weights.
+        gen = torch.Generator(device=batch.data.device)
+        gen.manual_seed(batch.seed)
+        out = functional_call(model, params, (batch.data, batch.hidden), {"generator": gen})
+        batch.hidden_out = out.hidden.detach()
+        # The authors' architect uses the plain language-model loss (no TAR) on both batches.
+        return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), batch.targets.reshape(-1))
+    return loss_fn
+
+
+def build_search(cfg: RNNSearchConfig, ntoken: int, device: torch.device, dtype: torch.dtype = torch.float32
+                 ) -> tuple[RNNSearchModel, torch.optim.SGD, Architect]:
+    """The search model, its weight optimiser (SGD) and the architect (Adam on alpha)."""
+    model = RNNSearchModel(ntoken, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout, cfg.dropouth, cfg.dropoutx,
+                           cfg.dropouti, cfg.dropoute, steps=cfg.nodes).to(device=device, dtype=dtype)
+    w_opt = torch.optim.SGD(model.weight_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    a_opt = torch.optim.Adam(model.arch_parameters(), lr=cfg.arch_learning_rate, weight_decay=cfg.arch_weight_decay)
+    architect = Architect(
+        dict(model.named_weight_parameters()), {"alphas": model.alphas}, make_loss_fn(model), a_opt, w_opt,
+        unrolled=cfg.unrolled, hvp=cfg.hvp, hvp_r=cfg.hvp_r,
+        # Facts section 4: plain SGD virtual step, clipped gradient, v clipped, implicit term * eta * c.
+        virtual=VirtualStep(momentum=0.0, weight_decay=cfg.weight_decay, clip=cfg.grad_clip),
+    )
+    return model, w_opt, architect
+
+
+def search_step(model: RNNSearchModel, w_opt: torch.optim.Optimizer, architect: Architect, train: TextBatch,
+                valid: TextBatch, lr: float, cfg: RNNSearchConfig) -> tuple[float, Tensor, Tensor]:
+    """Alpha step on ``valid`` then weight step on ``train`` (paper Alg. 1).
+
+    Returns the training loss and the next hidden states of the training and the alpha stream.
+    """
+    model.train()
+    architect.step(train, valid, lr)
+    assert valid.hidden_out is not None
+    alphas = model.arch_parameters()
+    for a in alphas:
+        a.requires_grad_(False)  # the weight step needs no alpha gradient
+    try:
+        hiddens = [train.hidden]
+        loss = weight_step(model, w_opt, model.weight_parameters(), train.data, train.targets, hiddens, lr,
+                           cfg.grad_clip, cfg.beta)
+    finally:
+        for a in alphas:
+            a.requires_grad_(True)
+    return loss, hiddens[0], valid.hidden_out
+
+
+def _new_seed() -> int:
+    return int(torch.randint(0, 2**62, ()).item())
+
+
+def run(config: RNNSearchConfig | None = None, resume: str | Path | None = None,
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> RNNSearchResult:
+    """Search a recurrent cell and return the run directory, final genotype and metrics."""
+    if resume is not None:
+        cfg = (config if config is not None and config.save == str(resume)
+               else resume_config(RNNSearchConfig, COMMAND, resume, {}, RESUMABLE_OVERRIDES))
+    else:
+        cfg = config if config is not None else RNNSearchConfig()
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rd = RunDir(resume if resume is not None else (cfg.save or default_run_dir(COMMAND)))
+    rd.create(resume=resume is not None)
+    cfg = dataclasses.replace(cfg, save=str(rd.path))
+    with rd.logging():
+        return _run(cfg, rd, device, resume is not None, on_epoch_end)
+
+
+def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
+         on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> RNNSearchResult:
+    seed_everything(cfg.seed)
+    corpus = Corpus(cfg.data)
+    train_data = batchify(corpus.train, cfg.batch_size, device)
+    search_data = batchify(corpus.valid, cfg.batch_size, device)  # alpha batches: the validation set
+    val_data = batchify(corpus.valid, cfg.eval_batch_size, device)
+    model, w_opt, architect = build_search(cfg, len(corpus), device)
+    a_opt = architect.arch_optimizer
+    assert a_opt is not None
+    start_epoch, step = 0, 0
+    if resuming:
+        state = load_checkpoint(rd.checkpoint, COMMAND)
+        model.load_state_dict(state["model"])
+        w_opt.load_state_dict(state["w_optimizer"])
+        a_opt.load_state_dict(state["a_optimizer"])
+        set_rng_state(state["rng"])
+        start_epoch, step = state["epoch"], state["step"]
+        rd.truncate_metrics(start_epoch)
+        if state.get("finished"):
+            logger.info("run in %s already finished after epoch %d; nothing to do", rd.path, start_epoch)
+            return RNNSearchResult(rd.path, model.genotype(), rd.read_metrics())
+        logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
+    else:
+        rd.write_config(to_dict(cfg), COMMAND)
+        logger.info("config %s", to_dict(cfg))
+        logger.info("data: %s, %d training and %d validation tokens, vocabulary %d", cfg.data, corpus.train.numel(),
+                    corpus.valid.numel(), len(corpus))
+        n_params = sum(p.numel() for p in model.weight_parameters())
+        logger.info("search model: %d weights, %s order on %s", n_params, "second" if cfg.unrolled else "first",
+                    device)
+
+    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard else None
+    genotype = model.genotype()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            lr = w_opt.param_groups[0]["lr"]
+            record: dict[str, Any] = {"epoch": epoch + 1}
+            if cfg.hvp_check:
+                record.update(_hvp_check(model, architect, train_data, search_data, cfg, lr))
+            hidden, hidden_valid = model.init_hidden(cfg.batch_size), model.init_hidden(cfg.batch_size)
+            loss_sum, n_batches, i = 0.0, 0, 0
+            n_rows = train_data.shape[0]
+            bar = progress(n_rows // cfg.bptt, f"epoch {epoch + 1}")
+            while i < n_rows - 2 and (cfg.max_steps is None or step < cfg.max_steps):
+                seq_len = int(cfg.bptt if np.random.random() < 0.95 else cfg.bptt / 2.0)
+                data_v, targets_v = get_batch(search_data, i % (search_data.shape[0] - 1), cfg.bptt)
+                data, targets = get_batch(train_data, i, seq_len)
+                step_lr = lr * seq_len / cfg.bptt
+                train = TextBatch(data, targets, hidden, _new_seed())
+                valid = TextBatch(data_v, targets_v, hidden_valid, _new_seed())
+                loss, hidden, hidden_valid = search_step(model, w_opt, architect, train, valid, step_lr, cfg)
+                if not math.isfinite(loss):
+                    raise UserError(f"the training loss became {loss} at step {step + 1}; lower --learning_rate or "
+                                    f"--arch_learning_rate")
+                loss_sum += loss
+                n_batches += 1
+                step += 1
+                i += seq_len
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.3f}")
+                if n_batches % cfg.report_freq == 0:
+                    avg = loss_sum / n_batches
+                    logger.info("epoch %d step %d loss %.4f ppl %.2f", epoch + 1, n_batches, avg, perplexity(avg))
+                    logger.info("genotype = %s", model.genotype())
+            bar.close()
+            train_loss = loss_sum / max(n_batches, 1)
+            valid_loss = evaluate(model, val_data, cfg.bptt, cfg.eval_batches)
+            genotype = model.genotype()
+            finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
+            record.update({
+                "step": step, "train_loss": train_loss, "train_ppl": perplexity(train_loss), "valid_loss": valid_loss,
+                "valid_ppl": perplexity(valid_loss), "lr": lr, "time": time.perf_counter() - t0,
+                "genotype": genotype.to_dict(),
+            })
+            logger.info("epoch %d train_loss %.4f valid_loss %.4f valid_ppl %.2f (%.1f s)", epoch + 1, train_loss,
+                        valid_loss, record["valid_ppl"], record["time"])
+            logger.info("genotype = %s", genotype)
+            write_json(rd.path / "genotypes" / f"epoch_{epoch + 1:03d}.json", genotype.to_dict())
+            write_json(rd.path / "alphas" / f"epoch_{epoch + 1:03d}.json",
+                       {"primitives": list(model.primitives), **model.arch_weights()})
+            rd.append_metrics(record)
+            save_checkpoint(rd.checkpoint, {
+                "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
+                "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
+                "a_optimizer": a_opt.state_dict(), "rng": rng_state(), "config": to_dict(cfg),
+                "genotype": genotype.to_dict(),
+            })
+            if tb is not None:
+                tb.log(record, epoch + 1)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+            if finished:
+                break
+    finally:
+        if tb is not None:
+            tb.close()
+    write_json(rd.genotype, genotype.to_dict())
+    logger.info("final genotype = %s", genotype)
+    logger.info("run directory: %s", rd.path)
+    if cfg.plots:
+        write_figures(rd.path)
+    return RNNSearchResult(rd.path, genotype, rd.read_metrics())
+
+
+def _hvp_check(model: RNNSearchModel, architect: Architect, train_data: Tensor, search_data: Tensor,
+               cfg: RNNSearchConfig, lr: float) -> dict[str, float]:
+    # Its own generator and fresh hidden states, so that the check does not shift what the search sees.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    seeds = torch.randint(0, 2**62, (2,), generator=gen).tolist()
+    data, targets = get_batch(train_data, 0, cfg.bptt)
+    data_v, targets_v = get_batch(search_data, 0, cfg.bptt)
+    train = TextBatch(data, targets, model.init_hidden(cfg.batch_size), int(seeds[0]))
+    valid = TextBatch(data_v, targets_v, model.init_hidden(cfg.batch_size), int(seeds[1]))
+    model.train()
+    stats = architect.hvp_agreement(train, valid, lr)
+    logger.info("hvp check: cosine(finite difference, exact) = %.4f, implicit term = %.1f%% of the gradient norm",
+                stats["hvp_cosine"], 100 * stats["implicit_ratio"])
+    return stats
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def _cli(args: argparse.Namespace) -> int:
+    given = explicit_args(RNNSearchConfig, args)
+    if args.resume:
+        if args.config:
+            raise UserError("--config cannot be combined with --resume (the run keeps its stored settings)")
+        cfg = resume_config(RNNSearchConfig, COMMAND, args.resume, given, RESUMABLE_OVERRIDES)
+        result = run(cfg, resume=args.resume)
+    else:
+        result = run(make_config(RNNSearchConfig, args, args.config))
+    print(f"genotype = {result.genotype}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
+    p = groups["search"].add_parser(
+        "rnn", help="search a recurrent cell (Penn Treebank by default)",
+        description="Search a recurrent cell with DARTS on a word-level corpus. Defaults are the paper's "
+                    "first-order setting; add --unrolled for second order.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML file (or shipped preset name) of settings; flags win")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search from its last checkpoint")
+    add_config_arguments(p, RNNSearchConfig)
+    p.set_defaults(handler=_cli)

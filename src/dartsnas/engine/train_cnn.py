@@ -1,0 +1,601 @@
+"""``dartsnas train cifar10`` / ``train imagenet``: train a searched cell from scratch (paper section 3.2).
+
+``run(CifarTrainConfig(...))`` and ``run(ImageNetTrainConfig(...))`` are the whole job; the command
+line and the tests call them too. The defaults are the paper's (facts section 3).
+
+Splits: the network trains on the training set (minus ``--valid_size`` held-out images, which,
+when asked for, are evaluated every epoch and decide ``best.safetensors``). The test split
+(CIFAR-10 ``test``, ImageNet ``val/``) is evaluated once, with the final weights, after the last
+epoch; it never influences training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import save_weights
+from ..config import add_config_arguments, check, explicit_args, from_dict, make_config, option, to_dict
+from ..data.cutout import cutout
+from ..data.images import CIFAR10_MEAN, CIFAR10_STD, BatchStream, ImageSet, Normalizer, epoch_generator, load_image_data
+from ..errors import UserError
+from ..genotype import Genotype, load_genotype
+from ..models.cnn import NETWORK_DEFAULTS, NETWORKS, aux_feature_size, build_network, count_network_parameters
+from ..rundir import RunDir, atomic_write, default_run_dir, write_json
+from ..utils import AverageMeter, accuracy, resolve_device, rng_state, seed_everything, set_rng_state
+from .common import TensorBoard, progress, write_figures
+from .evaluate_cnn import (
+    AMP_CHOICES,
+    EvalResult,
+    autocast,
+    cifar_batches,
+    cifar_test_images,
+    evaluate,
+    resolve_amp,
+    use_channels_last,
+)
+
+logger = logging.getLogger("dartsnas")
+
+FORMAT_VERSION = 1
+_CIFAR = NETWORK_DEFAULTS["cifar10"]
+_IMAGENET = NETWORK_DEFAULTS["imagenet"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by both networks; defaults are the CIFAR-10 ones (facts section 3)."""
+
+    arch: str = option("DARTS", "architecture: a name (DARTS = DARTS_V2, DARTS_V1, NASNet, AmoebaNet), a "
+                                "genotype.json, a search run directory or a printed Genotype(...) string")
+    data: str | None = option(None, "data: CIFAR-10 folder or .npz file / ImageNet folder with train/ and val/")
+    batch_size: int = option(96, "batch size")
+    learning_rate: float = option(0.025, "initial learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(3e-4, "weight decay")
+    epochs: int = option(600, "training epochs")
+    init_channels: int = option(_CIFAR["init_channels"], "initial channels C")
+    layers: int = option(_CIFAR["layers"], "number of cells")
+    auxiliary: bool = option(True, "auxiliary classifier after cell 2*layers//3 (--no-auxiliary to drop it)")
+    auxiliary_weight: float = option(0.4, "weight of the auxiliary loss")
+    drop_path_prob: float = option(0.2, "final drop-path probability (scaled linearly from 0 over the epochs)")
+    grad_clip: float = option(5.0, "gradient-norm clip")
+    valid_size: int = option(0, "hold out this many training images, evaluated each epoch to pick "
+                                "best.safetensors (0: train on all of them, as the paper does)")
+    seed: int = option(0, "random seed")
+    save: str | None = option(None, "run directory (default: runs/train-<dataset>-<timestamp>)")
+    device: str = option("auto", "auto, cpu or cuda")
+    workers: int | None = option(None, "data-loading worker processes (ImageNet; default: up to 8; CIFAR-10 is "
+                                       "kept in memory and needs none)")
+    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
+    amp: str = option("auto", "mixed precision on CUDA: auto (bf16 where supported, else fp16), bf16, fp16 or off; "
+                              "always float32 on the CPU", choices=AMP_CHOICES)
+    channels_last: str = option("auto", "channels-last memory format: auto (CPU, or CUDA with mixed precision), "
+                                        "on or off", choices=("auto", "on", "off"))
+    deterministic: bool = option(False, "deterministic algorithms only (slower on CUDA; CPU runs are "
+                                        "deterministic anyway)")
+    max_steps: int | None = option(None, "stop after this many steps in total, writing everything a finished run "
+                                         "writes (smoke tests, timing)")
+    eval_batches: int | None = option(None, "evaluate at most this many batches of each split (default: all)")
+    report_freq: int = option(50, "log training progress every this many steps")
+    tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
+    plots: bool = option(True, "draw figures into the run directory at the end")
+
+    network = "cifar10"
+
+    @property
+    def command(self) -> str:
+        return f"train-{self.network}"
+
+    def validate(self) -> None:
+        check(self.batch_size >= 2, f"--batch_size must be at least 2 (batch norm needs two images), "
+                                    f"got {self.batch_size}")
+        check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        for name in ("learning_rate", "grad_clip"):
+            value = getattr(self, name)
+            check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
+        for name in ("momentum", "weight_decay", "auxiliary_weight"):
+            value = getattr(self, name)
+            check(value >= 0 and math.isfinite(value), f"--{name} must be >= 0, got {value}")
+        check(0.0 <= self.drop_path_prob < 1.0, f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}")
+        check(self.init_channels >= 1, f"--init_channels must be at least 1, got {self.init_channels}")
+        check(self.layers >= 3, f"--layers must be at least 3 (two of the cells are reduction cells), "
+                                f"got {self.layers}")
+        check(self.valid_size >= 0, f"--valid_size must be >= 0, got {self.valid_size}")
+        check(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be at least 1, got {self.max_steps}")
+        check(self.eval_batches is None or self.eval_batches >= 1,
+              f"--eval_batches must be at least 1, got {self.eval_batches}")
+        check(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
+        check(self.report_freq >= 1, f"--report_freq must be at least 1, got {self.report_freq}")
+
+
+@dataclass
+class CifarTrainConfig(TrainConfig):
+    """``dartsnas train cifar10``: 20 cells, C = 36, 600 epochs, cosine schedule, cutout (facts section 3)."""
+
+    test_data: str | None = option(None, ".npz file of CIFAR-10 test images for the final evaluation (default: the "
+                                         "folder's test batch, the file's x_test, or the single *test*.npz next to "
+                                         "--data)")
+    learning_rate_min: float = option(0.0, "final learning rate of the cosine schedule")
+    cutout: bool = option(True, "cutout augmentation (--no-cutout to disable)")
+    cutout_length: int = option(16, "side of the cutout square")
+    download: bool = option(True, "download CIFAR-10 when it is missing and the network allows")
+
+    network = "cifar10"
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.learning_rate_min >= 0, f"--learning_rate_min must be >= 0, got {self.learning_rate_min}")
+        check(self.cutout_length >= 1, f"--cutout_length must be at least 1, got {self.cutout_length}")
+
+
+@dataclass
+class ImageNetTrainConfig(TrainConfig):
+    """``dartsnas train imagenet``: mobile setting, 14 cells, C = 48, 250 epochs (facts section 3)."""
+
+    batch_size: int = option(128, "batch size")
+    learning_rate: float = option(0.1, "initial learning rate")
+    weight_decay: float = option(3e-5, "weight decay")
+    epochs: int = option(250, "training epochs")
+    init_channels: int = option(_IMAGENET["init_channels"], "initial channels C")
+    layers: int = option(_IMAGENET["layers"], "number of cells")
+    drop_path_prob: float = option(0.0, "final drop-path probability (scaled linearly from 0 over the epochs)")
+    label_smooth: float = option(0.1, "label smoothing of the training loss")
+    gamma: float = option(0.97, "learning-rate decay factor")
+    decay_period: int = option(1, "epochs between two learning-rate decays")
+    image_size: int = option(224, "training crop size (evaluation resizes to 256/224 of it, then centre-crops)")
+
+    network = "imagenet"
+
+    def validate(self) -> None:
+        super().validate()
+        check(0.0 <= self.label_smooth < 1.0, f"--label_smooth must be in [0, 1), got {self.label_smooth}")
+        check(0.0 < self.gamma <= 1.0, f"--gamma must be in (0, 1], got {self.gamma}")
+        check(self.decay_period >= 1, f"--decay_period must be at least 1, got {self.decay_period}")
+        check(self.image_size >= 8, f"--image_size must be at least 8, got {self.image_size}")
+        check(self.init_channels % 2 == 0, f"--init_channels must be even for ImageNet (the stem halves it), "
+                                           f"got {self.init_channels}")
+        check(bool(self.data), "train imagenet needs --data DIR (with train/ and val/ class folders)")
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {"cifar10": CifarTrainConfig, "imagenet": ImageNetTrainConfig}
+# Settings that may change when a run is resumed: they do not change what is being trained.
+RESUMABLE_OVERRIDES = {"device", "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download",
+                       "data", "test_data", "amp", "channels_last", "deterministic", "eval_batches"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    genotype: Genotype
+    metrics: list[dict[str, Any]]
+    test: EvalResult | None  # final weights on the test split (None when there is none)
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _holdout(n: int, valid_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out indices; the split is fixed (seed 0) so that runs of any seed share it."""
+    if valid_size >= n:
+        raise UserError(f"--valid_size {valid_size} leaves no training images out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return order[valid_size:].sort().values, order[:valid_size].sort().values
+
+
+class _CifarData:
+    """CIFAR-10 in memory: batches augmented on the device (crop, flip, cutout), seeded per epoch."""
+
+    def __init__(self, cfg: CifarTrainConfig, device: torch.device):
+        self.cfg = cfg
+        data = load_image_data("cifar10", cfg.data, download=cfg.download)
+        test, self.test_source = data.test, str(cfg.data or "the CIFAR-10 folder")
+        if cfg.test_data or (cfg.data and str(cfg.data).endswith(".npz")):
+            test, self.test_source = cifar_test_images(cfg.data, cfg.test_data, cfg.download, required=False)
+        self.test_images: ImageSet | None = test
+        if test is None:
+            logger.warning("no CIFAR-10 test images found next to %s; the run ends without a test evaluation "
+                           "(pass --test_data FILE.npz)", cfg.data)
+        self.num_classes = 10
+        self.image_size = 32
+        images = data.train.to(device)
+        train_idx, valid_idx = _holdout(len(images), cfg.valid_size) if cfg.valid_size else (
+            torch.arange(len(images)), torch.arange(0))
+        self.device = device
+        normalize = Normalizer(CIFAR10_MEAN, CIFAR10_STD, device)
+        self.train = BatchStream(images, train_idx, cfg.batch_size, normalize, data.pad, data.flip, train=True)
+        self.valid = BatchStream(images, valid_idx, cfg.batch_size, normalize, train=False) if cfg.valid_size else None
+        self.train_size, self.valid_size = len(train_idx), len(valid_idx)
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def train_batches(self, epoch: int) -> Batches:
+        gen = epoch_generator(self.cfg.seed, epoch, 0)
+        holes = epoch_generator(self.cfg.seed, epoch, 3)
+        for x, y in self.train.batches(gen):
+            if self.cfg.cutout:
+                x = cutout(x, self.cfg.cutout_length, holes)
+            yield x, y
+
+    def valid_batches(self) -> Batches | None:
+        return self.valid.batches() if self.valid is not None else None
+
+    def test_batches(self) -> Batches | None:
+        if self.test_images is None:
+            return None
+        return cifar_batches(self.test_images, self.cfg.batch_size, self.device)
+
+
+class _ImageNetData:
+    """An ImageFolder tree read by DataLoader workers; the shuffle is seeded per epoch."""
+
+    def __init__(self, cfg: ImageNetTrainConfig, device: torch.device):
+        from torch.utils.data import Subset
+
+        from ..data.imagenet import eval_transform, image_folder, load_image_folder
+
+        self.cfg = cfg
+        self.device = device
+        folder = load_image_folder(cfg.data, cfg.image_size, train=True)
+        assert folder.train is not None
+        self.num_classes = folder.num_classes
+        self.image_size = cfg.image_size
+        self.test_source = str(Path(cfg.data or "") / "val")
+        train_set, valid_set = folder.train, None
+        n = len(folder.train)  # type: ignore[arg-type]
+        if cfg.valid_size:
+            train_idx, valid_idx = _holdout(n, cfg.valid_size)
+            # Held-out images get the evaluation transform, so they need their own dataset object.
+            plain = image_folder(Path(cfg.data or "") / "train", eval_transform(cfg.image_size))
+            train_set, valid_set = Subset(folder.train, train_idx.tolist()), Subset(plain, valid_idx.tolist())
+        self.train_set, self.valid_set, self.val_set = train_set, valid_set, folder.val
+        self.train_size = len(train_set)  # type: ignore[arg-type]
+        self.valid_size = len(valid_set) if valid_set is not None else 0
+        self.workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+
+    def __len__(self) -> int:
+        return (self.train_size + self.cfg.batch_size - 1) // self.cfg.batch_size
+
+    def _loader(self, dataset, train: bool, generator: torch.Generator | None = None):
+        from ..data.imagenet import make_loader
+
+        return make_loader(dataset, self.cfg.batch_size, train, self.workers, self.device, generator)
+
+    def train_batches(self, epoch: int) -> Batches:
+        for x, y in self._loader(self.train_set, True, epoch_generator(self.cfg.seed, epoch, 0)):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def valid_batches(self) -> Batches | None:
+        return iter(self._loader(self.valid_set, False)) if self.valid_set is not None else None
+
+    def test_batches(self) -> Batches | None:
+        return iter(self._loader(self.val_set, False))
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The stored config of ``run_dir`` with the allowed ``overrides`` applied."""
+    rd = RunDir(run_dir)
+    if not rd.checkpoint.is_file():
+        raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from; start a new run instead")
+    stored = rd.read_config()
+    command = stored.get("command")
+    network = next((n for n, c in CONFIGS.items() if f"train-{n}" == command), None)
+    if network is None:
+        raise UserError(f"{run_dir} is a {command!r} run, not a CIFAR-10 or ImageNet training run; "
+                        f"resume it with its own command")
+    cls = CONFIGS[network]
+    cfg = from_dict(cls, stored["config"])
+    changes = {}
+    for key, value in overrides.items():
+        if key == "save" or getattr(cfg, key, value) == value:
+            continue
+        if key not in RESUMABLE_OVERRIDES:
+            raise UserError(f"--{key} cannot change when resuming (the run uses {getattr(cfg, key)!r}); "
+                            f"start a new run to change it")
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes, save=str(run_dir))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+
+
+def run(config: TrainConfig | None = None, resume: str | Path | None = None,
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train a network from scratch; returns the run directory, genotype, metrics and final test result.
+
+    Args:
+        config: a ``CifarTrainConfig`` or ``ImageNetTrainConfig`` (ignored when ``resume`` is given
+            and ``config.save`` is not that directory: the run's stored settings are used).
+        resume: a run directory to continue from its last checkpoint.
+        on_epoch_end: called as ``on_epoch_end(epoch, record)`` after each epoch's checkpoint.
+    """
+    if resume is not None:
+        cfg = config if config is not None and config.save == str(resume) else resume_config(resume, {})
+    else:
+        cfg = config if config is not None else CifarTrainConfig()
+    cfg.validate()
+    rd = RunDir(resume if resume is not None else (cfg.save or default_run_dir(cfg.command)))
+    # A resumed run trains the genotype it stored, even if --arch named a file that has changed since.
+    genotype = load_genotype(rd.genotype if resume is not None and rd.genotype.is_file() else cfg.arch, kind="cnn")
+    assert isinstance(genotype, Genotype)
+    device = resolve_device(cfg.device)
+    resolve_amp(cfg.amp, device)  # fail before creating the run directory
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if isinstance(cfg, ImageNetTrainConfig):
+        from ..data.imagenet import check_layout
+
+        check_layout(cfg.data)
+    rd.create(resume=resume is not None)
+    cfg = dataclasses.replace(cfg, save=str(rd.path))
+    with rd.logging():
+        return _run(cfg, genotype, rd, device, resume is not None, on_epoch_end)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+               grad_clip: float, auxiliary_weight: float = 0.4, label_smoothing: float = 0.0,
+               amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a batch; returns the (detached) loss and logits."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(x.device, amp_dtype):
+        logits, aux_logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        if aux_logits is not None:
+            # Auxiliary tower (paper section A.2): extra gradient signal for the lower cells.
+            loss = loss + auxiliary_weight * F.cross_entropy(aux_logits.float(), y, label_smoothing=label_smoothing)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def _save_checkpoint(rd: RunDir, state: dict[str, Any]) -> None:
+    atomic_write(rd.checkpoint, lambda f: torch.save(state, f))
+
+
+def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    if device.type == "cuda":
+        # cuDNN autotuning picks the fastest kernels per shape, which need not be deterministic.
+        torch.backends.cudnn.benchmark = not deterministic
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device, resuming: bool,
+         on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
+    seed_everything(cfg.seed)
+    _set_determinism(cfg.deterministic, device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    data: _CifarData | _ImageNetData
+    if isinstance(cfg, ImageNetTrainConfig):
+        data = _ImageNetData(cfg, device)
+    else:
+        assert isinstance(cfg, CifarTrainConfig)
+        data = _CifarData(cfg, device)
+    if cfg.auxiliary:
+        side = aux_feature_size(cfg.network, data.image_size)
+        need = NETWORKS[cfg.network].aux_min_size
+        if side < need:
+            raise UserError(f"the auxiliary head needs a {need}x{need} feature map but {data.image_size}px images "
+                            f"give {side}x{side}; use larger images (--image_size) or --no-auxiliary")
+
+    model = build_network(cfg.network, genotype, cfg.init_channels, cfg.layers, cfg.auxiliary, data.num_classes)
+    channels_last = use_channels_last(cfg.channels_last, device, amp_dtype, model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    if isinstance(cfg, ImageNetTrainConfig):
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.decay_period, gamma=cfg.gamma)
+        label_smoothing = cfg.label_smooth
+    else:
+        assert isinstance(cfg, CifarTrainConfig)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=cfg.learning_rate_min)
+        label_smoothing = 0.0
+    # Loss scaling only for float16; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    start_epoch, step, best_acc = 0, 0, -1.0
+    if resuming:
+        state = load_checkpoint(rd.checkpoint)
+        if state.get("format_version") != FORMAT_VERSION or state.get("kind") != cfg.command:
+            raise UserError(f"{rd.checkpoint} is not a {cfg.command} checkpoint of this version")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, step, best_acc = state["epoch"], state["step"], state["best_valid_acc"]
+        rd.truncate_metrics(start_epoch)
+        if state.get("finished"):
+            logger.info("run in %s already finished after epoch %d; nothing to do", rd.path, start_epoch)
+            return TrainResult(rd.path, genotype, rd.read_metrics(), None)
+        logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
+    else:
+        rd.write_config(to_dict(cfg), cfg.command)
+        write_json(rd.genotype, genotype.to_dict())
+        logger.info("config %s", to_dict(cfg))
+        logger.info("genotype = %s", genotype)
+        logger.info("data: %d training images%s, %d classes; test images: %s", data.train_size,
+                    f", {data.valid_size} held out for validation" if data.valid_size else "", data.num_classes,
+                    data.test_source or "none")
+        logger.info("network: %d cells, C=%d, %s parameters (%s with the auxiliary head) on %s, %s%s",
+                    cfg.layers, cfg.init_channels, f"{count_network_parameters(model):,}",
+                    f"{count_network_parameters(model, auxiliary=True):,}", device,
+                    {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp_dtype],
+                    ", channels-last" if channels_last else "")
+
+    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard else None
+    test_result: EvalResult | None = None
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            # Scheduled drop path (NASNet): 0 in the first epoch, rising linearly towards drop_path_prob.
+            model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
+            logger.info("epoch %d/%d lr %.6g drop_path_prob %.4f", epoch + 1, cfg.epochs, lr, model.drop_path_prob)
+            n_steps = len(data)
+            if cfg.max_steps is not None:
+                n_steps = min(n_steps, cfg.max_steps - step)
+            loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
+            model.train()
+            bar = progress(n_steps, f"epoch {epoch + 1}")
+            images_seen = 0
+            t_train = time.perf_counter()
+            for i, (x, y) in enumerate(data.train_batches(epoch)):
+                if i >= n_steps:
+                    break
+                if x.shape[0] < 2:  # batch norm cannot train on a single image; happens for N % batch == 1
+                    continue
+                x = x.contiguous(memory_format=fmt)
+                loss, logits = train_step(model, optimizer, x, y, grad_clip=cfg.grad_clip,
+                                          auxiliary_weight=cfg.auxiliary_weight, label_smoothing=label_smoothing,
+                                          amp_dtype=amp_dtype, scaler=scaler)
+                step += 1
+                n = y.shape[0]
+                images_seen += n
+                top1, top5 = accuracy(logits.float(), y, topk=(1, 5))
+                loss_m.update(loss.item(), n)
+                top1_m.update(top1, n)
+                top5_m.update(top5, n)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_m.avg:.3f}", acc=f"{top1_m.avg:.1f}")
+                if not math.isfinite(loss_m.avg):
+                    raise UserError(f"the training loss became {loss_m.avg} at step {step}; lower --learning_rate")
+                if (i + 1) % cfg.report_freq == 0:
+                    logger.info("train step %d/%d loss %.4f acc %.2f top5 %.2f", i + 1, n_steps, loss_m.avg,
+                                top1_m.avg, top5_m.avg)
+            bar.close()
+            train_time = time.perf_counter() - t_train
+            scheduler.step()
+            finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
+            record: dict[str, Any] = {
+                "epoch": epoch + 1, "step": step, "train_loss": loss_m.avg, "train_acc": top1_m.avg,
+                "train_acc_top5": top5_m.avg, "lr": lr, "drop_path_prob": model.drop_path_prob,
+                "train_images_per_s": images_seen / max(train_time, 1e-9),
+            }
+            improved = False
+            valid_batches = data.valid_batches()
+            if valid_batches is not None:
+                valid = evaluate(model, valid_batches, device, amp_dtype, channels_last, cfg.eval_batches)
+                record.update(valid.as_record("valid"))
+                improved = valid.top1 > best_acc
+                best_acc = max(best_acc, valid.top1)
+            if finished:
+                test_batches = data.test_batches()
+                if test_batches is not None:
+                    # The only look at the test split: final weights, after training has ended.
+                    test_result = evaluate(model, test_batches, device, amp_dtype, channels_last, cfg.eval_batches)
+                    record.update(test_result.as_record("test"))
+            record["time"] = time.perf_counter() - t0
+            logger.info("epoch %d %s (%.1f s)", epoch + 1, " ".join(
+                f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("_loss", "_acc"))), record["time"])
+            rd.append_metrics(record)
+            meta = {"epoch": str(epoch + 1), "step": str(step)}
+            if improved:
+                save_weights(rd.path / "best.safetensors", model, cfg.network, genotype, to_dict(cfg), meta)
+            if finished:
+                save_weights(rd.path / "final.safetensors", model, cfg.network, genotype, to_dict(cfg), meta)
+            state = {
+                "format_version": FORMAT_VERSION, "kind": cfg.command, "network": cfg.network, "epoch": epoch + 1,
+                "step": step, "finished": finished, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
+                "rng": rng_state(), "config": to_dict(cfg), "genotype": genotype.to_dict(), "best_valid_acc": best_acc,
+            }
+            _save_checkpoint(rd, state)
+            if tb is not None:
+                tb.log(record, epoch + 1)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+            if finished:
+                break
+    finally:
+        if tb is not None:
+            tb.close()
+    if test_result is not None:
+        logger.info("final test: %d images, error %.2f%% (accuracy %.2f%%, top-5 %.2f%%), loss %.4f",
+                    test_result.images, 100 - test_result.top1, test_result.top1, test_result.top5, test_result.loss)
+    logger.info("run directory: %s", rd.path)
+    if cfg.plots:
+        write_figures(rd.path)
+    return TrainResult(rd.path, genotype, rd.read_metrics(), test_result)
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def _cli(network: str):
+    cls = CONFIGS[network]
+
+    def handler(args: argparse.Namespace) -> int:
+        if args.gpu is not None:
+            args.device = f"cuda:{args.gpu}"
+        given = explicit_args(cls, args)
+        if args.resume:
+            if args.config:
+                raise UserError("--config cannot be combined with --resume (the run keeps its stored settings)")
+            cfg = resume_config(args.resume, given)
+            if cfg.network != network:
+                raise UserError(f"{args.resume} is a {cfg.network} run; resume it with dartsnas train {cfg.network}")
+            result = run(cfg, resume=args.resume)
+        else:
+            result = run(make_config(cls, args, args.config))
+        if result.test is not None:
+            print(f"test error: {100 - result.test.top1:.2f}% (accuracy {result.test.top1:.2f}%) on "
+                  f"{result.test.images} images")
+        print(f"run directory: {result.run_dir}")
+        return 0
+    return handler
+
+
+def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
+    for network, help_text, description in (
+        ("cifar10", "train an architecture on CIFAR-10 from scratch",
+         ("Train a searched cell on CIFAR-10 from scratch. Defaults are the paper's: 20 cells, C=36, 600 epochs, "
+          "batch 96, cosine learning rate from 0.025, auxiliary head, cutout, drop path 0.2.")),
+        ("imagenet", "train an architecture on ImageNet (mobile setting)",
+         ("Train a searched cell on ImageNet (an ImageFolder tree with train/ and val/). Defaults are the paper's: "
+          "14 cells, C=48, 250 epochs, batch 128, learning rate 0.1 decayed by 0.97 per epoch, label smoothing "
+          "0.1, auxiliary head.")),
+    ):
+        p = groups["train"].add_parser(network, help=help_text, description=description)
+        p.add_argument("--config", metavar="FILE", help="YAML file (or shipped preset name) of settings; flags win")
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+        p.add_argument("--gpu", type=int, metavar="N", help="GPU index, as in the authors' code (= --device cuda:N)")
+        add_config_arguments(p, CONFIGS[network])
+        p.set_defaults(handler=_cli(network))

@@ -1,0 +1,171 @@
+"""The recurrent search model (paper section 2.1, facts section 4).
+
+Every intermediate node mixes all its predecessors and all activations: node ``i`` (1..8) sums,
+over predecessors ``j < i`` and operations ``k`` other than ``none``,
+``softmax(alpha_e)[k] * (s_j + sigmoid(c_ij) * (f_k(h_ij) - s_j))`` with ``[c_ij, h_ij] = s_j W_i``,
+followed by a BatchNorm without affine parameters (it keeps the node states on one scale while the
+mixing weights move; the authors' search cell does the same). ``none`` contributes zero. The 36
+edges x 5 operations of ``alphas`` are an ``nn.Parameter``, so they are saved and resumed with
+the rest of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..genotype import RNN_PRIMITIVES, RecurrentGenotype, derive_rnn_cell
+from ..models.rnn import ACTIVATIONS, DARTSCell, RNNModel
+
+STEPS = 8
+
+
+def _derivative(name: str, h: Tensor, act: Tensor) -> Tensor:
+    """f'(h) for each activation, from h and f(h); written with differentiable ops (double backward)."""
+    if name == "tanh":
+        return 1.0 - act * act
+    if name == "sigmoid":
+        return act * (1.0 - act)
+    if name == "relu":
+        return (h > 0).to(h.dtype)
+    if name == "identity":
+        return torch.ones_like(h)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class MixedNode(torch.autograd.Function):
+    """One search-cell node: ``sum_e sum_k p_ek (s_e + sigmoid(c_e) (f_k(h_e) - s_e))``.
+
+    With ``P_e = sum_k p_ek`` this is ``sum_e P_e s_e (1 - c_e) + c_e sum_k p_ek f_k(h_e)``. Plain
+    autograd would keep about a dozen (edges, B, H) intermediates per node and time step; this
+    function keeps only its inputs and recomputes the activations in the backward pass, which cuts
+    the search's memory by more than half and its elementwise work by about as much. The backward is
+    written with differentiable operations, so the exact Hessian-vector product (double backward)
+    goes through it.
+
+    Inputs: ``st`` (E, B, H) predecessor states, ``ch`` (E, B, 2H) their ``[c, h]`` pre-activations,
+    ``p`` (E, K) mixing weights of the K activations ``ops`` (``none`` excluded: it adds zero).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, st: Tensor, ch: Tensor, p: Tensor, ops: tuple[str, ...]) -> Tensor:  # type: ignore[override]
+        ctx.ops = ops
+        ctx.save_for_backward(st, ch, p)
+        c_pre, h = ch.chunk(2, dim=-1)
+        c = torch.sigmoid(c_pre)
+        mix = _mix(h, p, ops)[0]
+        keep = p.sum(1).view(-1, 1, 1) * st
+        # keep + c (mix - keep), summed over the incoming edges.
+        return mix.sub_(keep).mul_(c).add_(keep).sum(0)
+
+    @staticmethod
+    def backward(ctx: Any, ds: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        st, ch, p = ctx.saved_tensors
+        c_pre, h = ch.chunk(2, dim=-1)
+        c = torch.sigmoid(c_pre)
+        mix, acts = _mix(h, p, ctx.ops)
+        g = ds.unsqueeze(0)
+        total = p.sum(1).view(-1, 1, 1)
+        one_minus_c = 1.0 - c
+        d_st = g * total * one_minus_c
+        d_c = g * (mix - total * st) * c * one_minus_c
+        slope = None
+        for k, (name, act) in enumerate(zip(ctx.ops, acts)):
+            term = p[:, k].view(-1, 1, 1) * _derivative(name, h, act)
+            slope = term if slope is None else slope + term
+        assert slope is not None
+        d_h = g * c * slope
+        base = (g * st * one_minus_c).sum((1, 2))
+        d_p = torch.stack([(g * c * act).sum((1, 2)) for act in acts], dim=1) + base.unsqueeze(1)
+        return d_st, torch.cat([d_c, d_h], dim=-1), d_p, None
+
+
+def _mix(h: Tensor, p: Tensor, ops: tuple[str, ...]) -> tuple[Tensor, list[Tensor]]:
+    acts = [ACTIVATIONS[name](h) for name in ops]
+    mix = None
+    for k, act in enumerate(acts):
+        term = p[:, k].view(-1, 1, 1) * act
+        mix = term if mix is None else mix + term
+    assert mix is not None
+    return mix, acts
+
+
+class SearchCell(DARTSCell):
+    """The mixed recurrent cell; ``probs`` (edges x operations) is passed in by the model."""
+
+    def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float, steps: int = STEPS,
+                 primitives: tuple[str, ...] = RNN_PRIMITIVES, fused: bool = True):
+        super().__init__(ninp, nhid, dropouth, dropoutx, genotype=None, steps=steps)
+        self.primitives = primitives
+        self.fused = fused  # False: the same mixture in plain autograd operations (reference for tests)
+        self.bn = nn.BatchNorm1d(nhid, affine=False)
+        self._op_index = [k for k, name in enumerate(primitives) if name != "none"]
+        self._op_names = tuple(primitives[k] for k in self._op_index)
+
+    def _prepare(self, probs: Tensor) -> Tensor:  # type: ignore[override]
+        # Mixing weights of the activations only; ``none`` contributes zero to every node.
+        return probs[:, self._op_index]
+
+    def _nodes(self, s0: Tensor, h_mask: Tensor | None, probs: Tensor) -> Tensor:  # type: ignore[override]
+        H = self.nhid
+        B = s0.shape[0]
+        states = [self.bn(s0)]
+        offset = 0
+        for i in range(self.steps):
+            n = i + 1  # node i+1 reads nodes 0..i
+            st = torch.stack(states)  # (n, B, H)
+            inp = st if h_mask is None else st * h_mask
+            ch = (inp.view(n * B, H) @ self._Ws[i]).view(n, B, 2 * H)
+            p = probs[offset:offset + n]
+            if self.fused:
+                s = MixedNode.apply(st, ch, p, self._op_names)
+            else:
+                c_pre, h = ch.chunk(2, dim=-1)
+                c = torch.sigmoid(c_pre)
+                mix = _mix(h, p, self._op_names)[0]
+                s = (p.sum(1).view(n, 1, 1) * st * (1.0 - c) + c * mix).sum(0)
+            # BatchNorm without affine parameters on every node state (facts section 4).
+            states.append(self.bn(s))
+            offset += n
+        return torch.stack(states[1:]).mean(0)
+
+
+class RNNSearchModel(RNNModel):
+    """:class:`RNNModel` around a :class:`SearchCell`, owning the architecture parameters."""
+
+    def __init__(self, ntoken: int, ninp: int, nhid: int, nhidlast: int | None = None, dropout: float = 0.75,
+                 dropouth: float = 0.25, dropoutx: float = 0.75, dropouti: float = 0.2, dropoute: float = 0.0,
+                 steps: int = STEPS, primitives: tuple[str, ...] = RNN_PRIMITIVES):
+        cell = SearchCell(ninp, nhid, dropouth, dropoutx, steps=steps, primitives=primitives)
+        super().__init__(ntoken, ninp, nhid, nhidlast, dropout, dropouth, dropoutx, dropouti, dropoute, cell=cell)
+        self.steps = steps
+        self.primitives = tuple(primitives)
+        n_edges = steps * (steps + 1) // 2
+        # Small random alphas so that no operation starts ahead (facts section 1, same scale).
+        self.alphas = nn.Parameter(1e-3 * torch.randn(n_edges, len(primitives)))
+
+    def _cell_kwargs(self) -> dict[str, Tensor]:
+        return {"probs": F.softmax(self.alphas, dim=-1)}
+
+    def genotype(self) -> RecurrentGenotype:
+        """One strongest predecessor per node and its best non-``none`` activation (facts section 4)."""
+        weights = F.softmax(self.alphas.detach().double(), dim=-1).tolist()
+        gene = derive_rnn_cell(weights, self.primitives, self.steps)
+        return RecurrentGenotype(recurrent=gene, concat=range(1, self.steps + 1))
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alphas]
+
+    def named_weight_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if n != "alphas")
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_weight_parameters()]
+
+    def arch_weights(self) -> dict[str, list[list[float]]]:
+        """Softmaxed alphas, one row per edge (the run directory's ``alphas/epoch_XXX.json``)."""
+        return {"recurrent": F.softmax(self.alphas.detach().float(), dim=-1).cpu().tolist()}
