@@ -26,6 +26,7 @@ from ..data.images import CIFAR10_MEAN, CIFAR10_STD, BatchStream, ImageSet, Norm
 from ..errors import UserError
 from ..genotype import Genotype, load_genotype
 from ..models.cnn import NETWORK_DEFAULTS, build_network, count_network_parameters, multiply_adds
+from ..ops.cnn import narrow_strided_pointwise
 from ..utils import AverageMeter, accuracy, resolve_device
 
 logger = logging.getLogger("dartsnas")
@@ -58,16 +59,8 @@ def use_channels_last(setting: str, device: torch.device, amp_dtype: torch.dtype
     if setting in ("on", "off"):
         return setting == "on"
     if device.type == "cpu":
-        return model is None or not _narrow_strided_pointwise(model)
+        return model is None or not narrow_strided_pointwise(model)
     return amp_dtype is not None
-
-
-def _narrow_strided_pointwise(model: torch.nn.Module) -> bool:
-    # oneDNN (as in PyTorch 2.14's CPU build) corrupts memory computing the weight gradient of a
-    # channels-last 1x1 stride-2 convolution with fewer than about 16 input channels on large maps
-    # (the factorized reduce of toy-sized networks). Such networks gain little from the format.
-    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2)
-               and m.in_channels < 16 for m in model.modules())
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):

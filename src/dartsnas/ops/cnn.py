@@ -156,3 +156,14 @@ def forward_after_relu(op: nn.Module, x_relu: torch.Tensor) -> torch.Tensor:
     for k in range(1, len(seq)):
         x_relu = seq[k](x_relu)
     return x_relu
+
+
+def narrow_strided_pointwise(model: nn.Module) -> bool:
+    """Whether ``model`` has a 1x1 stride-2 convolution with fewer than 16 input channels.
+
+    oneDNN (as in PyTorch 2.14's CPU build) corrupts memory computing the weight gradient of such a
+    convolution in channels-last format on large feature maps (the factorized reduce of toy-sized
+    networks). Those networks gain little from the format, so the automatic choice avoids it.
+    """
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2) and m.in_channels < 16
+               for m in model.modules())
