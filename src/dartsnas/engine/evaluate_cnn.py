@@ -355,13 +355,19 @@ def _test_cli(network: str):
 # -- dartsnas info ------------------------------------------------------------------------------
 
 
+# Recurrent evaluation networks of the paper (facts section 5): (units, vocabulary).
+_RNN_INFO = {"ptb": (850, 10000), "wt2": (700, 33278)}
+
+
 @dataclass
 class InfoConfig:
-    dataset: str = option("cifar10", "which evaluation network", choices=tuple(NETWORK_DEFAULTS))
+    dataset: str = option("cifar10", "which evaluation network", choices=tuple(NETWORK_DEFAULTS) + tuple(_RNN_INFO))
     init_channels: int | None = option(None, "initial channels C (default: 36 for CIFAR-10, 48 for ImageNet)")
     layers: int | None = option(None, "number of cells (default: 20 for CIFAR-10, 14 for ImageNet)")
     num_classes: int | None = option(None, "number of classes (default: 10 / 1000)")
     image_size: int | None = option(None, "input size for the multiply-adds (default: 32 / 224)")
+    units: int | None = option(None, "recurrent networks: embedding and hidden units (default: 850 PTB, 700 WT2)")
+    vocab: int | None = option(None, "recurrent networks: vocabulary size (default: 10,000 PTB, 33,278 WT2)")
 
 
 @dataclass
@@ -390,6 +396,15 @@ def network_info(arch: str | Genotype, cfg: InfoConfig) -> NetworkInfo:
 
 def _info_cli(args: argparse.Namespace) -> int:
     cfg = make_config(InfoConfig, args)
+    if cfg.dataset in _RNN_INFO:
+        from .evaluate_rnn import rnn_info
+
+        units, vocab = _RNN_INFO[cfg.dataset]
+        units, vocab = cfg.units or units, cfg.vocab or vocab
+        n = rnn_info(args.arch, ntoken=vocab, emsize=units)
+        print(f"network: recurrent language model, {units} units, vocabulary {vocab:,}")
+        print(f"parameters: {n:,} ({n / 1e6:.2f}M), tied embedding and decoder counted once")
+        return 0
     info = network_info(args.arch, cfg)
     defaults = NETWORK_DEFAULTS[cfg.dataset]
     print(f"network: {NETWORK_NAMES[cfg.dataset]}, {cfg.layers or defaults['layers']} cells, "
@@ -420,8 +435,8 @@ def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._S
         p.set_defaults(handler=_test_cli(network))
     p = commands.add_parser(
         "info", help="parameters and multiply-adds of an architecture",
-        description="Print the parameter count and the multiply-adds of the CIFAR-10 or ImageNet evaluation "
-                    "network built from an architecture.",
+        description="Print the parameter count (and, for CNNs, the multiply-adds) of the CIFAR-10, ImageNet, "
+                    "PTB or WikiText-2 evaluation network built from an architecture.",
     )
     p.add_argument("arch", metavar="ARCH", help="a name (DARTS_V2), genotype.json, run directory or 'Genotype(...)'")
     add_config_arguments(p, InfoConfig)
