@@ -89,8 +89,11 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
-def read_yaml_config(path: str | os.PathLike[str], cls: type) -> dict[str, Any]:
-    """Read a YAML config file (or a shipped preset by name) and check its keys against ``cls``."""
+def load_yaml_mapping(path: str | os.PathLike[str], example: str = "batch_size: 64") -> tuple[dict[str, Any], str]:
+    """Read a YAML file (or a shipped preset by name) that must map names to values.
+
+    Returns the mapping and how to name its source in error messages.
+    """
     text_path = str(path)
     if not os.path.exists(text_path) and text_path in list_presets():
         text = resources.files(PRESET_PACKAGE).joinpath(text_path + ".yaml").read_text(encoding="utf-8")
@@ -105,7 +108,13 @@ def read_yaml_config(path: str | os.PathLike[str], cls: type) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise UserError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{where} must map option names to values, e.g. 'batch_size: 64'")
+        raise UserError(f"{where} must map option names to values, e.g. '{example}'")
+    return data, where
+
+
+def read_yaml_config(path: str | os.PathLike[str], cls: type) -> dict[str, Any]:
+    """Read a YAML config file (or a shipped preset by name) and check its keys against ``cls``."""
+    data, where = load_yaml_mapping(path)
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in data.items():

@@ -37,22 +37,20 @@ import time
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import import_module, resources
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from ..config import (
-    PRESET_PACKAGE,
     _base_type,
     _parse_value,
     add_config_arguments,
     check,
     coerce,
     explicit_args,
-    list_presets,
+    load_yaml_mapping,
     option,
     to_dict,
 )
@@ -235,21 +233,7 @@ def _normalise(values: dict[str, Any], target: Target, where: str) -> dict[str, 
 
 def read_protocol_yaml(path: str | os.PathLike[str], target: Target) -> dict[str, Any]:
     """A YAML file (or shipped preset name) of protocol options with ``search:``/``select:``/``final:`` sections."""
-    text_path = str(path)
-    if not os.path.exists(text_path) and text_path in list_presets():
-        text = resources.files(PRESET_PACKAGE).joinpath(text_path + ".yaml").read_text(encoding="utf-8")
-        where = f"preset {text_path}"
-    elif not os.path.isfile(text_path):
-        raise UserError(f"config file {text_path} does not exist; shipped presets: {', '.join(list_presets())}")
-    else:
-        text = Path(text_path).read_text(encoding="utf-8")
-        where = text_path
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{where} must map option names to values, e.g. 'seeds: 4'")
+    data, where = load_yaml_mapping(path, example="seeds: 4")
     return _normalise(data, target, where)
 
 
