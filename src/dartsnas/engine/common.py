@@ -6,10 +6,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..rundir import atomic_write
 from ..utils import is_tty
+
+# Version of the resumable checkpoint dicts the engines write (``checkpoints/last.pt``).
+FORMAT_VERSION = 1
 
 logger = logging.getLogger("dartsnas")
 
@@ -54,3 +59,23 @@ def write_figures(run_dir: Path) -> list[Path]:
     if files:
         logger.info("figures: %s", ", ".join(str(f) for f in files))
     return files
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint dict atomically: an interrupted save leaves the previous one intact."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no pickled code runs).
+
+    With ``kind``, insist on a resumable checkpoint of that command and of this format version.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, foreign pickle, ...
+        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if kind is not None and (not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION
+                             or state.get("kind") != kind):
+        raise UserError(f"{path} is not a {kind} checkpoint of this version")
+    return state

@@ -22,16 +22,15 @@ from ..config import add_config_arguments, check, explicit_args, from_dict, make
 from ..data.images import DATASETS, BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
 from ..errors import UserError
 from ..genotype import Genotype
-from ..rundir import RunDir, atomic_write, default_run_dir, write_json
-from ..search.architect import Architect, VirtualStep
 from ..ops.cnn import narrow_strided_pointwise
+from ..rundir import RunDir, default_run_dir, write_json
+from ..search.architect import Architect, VirtualStep
 from ..search.cnn import SearchNetwork
 from ..utils import AverageMeter, accuracy, resolve_device, rng_state, seed_everything, set_rng_state
-from .common import TensorBoard, progress, write_figures
+from .common import FORMAT_VERSION, TensorBoard, load_checkpoint, progress, save_checkpoint, write_figures
 
 logger = logging.getLogger("dartsnas")
 
-FORMAT_VERSION = 1
 COMMAND = "search-cnn"
 
 
@@ -137,17 +136,6 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> SearchConfi
                             f"start a new run to change it")
         changes[key] = value
     return dataclasses.replace(cfg, **changes, save=str(run_dir))
-
-
-def _save_checkpoint(rd: RunDir, state: dict[str, Any]) -> None:
-    atomic_write(rd.checkpoint, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, foreign pickle, ...
-        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
 
 
 def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None) -> tuple[float, float]:
@@ -265,9 +253,7 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
     eval_stream = BatchStream(images, valid_idx, cfg.batch_size, normalize, train=False)
     start_epoch, step = 0, 0
     if resuming:
-        state = load_checkpoint(rd.checkpoint)
-        if state.get("format_version") != FORMAT_VERSION or state.get("kind") != COMMAND:
-            raise UserError(f"{rd.checkpoint} is not a CNN search checkpoint of this version")
+        state = load_checkpoint(rd.checkpoint, COMMAND)
         model.load_state_dict(state["model"])
         w_opt.load_state_dict(state["w_optimizer"])
         architect.arch_optimizer.load_state_dict(state["a_optimizer"])  # type: ignore[union-attr]
@@ -338,7 +324,7 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
                         epoch + 1, loss_m.avg, acc_m.avg, valid_loss, valid_acc, record["time"])
             logger.info("genotype = %s", genotype)
             _write_epoch(rd, model, genotype, record)
-            _save_checkpoint(rd, {
+            save_checkpoint(rd.checkpoint, {
                 "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
                 "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
                 "a_optimizer": architect.arch_optimizer.state_dict(),  # type: ignore[union-attr]

@@ -32,9 +32,9 @@ from ..data.images import CIFAR10_MEAN, CIFAR10_STD, BatchStream, ImageSet, Norm
 from ..errors import UserError
 from ..genotype import Genotype, load_genotype
 from ..models.cnn import NETWORK_DEFAULTS, NETWORKS, aux_feature_size, build_network, count_network_parameters
-from ..rundir import RunDir, atomic_write, default_run_dir, write_json
+from ..rundir import RunDir, default_run_dir, write_json
 from ..utils import AverageMeter, accuracy, resolve_device, rng_state, seed_everything, set_rng_state
-from .common import TensorBoard, progress, write_figures
+from .common import FORMAT_VERSION, TensorBoard, load_checkpoint, progress, save_checkpoint, write_figures
 from .evaluate_cnn import (
     AMP_CHOICES,
     EvalResult,
@@ -48,7 +48,6 @@ from .evaluate_cnn import (
 
 logger = logging.getLogger("dartsnas")
 
-FORMAT_VERSION = 1
 _CIFAR = NETWORK_DEFAULTS["cifar10"]
 _IMAGENET = NETWORK_DEFAULTS["imagenet"]
 
@@ -314,13 +313,6 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
     return dataclasses.replace(cfg, **changes, save=str(run_dir))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file
-        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
-
-
 def run(config: TrainConfig | None = None, resume: str | Path | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Train a network from scratch; returns the run directory, genotype, metrics and final test result.
@@ -379,10 +371,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return loss.detach(), logits.detach()
 
 
-def _save_checkpoint(rd: RunDir, state: dict[str, Any]) -> None:
-    atomic_write(rd.checkpoint, lambda f: torch.save(state, f))
-
-
 def _set_determinism(deterministic: bool, device: torch.device) -> None:
     if device.type == "cuda":
         # cuDNN autotuning picks the fastest kernels per shape, which need not be deterministic.
@@ -431,9 +419,7 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
 
     start_epoch, step, best_acc = 0, 0, -1.0
     if resuming:
-        state = load_checkpoint(rd.checkpoint)
-        if state.get("format_version") != FORMAT_VERSION or state.get("kind") != cfg.command:
-            raise UserError(f"{rd.checkpoint} is not a {cfg.command} checkpoint of this version")
+        state = load_checkpoint(rd.checkpoint, cfg.command)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -537,7 +523,7 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
                 "rng": rng_state(), "config": to_dict(cfg), "genotype": genotype.to_dict(), "best_valid_acc": best_acc,
             }
-            _save_checkpoint(rd, state)
+            save_checkpoint(rd.checkpoint, state)
             if tb is not None:
                 tb.log(record, epoch + 1)
             if on_epoch_end is not None:

@@ -31,14 +31,13 @@ from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
 from ..genotype import RecurrentGenotype, load_genotype
 from ..models.rnn import RNNModel, count_parameters
-from ..rundir import RunDir, atomic_write, default_run_dir, write_json
+from ..rundir import RunDir, default_run_dir, write_json
 from ..utils import resolve_device, rng_state, seed_everything, set_rng_state
-from .common import TensorBoard, progress, write_figures
+from .common import FORMAT_VERSION, TensorBoard, load_checkpoint, progress, save_checkpoint, write_figures
 from .evaluate_rnn import CHECKPOINT_KIND, evaluate, perplexity
 
 logger = logging.getLogger("dartsnas")
 
-FORMAT_VERSION = 1
 COMMAND = "train-rnn"
 DEFAULT_DATA = {"ptb": "data/penn", "wt2": "data/wikitext-2"}
 # WikiText-2 transfers the PTB cell with these changes (facts section 5); `train wt2` starts from them.
@@ -156,20 +155,6 @@ def resume_config(cls: type, command: str, run_dir: str | Path, overrides: dict[
                             f"start a new run to change it")
         changes[key] = value
     return dataclasses.replace(cfg, **changes, save=str(run_dir))
-
-
-def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- corrupt file, foreign pickle, ...
-        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or state.get("kind") != kind:
-        raise UserError(f"{path} is not a {kind} checkpoint of this version")
-    return state
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def tar_loss(raw_output: Tensor) -> Tensor:
@@ -388,7 +373,7 @@ def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torc
 
     test_loss = None
     if cfg.final_test and best_path.is_file():
-        best = load_checkpoint_any(best_path)
+        best = load_checkpoint(best_path)
         model.load_state_dict(best["model"])
         test_data = batchify(corpus.test, cfg.test_batch_size, device)
         test_loss = evaluate(model, test_data, cfg.bptt)
@@ -401,10 +386,6 @@ def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torc
     if cfg.plots:
         write_figures(rd.path)
     return TrainResult(rd.path, genotype, rd.read_metrics(), stored_loss, test_loss)
-
-
-def load_checkpoint_any(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # -- command line ---------------------------------------------------------------------------------
