@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..config import from_dict
 from ..errors import UserError
-from ..rundir import atomic_write
+from ..rundir import RunDir, atomic_write
 from ..utils import is_tty
 
 # Version of the resumable checkpoint dicts the engines write (``checkpoints/last.pt``).
@@ -79,3 +81,28 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
                              or state.get("kind") != kind):
         raise UserError(f"{path} is not a {kind} checkpoint of this version")
     return state
+
+
+def resume_config(cls: type, command: str, run_dir: str | Path, overrides: dict[str, Any],
+                  resumable: set[str]) -> Any:
+    """The stored config of ``run_dir`` (a run of ``command``) with the allowed ``overrides`` applied.
+
+    Settings outside ``resumable`` change the mathematics, so they may not differ from the stored run.
+    """
+    rd = RunDir(run_dir)
+    if not rd.checkpoint.is_file():
+        raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from; start a new run instead")
+    stored = rd.read_config()
+    if stored.get("command") != command:
+        raise UserError(f"{run_dir} is a {stored.get('command')!r} run, not a {command!r} run; resume it with its "
+                        f"own command")
+    cfg = from_dict(cls, stored["config"])
+    changes = {}
+    for key, value in overrides.items():
+        if key == "save" or getattr(cfg, key, value) == value:
+            continue
+        if key not in resumable:
+            raise UserError(f"--{key} cannot change when resuming (the run uses {getattr(cfg, key)!r}); "
+                            f"start a new run to change it")
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes, save=str(run_dir))

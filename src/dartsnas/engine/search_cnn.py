@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..config import add_config_arguments, check, explicit_args, from_dict, make_config, option, to_dict
+from ..config import add_config_arguments, check, explicit_args, make_config, option, to_dict
 from ..data.images import DATASETS, BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
 from ..errors import UserError
 from ..genotype import Genotype
@@ -27,6 +27,7 @@ from ..rundir import RunDir, default_run_dir, write_json
 from ..search.architect import Architect, VirtualStep
 from ..search.cnn import SearchNetwork
 from ..utils import AverageMeter, accuracy, resolve_device, rng_state, seed_everything, set_rng_state
+from . import common
 from .common import FORMAT_VERSION, TensorBoard, load_checkpoint, progress, save_checkpoint, write_figures
 
 logger = logging.getLogger("dartsnas")
@@ -117,25 +118,8 @@ class SearchResult:
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> SearchConfig:
-    """The stored config of ``run_dir`` with the allowed ``overrides`` applied."""
-    rd = RunDir(run_dir)
-    if not rd.checkpoint.is_file():
-        raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from; start a new run instead")
-    stored = rd.read_config()
-    if stored.get("command") != COMMAND:
-        raise UserError(f"{run_dir} is a {stored.get('command')!r} run, not a CNN search; resume it with its own command")
-    cfg = from_dict(SearchConfig, stored["config"])
-    changes = {}
-    for key, value in overrides.items():
-        if key == "save":
-            continue
-        if getattr(cfg, key) == value:
-            continue
-        if key not in RESUMABLE_OVERRIDES:
-            raise UserError(f"--{key} cannot change when resuming (the run uses {getattr(cfg, key)!r}); "
-                            f"start a new run to change it")
-        changes[key] = value
-    return dataclasses.replace(cfg, **changes, save=str(run_dir))
+    """The stored config of the CNN search in ``run_dir`` with the allowed ``overrides`` applied."""
+    return common.resume_config(SearchConfig, COMMAND, run_dir, overrides, RESUMABLE_OVERRIDES)
 
 
 def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None) -> tuple[float, float]:

@@ -36,9 +36,17 @@ from ..rundir import RunDir, default_run_dir, write_json
 from ..search.architect import Architect, VirtualStep
 from ..search.rnn import STEPS, RNNSearchModel
 from ..utils import resolve_device, rng_state, seed_everything, set_rng_state
-from .common import FORMAT_VERSION, TensorBoard, load_checkpoint, progress, save_checkpoint, write_figures
+from .common import (
+    FORMAT_VERSION,
+    TensorBoard,
+    load_checkpoint,
+    progress,
+    resume_config,
+    save_checkpoint,
+    write_figures,
+)
 from .evaluate_rnn import evaluate, perplexity
-from .train_rnn import resume_config, weight_step
+from .train_rnn import weight_step
 
 logger = logging.getLogger("dartsnas")
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import save_weights
-from ..config import add_config_arguments, check, explicit_args, from_dict, make_config, option, to_dict
+from ..config import add_config_arguments, check, explicit_args, make_config, option, to_dict
 from ..data.cutout import cutout
 from ..data.images import CIFAR10_MEAN, CIFAR10_STD, BatchStream, ImageSet, Normalizer, epoch_generator, load_image_data
 from ..errors import UserError
@@ -34,6 +34,7 @@ from ..genotype import Genotype, load_genotype
 from ..models.cnn import NETWORK_DEFAULTS, NETWORKS, aux_feature_size, build_network, count_network_parameters
 from ..rundir import RunDir, default_run_dir, write_json
 from ..utils import AverageMeter, accuracy, resolve_device, rng_state, seed_everything, set_rng_state
+from . import common
 from .common import FORMAT_VERSION, TensorBoard, load_checkpoint, progress, save_checkpoint, write_figures
 from .evaluate_cnn import (
     AMP_CHOICES,
@@ -300,17 +301,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
     if network is None:
         raise UserError(f"{run_dir} is a {command!r} run, not a CIFAR-10 or ImageNet training run; "
                         f"resume it with its own command")
-    cls = CONFIGS[network]
-    cfg = from_dict(cls, stored["config"])
-    changes = {}
-    for key, value in overrides.items():
-        if key == "save" or getattr(cfg, key, value) == value:
-            continue
-        if key not in RESUMABLE_OVERRIDES:
-            raise UserError(f"--{key} cannot change when resuming (the run uses {getattr(cfg, key)!r}); "
-                            f"start a new run to change it")
-        changes[key] = value
-    return dataclasses.replace(cfg, **changes, save=str(run_dir))
+    return common.resume_config(CONFIGS[network], command, run_dir, overrides, RESUMABLE_OVERRIDES)
 
 
 def run(config: TrainConfig | None = None, resume: str | Path | None = None,

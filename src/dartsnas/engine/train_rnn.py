@@ -26,14 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import add_config_arguments, check, coerce, explicit_args, from_dict, option, read_yaml_config, to_dict
+from ..config import add_config_arguments, check, coerce, explicit_args, option, read_yaml_config, to_dict
 from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
 from ..genotype import RecurrentGenotype, load_genotype
 from ..models.rnn import RNNModel, count_parameters
 from ..rundir import RunDir, default_run_dir, write_json
 from ..utils import resolve_device, rng_state, seed_everything, set_rng_state
-from .common import FORMAT_VERSION, TensorBoard, load_checkpoint, progress, save_checkpoint, write_figures
+from .common import (
+    FORMAT_VERSION,
+    TensorBoard,
+    load_checkpoint,
+    progress,
+    resume_config,
+    save_checkpoint,
+    write_figures,
+)
 from .evaluate_rnn import CHECKPOINT_KIND, evaluate, perplexity
 
 logger = logging.getLogger("dartsnas")
@@ -133,28 +141,6 @@ class TrainResult:
 
 
 # -- pieces shared with the search ---------------------------------------------------------------
-
-
-def resume_config(cls: type, command: str, run_dir: str | Path, overrides: dict[str, Any],
-                  resumable: set[str]) -> Any:
-    """The stored config of ``run_dir`` with the allowed ``overrides`` applied."""
-    rd = RunDir(run_dir)
-    if not rd.checkpoint.is_file():
-        raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from; start a new run instead")
-    stored = rd.read_config()
-    if stored.get("command") != command:
-        raise UserError(f"{run_dir} is a {stored.get('command')!r} run, not a {command!r} run; resume it with its "
-                        f"own command")
-    cfg = from_dict(cls, stored["config"])
-    changes = {}
-    for key, value in overrides.items():
-        if key == "save" or getattr(cfg, key) == value:
-            continue
-        if key not in resumable:
-            raise UserError(f"--{key} cannot change when resuming (the run uses {getattr(cfg, key)!r}); "
-                            f"start a new run to change it")
-        changes[key] = value
-    return dataclasses.replace(cfg, **changes, save=str(run_dir))
 
 
 def tar_loss(raw_output: Tensor) -> Tensor:
