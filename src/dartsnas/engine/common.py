@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..config import from_dict
 from ..errors import UserError
-from ..rundir import RunDir, atomic_write
+from ..rundir import RunDir, atomic_write, write_json
 from ..utils import is_tty
 
 # Version of the resumable checkpoint dicts the engines write (``checkpoints/last.pt``).
@@ -106,3 +106,22 @@ def resume_config(cls: type, command: str, run_dir: str | Path, overrides: dict[
                             f"start a new run to change it")
         changes[key] = value
     return dataclasses.replace(cfg, **changes, save=str(run_dir))
+
+
+def write_search_epoch(rd: RunDir, model: Any, genotype: Any, record: dict[str, Any]) -> None:
+    """A search epoch's record: its derived genotype, its softmaxed alphas (the material of the
+    progress animations and alpha plots) and its metrics line."""
+    epoch = record["epoch"]
+    write_json(rd.path / "genotypes" / f"epoch_{epoch:03d}.json", genotype.to_dict())
+    write_json(rd.path / "alphas" / f"epoch_{epoch:03d}.json",
+               {"primitives": list(model.primitives), **model.arch_weights()})
+    rd.append_metrics(record)
+
+
+def finish_search(rd: RunDir, genotype: Any, plots: bool) -> None:
+    """Write the final genotype, say where the run is, and draw its figures."""
+    write_json(rd.genotype, genotype.to_dict())
+    logger.info("final genotype = %s", genotype)
+    logger.info("run directory: %s", rd.path)
+    if plots:
+        write_figures(rd.path)

@@ -23,12 +23,20 @@ from ..data.images import DATASETS, BatchStream, ImageData, Normalizer, epoch_ge
 from ..errors import UserError
 from ..genotype import Genotype
 from ..ops.cnn import narrow_strided_pointwise
-from ..rundir import RunDir, default_run_dir, write_json
+from ..rundir import RunDir, default_run_dir
 from ..search.architect import Architect, VirtualStep
 from ..search.cnn import SearchNetwork
 from ..utils import AverageMeter, accuracy, resolve_device, rng_state, seed_everything, set_rng_state
 from . import common
-from .common import FORMAT_VERSION, TensorBoard, load_checkpoint, progress, save_checkpoint, write_figures
+from .common import (
+    FORMAT_VERSION,
+    TensorBoard,
+    finish_search,
+    load_checkpoint,
+    progress,
+    save_checkpoint,
+    write_search_epoch,
+)
 
 logger = logging.getLogger("dartsnas")
 
@@ -307,7 +315,7 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
             logger.info("epoch %d train_loss %.4f train_acc %.2f valid_loss %.4f valid_acc %.2f (%.1f s)",
                         epoch + 1, loss_m.avg, acc_m.avg, valid_loss, valid_acc, record["time"])
             logger.info("genotype = %s", genotype)
-            _write_epoch(rd, model, genotype, record)
+            write_search_epoch(rd, model, genotype, record)
             save_checkpoint(rd.checkpoint, {
                 "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
                 "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
@@ -324,20 +332,8 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
     finally:
         if tb is not None:
             tb.close()
-    write_json(rd.genotype, genotype.to_dict())
-    logger.info("final genotype = %s", genotype)
-    logger.info("run directory: %s", rd.path)
-    if cfg.plots:
-        write_figures(rd.path)
+    finish_search(rd, genotype, cfg.plots)
     return SearchResult(rd.path, genotype, rd.read_metrics())
-
-
-def _write_epoch(rd: RunDir, model: SearchNetwork, genotype: Genotype, record: dict[str, Any]) -> None:
-    epoch = record["epoch"]
-    write_json(rd.path / "genotypes" / f"epoch_{epoch:03d}.json", genotype.to_dict())
-    write_json(rd.path / "alphas" / f"epoch_{epoch:03d}.json",
-               {"primitives": list(model.primitives), **model.arch_weights()})
-    rd.append_metrics(record)
 
 
 def _hvp_check(architect: Architect, train_stream: BatchStream, alpha_stream: BatchStream, seed: int, epoch: int,

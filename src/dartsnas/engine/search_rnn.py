@@ -32,18 +32,19 @@ from ..config import add_config_arguments, check, explicit_args, make_config, op
 from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
 from ..genotype import RecurrentGenotype
-from ..rundir import RunDir, default_run_dir, write_json
+from ..rundir import RunDir, default_run_dir
 from ..search.architect import Architect, VirtualStep
 from ..search.rnn import STEPS, RNNSearchModel
 from ..utils import resolve_device, rng_state, seed_everything, set_rng_state
 from .common import (
     FORMAT_VERSION,
     TensorBoard,
+    finish_search,
     load_checkpoint,
     progress,
     resume_config,
     save_checkpoint,
-    write_figures,
+    write_search_epoch,
 )
 from .evaluate_rnn import evaluate, perplexity
 from .train_rnn import weight_step
@@ -295,10 +296,7 @@ def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
             logger.info("epoch %d train_loss %.4f valid_loss %.4f valid_ppl %.2f (%.1f s)", epoch + 1, train_loss,
                         valid_loss, record["valid_ppl"], record["time"])
             logger.info("genotype = %s", genotype)
-            write_json(rd.path / "genotypes" / f"epoch_{epoch + 1:03d}.json", genotype.to_dict())
-            write_json(rd.path / "alphas" / f"epoch_{epoch + 1:03d}.json",
-                       {"primitives": list(model.primitives), **model.arch_weights()})
-            rd.append_metrics(record)
+            write_search_epoch(rd, model, genotype, record)
             save_checkpoint(rd.checkpoint, {
                 "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
                 "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
@@ -314,11 +312,7 @@ def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
     finally:
         if tb is not None:
             tb.close()
-    write_json(rd.genotype, genotype.to_dict())
-    logger.info("final genotype = %s", genotype)
-    logger.info("run directory: %s", rd.path)
-    if cfg.plots:
-        write_figures(rd.path)
+    finish_search(rd, genotype, cfg.plots)
     return RNNSearchResult(rd.path, genotype, rd.read_metrics())
 
 
