@@ -107,9 +107,10 @@ class DARTSCell(nn.Module):
         w_h = self._W0[self.ninp:]
         ctx = self._prepare(**cell_kwargs)
         outputs = []
-        for t in range(T):
+        # unbind, not x_proj[t]: the backward of each indexing would zero-fill a whole (T, B, 2H) copy.
+        for t, x_t in enumerate(x_proj.unbind(0)):
             h_in = hidden if h_mask is None else hidden * h_mask
-            c0, h0 = (x_proj[t] + h_in @ w_h).chunk(2, dim=-1)
+            c0, h0 = torch.addmm(x_t, h_in, w_h).chunk(2, dim=-1)
             s0 = hidden + torch.sigmoid(c0) * (torch.tanh(h0) - hidden)
             hidden = self._nodes(s0, h_mask, ctx)
             outputs.append(hidden)
