@@ -7,8 +7,10 @@ Every command is a thin layer over a ``run(config)`` function of the Python API.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -69,10 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int | None] = args.handler
+    # Under torchrun every process runs this command: only rank 0 prints results; every process
+    # reports its errors, the others saying which one they are.
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
     try:
-        return int(handler(args) or 0)
+        with contextlib.ExitStack() as stack:
+            if rank != "0":
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return int(handler(args) or 0)
     except UserError as exc:
-        print(f"dartsnas: error: {exc}", file=sys.stderr)
+        where = "" if rank == "0" else f"(rank {rank}) "
+        print(f"dartsnas: error: {where}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         logging.getLogger("dartsnas").warning("interrupted")

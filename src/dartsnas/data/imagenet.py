@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UserError
 
@@ -115,3 +115,41 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, de
         dataset, batch_size=batch_size, shuffle=train, num_workers=workers, generator=generator,
         pin_memory=device.type == "cuda", persistent_workers=False, drop_last=False,
     )
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """One process's share of global batches: its contiguous slice of each batch of ``batch_size``.
+
+    With ``order`` (a permutation drawn from the epoch's generator, the same in every process) the
+    processes together see exactly one process's shuffled batches; the last, incomplete global
+    batch is dropped so that every process takes the same number of equal steps. Without it (in
+    order, for evaluation) every image is used once and a process may get an empty last share,
+    which is skipped.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, order: torch.Tensor | None = None):
+        self.n, self.batch_size, self.rank, self.world, self.order = n, batch_size, rank, world, order
+
+    def __len__(self) -> int:
+        if self.order is not None:
+            return self.n // self.batch_size
+        return sum(1 for _ in self)
+
+    def __iter__(self):
+        order = self.order if self.order is not None else torch.arange(self.n)
+        stop = (self.n // self.batch_size) * self.batch_size if self.order is not None else self.n
+        for start in range(0, stop, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            total = len(batch)
+            part = batch[self.rank * total // self.world:(self.rank + 1) * total // self.world]
+            if len(part):
+                yield part.tolist()
+
+
+def make_sharded_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device, rank: int, world: int,
+                        order: torch.Tensor | None, worker_generator: torch.Generator | None = None) -> DataLoader:
+    """Like :func:`make_loader` for one of several processes (see :class:`ShardedBatchSampler`);
+    ``worker_generator`` seeds this process's workers, hence its augmentation."""
+    sampler = ShardedBatchSampler(len(dataset), batch_size, rank, world, order)  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, generator=worker_generator,
+                      pin_memory=device.type == "cuda", persistent_workers=False)

@@ -208,25 +208,38 @@ class Normalizer:
         return out.contiguous(memory_format=self.memory_format)
 
 
-def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator, select: slice | None = None,
+            total: int | None = None) -> torch.Tensor:
     """Random crop after zero padding, and random horizontal flip, per sample (uint8 in, uint8 out).
 
     Padding happens on raw pixels, as torchvision pads the image before normalising, so the border
     is black rather than the mean colour.
+
+    With several processes ``x`` is this process's rows ``select`` of a global batch of ``total`` images:
+    the random draws are made for the whole global batch (so the generator advances alike in every
+    process) and this process keeps its rows, so each image gets the same augmentation whatever the
+    number of processes.
     """
     B, _, H, W = x.shape
+    n = B if total is None else total
     if pad > 0:
         gen_device = generator.device
         xp = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=gen_device).to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=gen_device).to(x.device)
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gen_device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gen_device)
+        if select is not None:
+            dy, dx = dy[select], dx[select]
+        dy, dx = dy.to(x.device), dx.to(x.device)
         rows = (dy[:, None] + torch.arange(H, device=x.device)[None, :])[:, None, :, None]
         cols = (dx[:, None] + torch.arange(W, device=x.device)[None, :])[:, None, None, :]
         batch = torch.arange(B, device=x.device)[:, None, None, None]
         chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = xp[batch, chan, rows, cols]
     if flip:
-        mask = torch.rand(B, generator=generator, device=generator.device).to(x.device) < 0.5
+        mask = torch.rand(n, generator=generator, device=generator.device)
+        if select is not None:
+            mask = mask[select]
+        mask = mask.to(x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
 
@@ -243,10 +256,19 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 
 class BatchStream:
-    """Shuffled, augmented, normalised batches over ``indices`` of an in-memory image set."""
+    """Shuffled, augmented, normalised batches over ``indices`` of an in-memory image set.
+
+    ``batch_size`` is the global batch. With ``world > 1`` processes, process ``rank`` gets its
+    contiguous slice of every global batch: each epoch's permutation (a function of the epoch's
+    generator alone) is the same in every process, so the processes together see exactly the
+    batches of one process, and a run can resume with another number of processes. Training
+    streams then drop the last, incomplete global batch, so that every process takes the same
+    number of steps on an equal share (the mean of the processes' gradients is then the gradient
+    of the global batch).
+    """
 
     def __init__(self, images: ImageSet, indices: torch.Tensor, batch_size: int, normalize: Normalizer,
-                 pad: int = 0, flip: bool = False, train: bool = True):
+                 pad: int = 0, flip: bool = False, train: bool = True, rank: int = 0, world: int = 1):
         self.images = images
         self.indices = indices
         self.batch_size = batch_size
@@ -254,24 +276,48 @@ class BatchStream:
         self.pad = pad
         self.flip = flip
         self.train = train
+        self.rank = rank
+        self.world = world
+
+    @property
+    def drop_last(self) -> bool:
+        return self.train and self.world > 1
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.indices) // self.batch_size
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
 
     def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass: shuffled and augmented when ``train`` (needs ``generator``), in order otherwise."""
+        for x, y, _, _ in self.sharded_batches(generator):
+            yield x, y
+
+    def sharded_batches(self, generator: torch.Generator | None = None
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, slice]]:
+        """Like :meth:`batches`, with the global batch's size and this process's rows of it (for
+        augmentations drawn per global batch, such as cutout). Evaluation streams may give a
+        process no rows of a short last batch."""
         if self.train:
             assert generator is not None
             order = self.indices[torch.randperm(len(self.indices), generator=generator)]
         else:
             order = self.indices
         device = self.images.x.device
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size].to(device)
+        stop = len(self) * self.batch_size if self.drop_last else len(order)
+        for start in range(0, stop, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            total = len(idx)
+            rows = slice(None)
+            if self.world > 1:
+                lo, hi = self.rank * total // self.world, (self.rank + 1) * total // self.world
+                rows = slice(lo, hi)
+                idx = idx[rows]
+            idx = idx.to(device)
             x = self.images.x.index_select(0, idx)
             if self.train:
-                x = augment(x, self.pad, self.flip, generator)  # type: ignore[arg-type]
-            yield self.normalize(x), self.images.y.index_select(0, idx)
+                x = augment(x, self.pad, self.flip, generator, rows, total)  # type: ignore[arg-type]
+            yield self.normalize(x), self.images.y.index_select(0, idx), total, rows
 
     def forever(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless batches: a new shuffle each time the split is exhausted."""

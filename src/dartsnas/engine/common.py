@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -10,9 +11,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .. import distributed
 from ..config import from_dict
 from ..errors import UserError
-from ..rundir import RunDir, atomic_write, write_json
+from ..rundir import RunDir, atomic_write, default_run_dir, write_json
 from ..utils import is_tty
 
 # Version of the resumable checkpoint dicts the engines write (``checkpoints/last.pt``).
@@ -22,8 +24,39 @@ logger = logging.getLogger("dartsnas")
 
 
 def progress(total: int, desc: str) -> tqdm:
-    """A per-epoch bar on interactive terminals; silent in logs, CI and notebooks' captured output."""
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not is_tty())
+    """A per-epoch bar on interactive terminals; silent in logs, CI and notebooks' captured output,
+    and in every process but the main one."""
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not is_tty() or not distributed.is_main())
+
+
+def open_run_dir(path: str | Path | None, command: str, resume: bool) -> RunDir:
+    """Create (or reopen, when resuming) the run directory; ``None`` picks ``runs/<command>-<time>``.
+
+    With several processes only the main one creates it, and every process gets its path (the
+    default name holds a timestamp, which could differ between processes).
+    """
+    def create() -> str:
+        rd = RunDir(path if path is not None else default_run_dir(command))
+        rd.create(resume=resume)
+        return str(rd.path)
+    return RunDir(distributed.on_main(create))
+
+
+def run_logging(rd: RunDir) -> contextlib.AbstractContextManager[Any]:
+    """The run's stdout + ``log.txt`` log in the main process; other processes log warnings only
+    (Python's last-resort handler prints them to stderr)."""
+    return rd.logging() if distributed.is_main() else contextlib.nullcontext()
+
+
+def log_distributed(per_rank_batch: int, learning_rates: dict[str, float], unit: str = "batch") -> None:
+    """Report the global batch and the (unscaled) learning rates of a run with several processes."""
+    if not distributed.is_distributed():
+        return
+    rates = ", ".join(f"{name} {value:g}" for name, value in learning_rates.items())
+    logger.info("distributed: %d processes (%s backend), %s; %s (the same as given: learning rates are not "
+                "scaled with the global batch)", distributed.world_size(), torch.distributed.get_backend(),
+                distributed.describe_batch(per_rank_batch, unit), rates)
 
 
 class TensorBoard:

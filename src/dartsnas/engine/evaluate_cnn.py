@@ -171,10 +171,12 @@ def cifar_test_images(data: str | None, test_data: str | None, download: bool = 
     return loaded.test, str(data or "the CIFAR-10 folder")
 
 
-def cifar_batches(images: ImageSet, batch_size: int, device: torch.device
+def cifar_batches(images: ImageSet, batch_size: int, device: torch.device, rank: int = 0, world: int = 1
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches in order; with ``world`` processes, this ``rank``'s slice of each."""
     normalize = Normalizer(CIFAR10_MEAN, CIFAR10_STD, device)
-    stream = BatchStream(images.to(device), torch.arange(len(images)), batch_size, normalize, train=False)
+    stream = BatchStream(images.to(device), torch.arange(len(images)), batch_size, normalize, train=False,
+                         rank=rank, world=world)
     return stream.batches()
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..config import add_config_arguments, make_config, option
 from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
@@ -63,6 +64,20 @@ def evaluate(model: torch.nn.Module, source: torch.Tensor, bptt: int, max_batche
             count += targets.numel()
     model.train(was_training)
     return float(total) / max(count, 1)
+
+
+def evaluate_sharded(model: torch.nn.Module, source: torch.Tensor, bptt: int, max_batches: int | None = None
+                     ) -> float:
+    """:func:`evaluate` with the columns of ``source`` (independent streams) shared out over the
+    data-parallel processes; every process gets the loss one process computes (up to rounding)."""
+    if not distributed.is_distributed():
+        return evaluate(model, source, bptt, max_batches)
+    lo, hi = distributed.shard_bounds(source.shape[1])
+    target_rows = source.shape[0] - 1 if max_batches is None else min(source.shape[0] - 1, max_batches * bptt)
+    count = target_rows * (hi - lo)
+    loss = evaluate(model, source[:, lo:hi].contiguous(), bptt, max_batches) if hi > lo else 0.0
+    total, count = distributed.all_reduce_sum([loss * count, count])
+    return total / max(count, 1)
 
 
 def perplexity(loss: float) -> float:

@@ -18,22 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .. import distributed
 from ..config import add_config_arguments, check, explicit_args, make_config, option, to_dict
 from ..data.images import DATASETS, BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
 from ..errors import UserError
 from ..genotype import Genotype
 from ..ops.cnn import narrow_strided_pointwise
-from ..rundir import RunDir, default_run_dir
+from ..rundir import RunDir
 from ..search.architect import Architect, VirtualStep
 from ..search.cnn import SearchNetwork
-from ..utils import AverageMeter, accuracy, resolve_device, rng_state, seed_everything, set_rng_state
+from ..utils import AverageMeter, accuracy, rng_state, seed_everything, set_rng_state
 from . import common
 from .common import (
     FORMAT_VERSION,
     TensorBoard,
     finish_search,
     load_checkpoint,
+    log_distributed,
+    open_run_dir,
     progress,
+    run_logging,
     save_checkpoint,
     write_search_epoch,
 )
@@ -85,8 +89,16 @@ class SearchConfig:
     tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
     plots: bool = option(True, "draw figures into the run directory at the end")
     download: bool = option(True, "download CIFAR-10 when it is missing and the network allows")
+    global_batch: str = option("scale", "with several processes (torchrun): scale (each process takes --batch_size, "
+                                        "the global batch grows) or keep (the global batch stays --batch_size, split "
+                                        "over the processes)", choices=distributed.GLOBAL_BATCH_CHOICES)
+    sync_bn: bool = option(False, "with several processes on CUDA: batch norm over the global batch (SyncBatchNorm) "
+                                  "instead of each process's slice")
 
     def validate(self) -> None:
+        check(not (self.sync_bn and (self.hvp_check or (self.unrolled and self.hvp == "exact"))),
+              "--sync_bn cannot be combined with --hvp exact or --hvp_check (SyncBatchNorm has no double backward); "
+              "use --hvp fd")
         check(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
         check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         check(0.0 < self.train_portion < 1.0,
@@ -114,8 +126,8 @@ class SearchConfig:
 
 
 # Settings that may differ when a run is resumed: they do not change the mathematics.
-RESUMABLE_OVERRIDES = {"device", "channels_last", "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download",
-                       "data"}
+RESUMABLE_OVERRIDES = {"device", "channels_last", "workers", "threads", "max_steps", "tensorboard", "plots",
+                       "report_freq", "download", "data", "sync_bn"}
 
 
 @dataclass
@@ -137,11 +149,17 @@ def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None
         for i, (x, y) in enumerate(stream.batches()):
             if max_batches is not None and i >= max_batches:
                 break
-            logits = model(x)
             n = y.shape[0]
+            if n == 0:  # a process's empty share of a short last batch
+                continue
+            logits = model(x)
             loss_m.update(F.cross_entropy(logits, y).item(), n)
             acc_m.update(accuracy(logits, y)[0], n)
     model.train()
+    if distributed.is_distributed():
+        # Each process evaluated its share: the weighted means over all of them.
+        loss_sum, acc_sum, count = distributed.all_reduce_sum([loss_m.sum, acc_m.sum, loss_m.count])
+        return loss_sum / max(count, 1), acc_sum / max(count, 1)
     return loss_m.avg, acc_m.avg
 
 
@@ -157,6 +175,7 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
     """The search network, its two optimisers (paper section 3.1.1) and the architect."""
     model = SearchNetwork(cfg.init_channels, data.num_classes, cfg.layers, steps=cfg.nodes, multiplier=cfg.nodes,
                           in_channels=data.in_channels).to(device=device, dtype=dtype)
+    model = distributed.convert_sync_bn(model, cfg.sync_bn)
     if use_channels_last(cfg.channels_last, device, model):
         model = model.to(memory_format=torch.channels_last)
     w_opt = torch.optim.SGD(model.weight_parameters(), cfg.learning_rate, momentum=cfg.momentum,
@@ -174,6 +193,8 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
         {"alphas_normal": model.alphas_normal, "alphas_reduce": model.alphas_reduce},
         loss_fn, a_opt, w_opt, unrolled=cfg.unrolled, hvp=cfg.hvp, hvp_r=cfg.hvp_r,
         virtual=VirtualStep(momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+        # Several processes: every gradient the alpha step uses is averaged over them.
+        reduce=distributed.all_reduce_mean if distributed.is_distributed() else None,
     )
     return model, w_opt, scheduler, architect
 
@@ -189,6 +210,7 @@ def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Ten
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()
+        distributed.average_gradients(model.weight_parameters())  # no-op in a single process
         torch.nn.utils.clip_grad_norm_(model.weight_parameters(), grad_clip)
         w_opt.step()
     finally:
@@ -212,18 +234,19 @@ def run(config: SearchConfig | None = None, resume: str | Path | None = None,
     else:
         cfg = config if config is not None else SearchConfig()
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = distributed.setup(cfg.device)
+    distributed.check_sync_bn(cfg.sync_bn, device)
+    distributed.per_rank_batch(cfg.batch_size, cfg.global_batch)  # fail early when it does not divide
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    rd = RunDir(resume if resume is not None else (cfg.save or default_run_dir(COMMAND)))
-    rd.create(resume=resume is not None)
+    rd = open_run_dir(resume if resume is not None else cfg.save, COMMAND, resume is not None)
     cfg = dataclasses.replace(cfg, save=str(rd.path))
-    with rd.logging():
+    with run_logging(rd):
         try:
             return _run(cfg, rd, device, resume is not None, on_epoch_end)
         except KeyboardInterrupt:
-            if rd.checkpoint.exists():
+            if rd.checkpoint.exists() and distributed.is_main():
                 logger.warning("interrupted; continue with: dartsnas search cnn --resume %s", rd.path)
             raise
 
@@ -240,9 +263,15 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
     images = data.train.to(device)
     normalize = Normalizer(data.mean, data.std, device,
                            channels_last=use_channels_last(cfg.channels_last, device, model))
-    train_stream = BatchStream(images, train_idx, cfg.batch_size, normalize, data.pad, data.flip, train=True)
-    alpha_stream = BatchStream(images, valid_idx, cfg.batch_size, normalize, data.pad, data.flip, train=True)
-    eval_stream = BatchStream(images, valid_idx, cfg.batch_size, normalize, train=False)
+    # Streams of global batches; with several processes each takes its slice of every batch.
+    batch = distributed.per_rank_batch(cfg.batch_size, cfg.global_batch) * distributed.world_size()
+    shard = {"rank": distributed.rank(), "world": distributed.world_size()}
+    train_stream = BatchStream(images, train_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
+    alpha_stream = BatchStream(images, valid_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
+    eval_stream = BatchStream(images, valid_idx, batch, normalize, train=False, **shard)
+    if len(train_stream) == 0 or len(alpha_stream) == 0:
+        raise UserError(f"the global batch of {batch} images is larger than the {len(train_idx)} / {len(valid_idx)} "
+                        f"images of the weight / alpha split; use a smaller --batch_size or --global_batch keep")
     start_epoch, step = 0, 0
     if resuming:
         state = load_checkpoint(rd.checkpoint, COMMAND)
@@ -252,13 +281,14 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_epoch, step = state["epoch"], state["step"]
-        rd.truncate_metrics(start_epoch)
+        if distributed.is_main():
+            rd.truncate_metrics(start_epoch)
         if state.get("finished"):
             logger.info("run in %s already finished after epoch %d; nothing to do", rd.path, start_epoch)
             genotype = model.genotype()
             return SearchResult(rd.path, genotype, rd.read_metrics())
         logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
-    else:
+    elif distributed.is_main():
         rd.write_config(to_dict(cfg), COMMAND)
         logger.info("config %s", to_dict(cfg))
         logger.info("data: %s, %d images for the weights, %d for alpha, %d classes, input %dx%dx%d", data.name,
@@ -266,8 +296,12 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
         n_params = sum(p.numel() for p in model.weight_parameters())
         logger.info("search network: %d weights (%.2f MB), %s order on %s", n_params, n_params * 4 / 1e6,
                     "second" if cfg.unrolled else "first", device)
+    # The same starting weights and alphas everywhere (they are equal already when seeded alike).
+    distributed.broadcast_module(model)
+    log_distributed(batch // distributed.world_size(), {"learning rate": cfg.learning_rate,
+                                                         "arch learning rate": cfg.arch_learning_rate})
 
-    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard else None
+    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
     genotype = model.genotype()
     finished = False
     try:
@@ -276,6 +310,7 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
             lr = scheduler.get_last_lr()[0]
             record: dict[str, Any] = {"epoch": epoch + 1}
             logger.info("epoch %d/%d lr %.6g", epoch + 1, cfg.epochs, lr)
+            distributed.seed_rank(cfg.seed, epoch)
             train_gen = epoch_generator(cfg.seed, epoch, 0)
             alpha_batches = alpha_stream.forever(epoch_generator(cfg.seed, epoch, 1))
             if cfg.hvp_check:
@@ -305,6 +340,14 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
                     logger.info("train step %d/%d loss %.4f acc %.2f", i + 1, n_steps, loss_m.avg, acc_m.avg)
             bar.close()
             scheduler.step()
+            if distributed.is_distributed():
+                # Every process must derive the same cell; a mismatch stops the run with one error.
+                distributed.check_same(distributed.fingerprint(model.arch_parameters(), str(model.genotype())),
+                                       f"the alphas and genotype after epoch {epoch + 1}")
+                # Running statistics came from each process's own batches: evaluate and save their mean.
+                distributed.average_buffers(model)
+                loss_m.sum, loss_m.count, acc_m.sum = distributed.all_reduce_sum([loss_m.sum, loss_m.count, acc_m.sum])
+                acc_m.count = loss_m.count
             valid_loss, valid_acc = _evaluate(model, eval_stream, cfg.eval_batches)
             genotype = model.genotype()
             finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
@@ -315,14 +358,15 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
             logger.info("epoch %d train_loss %.4f train_acc %.2f valid_loss %.4f valid_acc %.2f (%.1f s)",
                         epoch + 1, loss_m.avg, acc_m.avg, valid_loss, valid_acc, record["time"])
             logger.info("genotype = %s", genotype)
-            write_search_epoch(rd, model, genotype, record)
-            save_checkpoint(rd.checkpoint, {
-                "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
-                "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
-                "a_optimizer": architect.arch_optimizer.state_dict(),  # type: ignore[union-attr]
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": to_dict(cfg),
-                "genotype": genotype.to_dict(),
-            })
+            if distributed.is_main():
+                write_search_epoch(rd, model, genotype, record)
+                save_checkpoint(rd.checkpoint, {
+                    "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
+                    "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
+                    "a_optimizer": architect.arch_optimizer.state_dict(),  # type: ignore[union-attr]
+                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": to_dict(cfg),
+                    "genotype": genotype.to_dict(),
+                })
             if tb is not None:
                 tb.log(record, epoch + 1)
             if on_epoch_end is not None:
@@ -332,7 +376,9 @@ def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
     finally:
         if tb is not None:
             tb.close()
-    finish_search(rd, genotype, cfg.plots)
+    if distributed.is_main():
+        finish_search(rd, genotype, cfg.plots)
+    distributed.barrier()  # the run directory is complete when run() returns in any process
     return SearchResult(rd.path, genotype, rd.read_metrics())
 
 

@@ -24,29 +24,33 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from .. import distributed
 from ..config import add_config_arguments, check, explicit_args, make_config, option, to_dict
 from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
 from ..genotype import RecurrentGenotype
-from ..rundir import RunDir, default_run_dir
+from ..ops.loss import cross_entropy
+from ..rundir import RunDir
 from ..search.architect import Architect, VirtualStep
 from ..search.rnn import STEPS, RNNSearchModel
-from ..utils import resolve_device, rng_state, seed_everything, set_rng_state
+from ..utils import rng_state, seed_everything, set_rng_state
 from .common import (
     FORMAT_VERSION,
     TensorBoard,
     finish_search,
     load_checkpoint,
+    log_distributed,
+    open_run_dir,
     progress,
     resume_config,
+    run_logging,
     save_checkpoint,
     write_search_epoch,
 )
-from .evaluate_rnn import evaluate, perplexity
+from .evaluate_rnn import evaluate_sharded, perplexity
 from .train_rnn import weight_step
 
 logger = logging.getLogger("dartsnas")
@@ -95,8 +99,17 @@ class RNNSearchConfig:
     report_freq: int = option(50, "log training progress every this many steps")
     tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
     plots: bool = option(True, "draw figures into the run directory at the end")
+    global_batch: str = option("scale", "with several processes (torchrun): scale (each process takes --batch_size "
+                                        "streams, the global batch grows) or keep (the global batch stays "
+                                        "--batch_size, split over the processes)",
+                               choices=distributed.GLOBAL_BATCH_CHOICES)
+    sync_bn: bool = option(False, "with several processes on CUDA: the search cell's batch norm over the global "
+                                  "batch (SyncBatchNorm) instead of each process's streams")
 
     def validate(self) -> None:
+        check(not (self.sync_bn and (self.hvp_check or (self.unrolled and self.hvp == "exact"))),
+              "--sync_bn cannot be combined with --hvp exact or --hvp_check (SyncBatchNorm has no double backward); "
+              "use --hvp fd")
         for name in ("emsize", "nhid", "nhidlast", "nodes", "epochs", "batch_size", "bptt", "eval_batch_size",
                      "report_freq"):
             check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -120,7 +133,7 @@ class RNNSearchConfig:
 
 
 RESUMABLE_OVERRIDES = {"device", "threads", "max_steps", "tensorboard", "plots", "report_freq", "data",
-                       "eval_batches"}
+                       "eval_batches", "sync_bn"}
 
 
 @dataclass
@@ -152,7 +165,7 @@ def make_loss_fn(model: RNNSearchModel) -> Callable[[dict[str, Tensor], TextBatc
         out = functional_call(model, params, (batch.data, batch.hidden), {"generator": gen})
         batch.hidden_out = out.hidden.detach()
         # The authors' architect uses the plain language-model loss (no TAR) on both batches.
-        return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), batch.targets.reshape(-1))
+        return cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), batch.targets.reshape(-1))
     return loss_fn
 
 
@@ -161,6 +174,7 @@ def build_search(cfg: RNNSearchConfig, ntoken: int, device: torch.device, dtype:
     """The search model, its weight optimiser (SGD) and the architect (Adam on alpha)."""
     model = RNNSearchModel(ntoken, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout, cfg.dropouth, cfg.dropoutx,
                            cfg.dropouti, cfg.dropoute, steps=cfg.nodes).to(device=device, dtype=dtype)
+    model = distributed.convert_sync_bn(model, cfg.sync_bn)
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     a_opt = torch.optim.Adam(model.arch_parameters(), lr=cfg.arch_learning_rate, weight_decay=cfg.arch_weight_decay)
     architect = Architect(
@@ -168,6 +182,8 @@ def build_search(cfg: RNNSearchConfig, ntoken: int, device: torch.device, dtype:
         unrolled=cfg.unrolled, hvp=cfg.hvp, hvp_r=cfg.hvp_r,
         # Facts section 4: plain SGD virtual step, clipped gradient, v clipped, implicit term * eta * c.
         virtual=VirtualStep(momentum=0.0, weight_decay=cfg.weight_decay, clip=cfg.grad_clip),
+        # Several processes: every gradient the alpha step uses is averaged over them.
+        reduce=distributed.all_reduce_mean if distributed.is_distributed() else None,
     )
     return model, w_opt, architect
 
@@ -207,22 +223,35 @@ def run(config: RNNSearchConfig | None = None, resume: str | Path | None = None,
     else:
         cfg = config if config is not None else RNNSearchConfig()
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = distributed.setup(cfg.device)
+    distributed.check_sync_bn(cfg.sync_bn, device)
+    _rank_batch(cfg)  # fail early when it does not divide
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rd = RunDir(resume if resume is not None else (cfg.save or default_run_dir(COMMAND)))
-    rd.create(resume=resume is not None)
+    rd = open_run_dir(resume if resume is not None else cfg.save, COMMAND, resume is not None)
     cfg = dataclasses.replace(cfg, save=str(rd.path))
-    with rd.logging():
+    with run_logging(rd):
         return _run(cfg, rd, device, resume is not None, on_epoch_end)
+
+
+def _rank_batch(cfg: RNNSearchConfig) -> int:
+    """This process's number of streams (columns) of both batches."""
+    batch = distributed.per_rank_batch(cfg.batch_size, cfg.global_batch)
+    check(batch >= 2, f"--global_batch keep leaves {batch} stream(s) per process; the search cell normalises node "
+                      f"states over the batch, so each process needs at least 2 (raise --batch_size)")
+    return batch
 
 
 def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
          on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> RNNSearchResult:
     seed_everything(cfg.seed)
     corpus = Corpus(cfg.data)
-    train_data = batchify(corpus.train, cfg.batch_size, device)
-    search_data = batchify(corpus.valid, cfg.batch_size, device)  # alpha batches: the validation set
+    # Several processes: the global batch's columns are cut into one block per process, so together
+    # they walk through the same streams as one process with the global batch.
+    batch = _rank_batch(cfg)
+    train_data = distributed.shard_columns(batchify(corpus.train, batch * distributed.world_size(), device))
+    # Alpha batches: the validation set.
+    search_data = distributed.shard_columns(batchify(corpus.valid, batch * distributed.world_size(), device))
     val_data = batchify(corpus.valid, cfg.eval_batch_size, device)
     model, w_opt, architect = build_search(cfg, len(corpus), device)
     a_opt = architect.arch_optimizer
@@ -235,12 +264,13 @@ def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
         a_opt.load_state_dict(state["a_optimizer"])
         set_rng_state(state["rng"])
         start_epoch, step = state["epoch"], state["step"]
-        rd.truncate_metrics(start_epoch)
+        if distributed.is_main():
+            rd.truncate_metrics(start_epoch)
         if state.get("finished"):
             logger.info("run in %s already finished after epoch %d; nothing to do", rd.path, start_epoch)
             return RNNSearchResult(rd.path, model.genotype(), rd.read_metrics())
         logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
-    else:
+    elif distributed.is_main():
         rd.write_config(to_dict(cfg), COMMAND)
         logger.info("config %s", to_dict(cfg))
         logger.info("data: %s, %d training and %d validation tokens, vocabulary %d", cfg.data, corpus.train.numel(),
@@ -248,17 +278,21 @@ def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
         n_params = sum(p.numel() for p in model.weight_parameters())
         logger.info("search model: %d weights, %s order on %s", n_params, "second" if cfg.unrolled else "first",
                     device)
+    distributed.broadcast_module(model)  # the same starting point everywhere
+    log_distributed(batch, {"learning rate": cfg.learning_rate, "arch learning rate": cfg.arch_learning_rate},
+                    unit="batch (streams)")
 
-    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard else None
+    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
     genotype = model.genotype()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             lr = w_opt.param_groups[0]["lr"]
             record: dict[str, Any] = {"epoch": epoch + 1}
+            distributed.seed_rank(cfg.seed, epoch)
             if cfg.hvp_check:
                 record.update(_hvp_check(model, architect, train_data, search_data, cfg, lr))
-            hidden, hidden_valid = model.init_hidden(cfg.batch_size), model.init_hidden(cfg.batch_size)
+            hidden, hidden_valid = model.init_hidden(batch), model.init_hidden(batch)
             loss_sum, n_batches, i = 0.0, 0, 0
             n_rows = train_data.shape[0]
             bar = progress(n_rows // cfg.bptt, f"epoch {epoch + 1}")
@@ -284,8 +318,14 @@ def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
                     logger.info("epoch %d step %d loss %.4f ppl %.2f", epoch + 1, n_batches, avg, perplexity(avg))
                     logger.info("genotype = %s", model.genotype())
             bar.close()
+            if distributed.is_distributed():
+                # Every process must derive the same cell; a mismatch stops the run with one error.
+                distributed.check_same(distributed.fingerprint(model.arch_parameters(), str(model.genotype())),
+                                       f"the alphas and genotype after epoch {epoch + 1}")
+                distributed.average_buffers(model)  # batch-norm running statistics of each process's streams
+                loss_sum = distributed.all_reduce_sum([loss_sum])[0] / distributed.world_size()
             train_loss = loss_sum / max(n_batches, 1)
-            valid_loss = evaluate(model, val_data, cfg.bptt, cfg.eval_batches)
+            valid_loss = evaluate_sharded(model, val_data, cfg.bptt, cfg.eval_batches)
             genotype = model.genotype()
             finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
             record.update({
@@ -296,13 +336,14 @@ def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
             logger.info("epoch %d train_loss %.4f valid_loss %.4f valid_ppl %.2f (%.1f s)", epoch + 1, train_loss,
                         valid_loss, record["valid_ppl"], record["time"])
             logger.info("genotype = %s", genotype)
-            write_search_epoch(rd, model, genotype, record)
-            save_checkpoint(rd.checkpoint, {
-                "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
-                "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
-                "a_optimizer": a_opt.state_dict(), "rng": rng_state(), "config": to_dict(cfg),
-                "genotype": genotype.to_dict(),
-            })
+            if distributed.is_main():
+                write_search_epoch(rd, model, genotype, record)
+                save_checkpoint(rd.checkpoint, {
+                    "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
+                    "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
+                    "a_optimizer": a_opt.state_dict(), "rng": rng_state(), "config": to_dict(cfg),
+                    "genotype": genotype.to_dict(),
+                })
             if tb is not None:
                 tb.log(record, epoch + 1)
             if on_epoch_end is not None:
@@ -312,7 +353,9 @@ def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
     finally:
         if tb is not None:
             tb.close()
-    finish_search(rd, genotype, cfg.plots)
+    if distributed.is_main():
+        finish_search(rd, genotype, cfg.plots)
+    distributed.barrier()  # the run directory is complete when run() returns in any process
     return RNNSearchResult(rd.path, genotype, rd.read_metrics())
 
 
@@ -323,8 +366,8 @@ def _hvp_check(model: RNNSearchModel, architect: Architect, train_data: Tensor, 
     seeds = torch.randint(0, 2**62, (2,), generator=gen).tolist()
     data, targets = get_batch(train_data, 0, cfg.bptt)
     data_v, targets_v = get_batch(search_data, 0, cfg.bptt)
-    train = TextBatch(data, targets, model.init_hidden(cfg.batch_size), int(seeds[0]))
-    valid = TextBatch(data_v, targets_v, model.init_hidden(cfg.batch_size), int(seeds[1]))
+    train = TextBatch(data, targets, model.init_hidden(data.shape[1]), int(seeds[0]))
+    valid = TextBatch(data_v, targets_v, model.init_hidden(data_v.shape[1]), int(seeds[1]))
     model.train()
     stats = architect.hvp_agreement(train, valid, lr)
     logger.info("hvp check: cosine(finite difference, exact) = %.4f, implicit term = %.1f%% of the gradient norm",

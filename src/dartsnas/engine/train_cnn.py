@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..checkpoint import save_weights
 from ..config import add_config_arguments, check, explicit_args, make_config, option, to_dict
 from ..data.cutout import cutout
@@ -32,10 +33,20 @@ from ..data.images import CIFAR10_MEAN, CIFAR10_STD, BatchStream, ImageSet, Norm
 from ..errors import UserError
 from ..genotype import Genotype, load_genotype
 from ..models.cnn import NETWORK_DEFAULTS, NETWORKS, aux_feature_size, build_network, count_network_parameters
-from ..rundir import RunDir, default_run_dir, write_json
-from ..utils import AverageMeter, accuracy, resolve_device, rng_state, seed_everything, set_rng_state
+from ..rundir import RunDir, write_json
+from ..utils import AverageMeter, accuracy, rng_state, seed_everything, set_rng_state
 from . import common
-from .common import FORMAT_VERSION, TensorBoard, load_checkpoint, progress, save_checkpoint, write_figures
+from .common import (
+    FORMAT_VERSION,
+    TensorBoard,
+    load_checkpoint,
+    log_distributed,
+    open_run_dir,
+    progress,
+    run_logging,
+    save_checkpoint,
+    write_figures,
+)
 from .evaluate_cnn import (
     AMP_CHOICES,
     EvalResult,
@@ -91,6 +102,11 @@ class TrainConfig:
     report_freq: int = option(50, "log training progress every this many steps")
     tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
     plots: bool = option(True, "draw figures into the run directory at the end")
+    global_batch: str = option("scale", "with several processes (torchrun): scale (each process takes --batch_size, "
+                                        "the global batch grows) or keep (the global batch stays --batch_size, split "
+                                        "over the processes)", choices=distributed.GLOBAL_BATCH_CHOICES)
+    sync_bn: bool = option(False, "with several processes on CUDA: batch norm over the global batch (SyncBatchNorm) "
+                                  "instead of each process's slice")
 
     network = "cifar10"
 
@@ -173,7 +189,7 @@ class ImageNetTrainConfig(TrainConfig):
 CONFIGS: dict[str, type[TrainConfig]] = {"cifar10": CifarTrainConfig, "imagenet": ImageNetTrainConfig}
 # Settings that may change when a run is resumed: they do not change what is being trained.
 RESUMABLE_OVERRIDES = {"device", "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download",
-                       "data", "test_data", "amp", "channels_last", "deterministic", "eval_batches"}
+                       "data", "test_data", "amp", "channels_last", "deterministic", "eval_batches", "sync_bn"}
 
 
 @dataclass
@@ -197,11 +213,24 @@ def _holdout(n: int, valid_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order[valid_size:].sort().values, order[:valid_size].sort().values
 
 
+def _rank_batch(cfg: TrainConfig) -> int:
+    """This process's batch (see ``--global_batch``)."""
+    batch = distributed.per_rank_batch(cfg.batch_size, cfg.global_batch)
+    check(batch >= 2, f"--global_batch keep leaves {batch} image(s) per process; batch norm needs at least 2 "
+                      f"(raise --batch_size)")
+    return batch
+
+
 class _CifarData:
-    """CIFAR-10 in memory: batches augmented on the device (crop, flip, cutout), seeded per epoch."""
+    """CIFAR-10 in memory: batches augmented on the device (crop, flip, cutout), seeded per epoch.
+
+    Every stream holds global batches; with several processes each takes its slice of each one.
+    """
 
     def __init__(self, cfg: CifarTrainConfig, device: torch.device):
         self.cfg = cfg
+        self.batch = _rank_batch(cfg) * distributed.world_size()
+        self.shard = {"rank": distributed.rank(), "world": distributed.world_size()}
         data = load_image_data("cifar10", cfg.data, download=cfg.download)
         test, self.test_source = data.test, str(cfg.data or "the CIFAR-10 folder")
         if cfg.test_data or (cfg.data and str(cfg.data).endswith(".npz")):
@@ -217,8 +246,10 @@ class _CifarData:
             torch.arange(len(images)), torch.arange(0))
         self.device = device
         normalize = Normalizer(CIFAR10_MEAN, CIFAR10_STD, device)
-        self.train = BatchStream(images, train_idx, cfg.batch_size, normalize, data.pad, data.flip, train=True)
-        self.valid = BatchStream(images, valid_idx, cfg.batch_size, normalize, train=False) if cfg.valid_size else None
+        self.train = BatchStream(images, train_idx, self.batch, normalize, data.pad, data.flip, train=True,
+                                 **self.shard)
+        self.valid = (BatchStream(images, valid_idx, self.batch, normalize, train=False, **self.shard)
+                      if cfg.valid_size else None)
         self.train_size, self.valid_size = len(train_idx), len(valid_idx)
 
     def __len__(self) -> int:
@@ -227,9 +258,10 @@ class _CifarData:
     def train_batches(self, epoch: int) -> Batches:
         gen = epoch_generator(self.cfg.seed, epoch, 0)
         holes = epoch_generator(self.cfg.seed, epoch, 3)
-        for x, y in self.train.batches(gen):
+        for x, y, total, rows in self.train.sharded_batches(gen):
             if self.cfg.cutout:
-                x = cutout(x, self.cfg.cutout_length, holes)
+                # Squares drawn for the global batch, this process's rows kept (as for crop and flip).
+                x = cutout(x, self.cfg.cutout_length, holes, rows, total)
             yield x, y
 
     def valid_batches(self) -> Batches | None:
@@ -238,7 +270,7 @@ class _CifarData:
     def test_batches(self) -> Batches | None:
         if self.test_images is None:
             return None
-        return cifar_batches(self.test_images, self.cfg.batch_size, self.device)
+        return cifar_batches(self.test_images, self.batch, self.device, **self.shard)
 
 
 class _ImageNetData:
@@ -267,17 +299,27 @@ class _ImageNetData:
         self.train_size = len(train_set)  # type: ignore[arg-type]
         self.valid_size = len(valid_set) if valid_set is not None else 0
         self.workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+        self.batch = _rank_batch(cfg) * distributed.world_size()
 
     def __len__(self) -> int:
-        return (self.train_size + self.cfg.batch_size - 1) // self.cfg.batch_size
+        if distributed.is_distributed():
+            return self.train_size // self.batch  # the last, incomplete global batch is dropped
+        return (self.train_size + self.batch - 1) // self.batch
 
-    def _loader(self, dataset, train: bool, generator: torch.Generator | None = None):
-        from ..data.imagenet import make_loader
+    def _loader(self, dataset, train: bool, generator: torch.Generator | None = None, epoch: int = 0):
+        from ..data.imagenet import make_loader, make_sharded_loader
 
-        return make_loader(dataset, self.cfg.batch_size, train, self.workers, self.device, generator)
+        if not distributed.is_distributed():
+            return make_loader(dataset, self.batch, train, self.workers, self.device, generator)
+        # The epoch's permutation is the same in every process; the workers' seeds (the
+        # augmentation) differ per process.
+        order = torch.randperm(len(dataset), generator=generator) if train else None
+        workers_gen = epoch_generator(self.cfg.seed, epoch, 10 + distributed.rank())
+        return make_sharded_loader(dataset, self.batch, self.workers, self.device, distributed.rank(),
+                                   distributed.world_size(), order, workers_gen)
 
     def train_batches(self, epoch: int) -> Batches:
-        for x, y in self._loader(self.train_set, True, epoch_generator(self.cfg.seed, epoch, 0)):
+        for x, y in self._loader(self.train_set, True, epoch_generator(self.cfg.seed, epoch, 0), epoch):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def valid_batches(self) -> Batches | None:
@@ -319,21 +361,23 @@ def run(config: TrainConfig | None = None, resume: str | Path | None = None,
     else:
         cfg = config if config is not None else CifarTrainConfig()
     cfg.validate()
-    rd = RunDir(resume if resume is not None else (cfg.save or default_run_dir(cfg.command)))
     # A resumed run trains the genotype it stored, even if --arch named a file that has changed since.
-    genotype = load_genotype(rd.genotype if resume is not None and rd.genotype.is_file() else cfg.arch, kind="cnn")
+    stored = RunDir(resume).genotype if resume is not None else None
+    genotype = load_genotype(stored if stored is not None and stored.is_file() else cfg.arch, kind="cnn")
     assert isinstance(genotype, Genotype)
-    device = resolve_device(cfg.device)
+    device = distributed.setup(cfg.device)
     resolve_amp(cfg.amp, device)  # fail before creating the run directory
+    distributed.check_sync_bn(cfg.sync_bn, device)
+    _rank_batch(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if isinstance(cfg, ImageNetTrainConfig):
         from ..data.imagenet import check_layout
 
         check_layout(cfg.data)
-    rd.create(resume=resume is not None)
+    rd = open_run_dir(resume if resume is not None else cfg.save, cfg.command, resume is not None)
     cfg = dataclasses.replace(cfg, save=str(rd.path))
-    with rd.logging():
+    with run_logging(rd):
         return _run(cfg, genotype, rd, device, resume is not None, on_epoch_end)
 
 
@@ -360,6 +404,19 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
     return loss.detach(), logits.detach()
+
+
+def _evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, amp_dtype: torch.dtype | None,
+              channels_last: bool, max_batches: int | None) -> EvalResult:
+    """:func:`evaluate` on this process's share of each batch, combined over all processes."""
+    if not distributed.is_distributed():
+        return evaluate(model, batches, device, amp_dtype, channels_last, max_batches)
+    # A process's share of a short last batch may be empty.
+    result = evaluate(model, ((x, y) for x, y in batches if len(y)), device, amp_dtype, channels_last, max_batches)
+    n = result.images
+    loss, top1, top5, images = distributed.all_reduce_sum([result.loss * n, result.top1 * n, result.top5 * n, n])
+    images = max(images, 1)
+    return EvalResult(loss / images, top1 / images, top5 / images, int(images), result.seconds)
 
 
 def _set_determinism(deterministic: bool, device: torch.device) -> None:
@@ -392,7 +449,7 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
     model = build_network(cfg.network, genotype, cfg.init_channels, cfg.layers, cfg.auxiliary, data.num_classes)
     channels_last = use_channels_last(cfg.channels_last, device, amp_dtype, model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device)
+    model = distributed.convert_sync_bn(model.to(device), cfg.sync_bn)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
@@ -418,12 +475,13 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_epoch, step, best_acc = state["epoch"], state["step"], state["best_valid_acc"]
-        rd.truncate_metrics(start_epoch)
+        if distributed.is_main():
+            rd.truncate_metrics(start_epoch)
         if state.get("finished"):
             logger.info("run in %s already finished after epoch %d; nothing to do", rd.path, start_epoch)
             return TrainResult(rd.path, genotype, rd.read_metrics(), None)
         logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
-    else:
+    elif distributed.is_main():
         rd.write_config(to_dict(cfg), cfg.command)
         write_json(rd.genotype, genotype.to_dict())
         logger.info("config %s", to_dict(cfg))
@@ -437,7 +495,16 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
                     {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp_dtype],
                     ", channels-last" if channels_last else "")
 
-    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard else None
+    # Several processes: DistributedDataParallel averages the gradients during the backward pass (and
+    # starts every process from rank 0's weights). ``model`` stays the plain network for evaluation,
+    # drop path and checkpoints.
+    train_model: torch.nn.Module = model
+    if distributed.is_distributed():
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    log_distributed(data.batch // distributed.world_size(), {"learning rate": cfg.learning_rate})
+
+    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
     test_result: EvalResult | None = None
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -445,6 +512,7 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
             lr = scheduler.get_last_lr()[0]
             # Scheduled drop path (NASNet): 0 in the first epoch, rising linearly towards drop_path_prob.
             model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
+            distributed.seed_rank(cfg.seed, epoch)  # drop-path masks differ per process, replay on resume
             logger.info("epoch %d/%d lr %.6g drop_path_prob %.4f", epoch + 1, cfg.epochs, lr, model.drop_path_prob)
             n_steps = len(data)
             if cfg.max_steps is not None:
@@ -460,7 +528,7 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
                 if x.shape[0] < 2:  # batch norm cannot train on a single image; happens for N % batch == 1
                     continue
                 x = x.contiguous(memory_format=fmt)
-                loss, logits = train_step(model, optimizer, x, y, grad_clip=cfg.grad_clip,
+                loss, logits = train_step(train_model, optimizer, x, y, grad_clip=cfg.grad_clip,
                                           auxiliary_weight=cfg.auxiliary_weight, label_smoothing=label_smoothing,
                                           amp_dtype=amp_dtype, scaler=scaler)
                 step += 1
@@ -479,6 +547,11 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
                                 top1_m.avg, top5_m.avg)
             bar.close()
             train_time = time.perf_counter() - t_train
+            if distributed.is_distributed():
+                # Means over every process's images (equal shares, so also the mean of the means).
+                loss_m.sum, top1_m.sum, top5_m.sum, loss_m.count, images_seen = distributed.all_reduce_sum(
+                    [loss_m.sum, top1_m.sum, top5_m.sum, loss_m.count, images_seen])
+                top1_m.count = top5_m.count = loss_m.count
             scheduler.step()
             finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
             record: dict[str, Any] = {
@@ -489,7 +562,7 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
             improved = False
             valid_batches = data.valid_batches()
             if valid_batches is not None:
-                valid = evaluate(model, valid_batches, device, amp_dtype, channels_last, cfg.eval_batches)
+                valid = _evaluate(model, valid_batches, device, amp_dtype, channels_last, cfg.eval_batches)
                 record.update(valid.as_record("valid"))
                 improved = valid.top1 > best_acc
                 best_acc = max(best_acc, valid.top1)
@@ -497,24 +570,26 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
                 test_batches = data.test_batches()
                 if test_batches is not None:
                     # The only look at the test split: final weights, after training has ended.
-                    test_result = evaluate(model, test_batches, device, amp_dtype, channels_last, cfg.eval_batches)
+                    test_result = _evaluate(model, test_batches, device, amp_dtype, channels_last, cfg.eval_batches)
                     record.update(test_result.as_record("test"))
             record["time"] = time.perf_counter() - t0
             logger.info("epoch %d %s (%.1f s)", epoch + 1, " ".join(
                 f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("_loss", "_acc"))), record["time"])
-            rd.append_metrics(record)
-            meta = {"epoch": str(epoch + 1), "step": str(step)}
-            if improved:
-                save_weights(rd.path / "best.safetensors", model, cfg.network, genotype, to_dict(cfg), meta)
-            if finished:
-                save_weights(rd.path / "final.safetensors", model, cfg.network, genotype, to_dict(cfg), meta)
-            state = {
-                "format_version": FORMAT_VERSION, "kind": cfg.command, "network": cfg.network, "epoch": epoch + 1,
-                "step": step, "finished": finished, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
-                "rng": rng_state(), "config": to_dict(cfg), "genotype": genotype.to_dict(), "best_valid_acc": best_acc,
-            }
-            save_checkpoint(rd.checkpoint, state)
+            if distributed.is_main():
+                rd.append_metrics(record)
+                meta = {"epoch": str(epoch + 1), "step": str(step)}
+                if improved:
+                    save_weights(rd.path / "best.safetensors", model, cfg.network, genotype, to_dict(cfg), meta)
+                if finished:
+                    save_weights(rd.path / "final.safetensors", model, cfg.network, genotype, to_dict(cfg), meta)
+                state = {
+                    "format_version": FORMAT_VERSION, "kind": cfg.command, "network": cfg.network,
+                    "epoch": epoch + 1, "step": step, "finished": finished, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
+                    "config": to_dict(cfg), "genotype": genotype.to_dict(), "best_valid_acc": best_acc,
+                }
+                save_checkpoint(rd.checkpoint, state)
             if tb is not None:
                 tb.log(record, epoch + 1)
             if on_epoch_end is not None:
@@ -528,8 +603,9 @@ def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device,
         logger.info("final test: %d images, error %.2f%% (accuracy %.2f%%, top-5 %.2f%%), loss %.4f",
                     test_result.images, 100 - test_result.top1, test_result.top1, test_result.top5, test_result.loss)
     logger.info("run directory: %s", rd.path)
-    if cfg.plots:
+    if cfg.plots and distributed.is_main():
         write_figures(rd.path)
+    distributed.barrier()  # the run directory is complete when run() returns in any process
     return TrainResult(rd.path, genotype, rd.read_metrics(), test_result)
 
 

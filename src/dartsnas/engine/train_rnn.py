@@ -23,26 +23,30 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .. import distributed
 from ..config import add_config_arguments, check, coerce, explicit_args, option, read_yaml_config, to_dict
 from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
 from ..genotype import RecurrentGenotype, load_genotype
 from ..models.rnn import RNNModel, count_parameters
-from ..rundir import RunDir, default_run_dir, write_json
-from ..utils import resolve_device, rng_state, seed_everything, set_rng_state
+from ..ops.loss import cross_entropy
+from ..rundir import RunDir, write_json
+from ..utils import rng_state, seed_everything, set_rng_state
 from .common import (
     FORMAT_VERSION,
     TensorBoard,
     load_checkpoint,
+    log_distributed,
+    open_run_dir,
     progress,
     resume_config,
+    run_logging,
     save_checkpoint,
     write_figures,
 )
-from .evaluate_rnn import CHECKPOINT_KIND, evaluate, perplexity
+from .evaluate_rnn import CHECKPOINT_KIND, evaluate, evaluate_sharded, perplexity
 
 logger = logging.getLogger("dartsnas")
 
@@ -96,6 +100,10 @@ class TrainConfig:
     report_freq: int = option(200, "log training progress every this many steps")
     tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
     plots: bool = option(True, "draw figures into the run directory at the end")
+    global_batch: str = option("scale", "with several processes (torchrun): scale (each process takes --batch_size "
+                                        "streams, the global batch grows) or keep (the global batch stays "
+                                        "--batch_size, split over the processes)",
+                               choices=distributed.GLOBAL_BATCH_CHOICES)
 
     def validate(self) -> None:
         for name in ("emsize", "nhid", "nhidlast", "epochs", "batch_size", "bptt", "eval_batch_size",
@@ -165,13 +173,15 @@ def weight_step(model: RNNModel, optimizer: torch.optim.Optimizer, params: Seque
     for s in range(len(hiddens)):
         cols = slice(s * chunk, (s + 1) * chunk)
         out = model(data[:, cols], hiddens[s])
-        raw = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), targets[:, cols].reshape(-1))
+        raw = cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), targets[:, cols].reshape(-1))
         loss = raw + beta * tar_loss(out.raw_output) if beta else raw
         # Scaled so that the accumulated gradient equals the gradient of the whole batch.
         (loss * (chunk / B)).backward()
         # Detached: the next chunk of this stream starts from here, but gradients stop at the boundary.
         hiddens[s] = out.hidden.detach()
         total += raw.item() * chunk / B
+    # Several processes: the mean gradient over all of them, before it is clipped (no-op in one process).
+    distributed.average_gradients(params)
     torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
     for g, old in zip(optimizer.param_groups, group_lrs):
@@ -227,15 +237,24 @@ def run(config: TrainConfig | None = None, resume: str | Path | None = None,
     else:
         cfg = config if config is not None else TrainConfig()
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = distributed.setup(cfg.device)
+    _rank_batch(cfg)  # fail early when it does not divide
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     genotype = load_genotype(cfg.arch, kind="rnn")
-    rd = RunDir(resume if resume is not None else (cfg.save or default_run_dir(f"train-{cfg.dataset}")))
-    rd.create(resume=resume is not None)
+    rd = open_run_dir(resume if resume is not None else cfg.save, f"train-{cfg.dataset}", resume is not None)
     cfg = dataclasses.replace(cfg, save=str(rd.path))
-    with rd.logging():
+    with run_logging(rd):
         return _run(cfg, genotype, rd, device, resume is not None, on_epoch_end)
+
+
+def _rank_batch(cfg: TrainConfig) -> int:
+    """This process's number of streams (columns) of the training batch."""
+    batch = distributed.per_rank_batch(cfg.batch_size, cfg.global_batch)
+    if cfg.small_batch_size is not None:
+        check(batch % cfg.small_batch_size == 0,
+              f"--small_batch_size {cfg.small_batch_size} must divide each process's batch of {batch} streams")
+    return batch
 
 
 def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torch.device, resuming: bool,
@@ -243,9 +262,11 @@ def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torc
     seed_everything(cfg.seed)
     state = load_checkpoint(rd.checkpoint, COMMAND) if resuming else None
     corpus = Corpus(cfg.data_dir, vocab=state["vocab"] if state else None)
-    train_data = batchify(corpus.train, cfg.batch_size, device)
+    # Several processes: one block of the global batch's columns (streams) per process.
+    batch = _rank_batch(cfg)
+    train_data = distributed.shard_columns(batchify(corpus.train, batch * distributed.world_size(), device))
     val_data = batchify(corpus.valid, cfg.eval_batch_size, device)
-    sbs = cfg.small_batch_size or cfg.batch_size
+    sbs = cfg.small_batch_size or batch
 
     model_args = _model_args(cfg, len(corpus))
     model = RNNModel(genotype=genotype, **model_args).to(device)
@@ -262,12 +283,13 @@ def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torc
         set_rng_state(state["rng"])
         start_epoch, step = state["epoch"], state["step"]
         best_val, stored_loss = list(state["val_losses"]), float(state["stored_loss"])
-        rd.truncate_metrics(start_epoch)
+        if distributed.is_main():
+            rd.truncate_metrics(start_epoch)
         logger.info("resuming %s after epoch %d (step %d, %s)", rd.path, start_epoch, step, opt_kind.upper())
         if state.get("finished"):
             logger.info("run in %s already finished; nothing to do", rd.path)
             return TrainResult(rd.path, genotype, rd.read_metrics(), stored_loss, state.get("test_loss"))
-    else:
+    elif distributed.is_main():
         rd.write_config(to_dict(cfg), COMMAND)
         write_json(rd.genotype, genotype.to_dict())
         logger.info("config %s", to_dict(cfg))
@@ -275,20 +297,25 @@ def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torc
         logger.info("data: %s, %d / %d / %d tokens, vocabulary %d", cfg.data_dir, corpus.train.numel(),
                     corpus.valid.numel(), corpus.test.numel(), len(corpus))
         logger.info("model: %d parameters on %s", count_parameters(model), device)
+    distributed.broadcast_module(model)  # the same starting point everywhere
+    log_distributed(batch, {"learning rate": cfg.learning_rate}, unit="batch (streams)")
 
     def checkpoint(path: Path, kind: str, weights: dict[str, Tensor], **extra: Any) -> None:
+        if not distributed.is_main():  # one writer of the run directory
+            return
         save_checkpoint(path, {"format_version": FORMAT_VERSION, "kind": kind, "model": weights,
                                "model_args": model_args, "genotype": genotype.to_dict(), "vocab": corpus.vocab,
                                "config": to_dict(cfg), **extra})
 
     best_path = rd.path / "checkpoints" / "best.pt"
-    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard else None
+    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
     finished = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             model.train()
-            hiddens = [model.init_hidden(sbs) for _ in range(cfg.batch_size // sbs)]
+            distributed.seed_rank(cfg.seed, epoch)
+            hiddens = [model.init_hidden(sbs) for _ in range(batch // sbs)]
             loss_sum, n_batches, i = 0.0, 0, 0
             n_rows = train_data.shape[0]
             bar = progress(n_rows // cfg.bptt, f"epoch {epoch + 1}")
@@ -311,17 +338,19 @@ def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torc
                     avg = loss_sum / n_batches
                     logger.info("epoch %d step %d loss %.4f ppl %.2f", epoch + 1, n_batches, avg, perplexity(avg))
             bar.close()
+            if distributed.is_distributed():
+                loss_sum = distributed.all_reduce_sum([loss_sum])[0] / distributed.world_size()
             train_loss = loss_sum / max(n_batches, 1)
             if opt_kind == "asgd":
                 # Validate (and keep) the averaged weights, as the authors' NT-ASGD does.
                 current = {k: v.clone() for k, v in model.state_dict().items()}
                 averaged = _averaged_state(model, optimizer)
                 model.load_state_dict(averaged)
-                val_loss = evaluate(model, val_data, cfg.bptt, cfg.eval_batches)
+                val_loss = evaluate_sharded(model, val_data, cfg.bptt, cfg.eval_batches)
                 model.load_state_dict(current)
                 weights = averaged
             else:
-                val_loss = evaluate(model, val_data, cfg.bptt, cfg.eval_batches)
+                val_loss = evaluate_sharded(model, val_data, cfg.bptt, cfg.eval_batches)
                 weights = model.state_dict()
             improved = val_loss < stored_loss
             if improved:
@@ -343,7 +372,8 @@ def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torc
             }
             logger.info("epoch %d train_loss %.4f valid_loss %.4f valid_ppl %.2f%s (%.1f s)", epoch + 1, train_loss,
                         val_loss, record["valid_ppl"], " *" if improved else "", record["time"])
-            rd.append_metrics(record)
+            if distributed.is_main():
+                rd.append_metrics(record)
             checkpoint(rd.checkpoint, COMMAND, model.state_dict(), epoch=epoch + 1, step=step, finished=finished,
                        optimizer=optimizer.state_dict(), optimizer_kind=opt_kind, val_losses=best_val,
                        stored_loss=stored_loss, rng=rng_state())
@@ -358,7 +388,8 @@ def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torc
             tb.close()
 
     test_loss = None
-    if cfg.final_test and best_path.is_file():
+    # The best weights are on disk, written by the main process: it alone tests them.
+    if cfg.final_test and distributed.is_main() and best_path.is_file():
         best = load_checkpoint(best_path)
         model.load_state_dict(best["model"])
         test_data = batchify(corpus.test, cfg.test_batch_size, device)
@@ -369,8 +400,9 @@ def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torc
                                            "valid_ppl": perplexity(best["valid_loss"]), "test_loss": test_loss,
                                            "test_ppl": perplexity(test_loss)})
     logger.info("run directory: %s", rd.path)
-    if cfg.plots:
+    if cfg.plots and distributed.is_main():
         write_figures(rd.path)
+    distributed.barrier()  # the run directory is complete when run() returns in any process
     return TrainResult(rd.path, genotype, rd.read_metrics(), stored_loss, test_loss)
 
 

@@ -18,6 +18,13 @@ deep-copied, and the weights are never perturbed in place (so they cannot drift)
 The architect is generic over the model: it only needs the named weights, the named alphas and a
 ``loss_fn(params, batch) -> scalar`` that evaluates the model with ``params`` substituted (see
 :func:`torch.func.functional_call`). The CNN and the recurrent search share it.
+
+Data parallel (several processes, each with a slice of both batches): ``reduce`` averages a list of
+gradients over the processes. It is applied wherever a gradient is *used*, so that every process
+computes the same step from the global batch: the training gradient before the virtual step (and
+its clip coefficient), the validation gradients at ``w'`` (``dalpha`` and ``v``, before ``v`` is
+clipped and before ``eps = r / ||v||``), and ``H v``. Each of these is a mean over the batch, so the
+mean of the per-process values is the global value (equal slices).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 from torch import Tensor
 
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
+Reduce = Callable[[Sequence[Tensor]], list[Tensor]]
 
 
 @dataclass(frozen=True)
@@ -85,12 +93,13 @@ class Architect:
         hvp: 'fd' (paper) or 'exact' Hessian-vector product.
         hvp_r: ``eps = hvp_r / ||v||`` for the finite difference.
         virtual: the virtual step's momentum, weight decay and clipping.
+        reduce: averages a list of gradients over data-parallel processes (None: one process).
     """
 
     def __init__(self, weights: dict[str, Tensor], alphas: dict[str, Tensor], loss_fn: LossFn,
                  arch_optimizer: torch.optim.Optimizer | None, weight_optimizer: torch.optim.Optimizer | None = None,
                  unrolled: bool = False, hvp: str = "fd", hvp_r: float = 0.01,
-                 virtual: VirtualStep = VirtualStep()):
+                 virtual: VirtualStep = VirtualStep(), reduce: Reduce | None = None):
         if hvp not in ("fd", "exact"):
             raise ValueError(f"hvp must be 'fd' or 'exact', got {hvp!r}")
         self.weight_names = list(weights)
@@ -104,11 +113,15 @@ class Architect:
         self.hvp = hvp
         self.hvp_r = hvp_r
         self.virtual = virtual
+        self.reduce = reduce
 
     # -- helpers -------------------------------------------------------------------------------
     def _params(self, weights: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
         ws = self.weights if weights is None else weights
         return {**dict(zip(self.weight_names, ws)), **dict(zip(self.alpha_names, self.alphas))}
+
+    def _reduce(self, grads: list[Tensor]) -> list[Tensor]:
+        return grads if self.reduce is None else self.reduce(grads)
 
     def _momentum_buffers(self) -> list[Tensor | None]:
         if self.weight_optimizer is None or self.virtual.momentum == 0:
@@ -120,7 +133,7 @@ class Architect:
     def first_order_grad(self, valid_batch: Any) -> list[Tensor]:
         """``grad_alpha L_val(w, alpha)``; autograd computes no weight gradient on the way."""
         loss = self.loss_fn(self._params(), valid_batch)
-        return _grads(loss, self.alphas)
+        return self._reduce(_grads(loss, self.alphas))
 
     def virtual_weights(self, train_batch: Any, lr: float, create_graph: bool = False
                         ) -> tuple[list[Tensor], float, list[Tensor] | None]:
@@ -129,7 +142,7 @@ class Architect:
         with torch.enable_grad():
             loss = self.loss_fn(self._params(), train_batch)
             g_graph = _grads(loss, self.weights, create_graph=create_graph)
-        g = [t.detach() for t in g_graph]
+        g = self._reduce([t.detach() for t in g_graph])
         c = _clip_coef(g, self.virtual.clip) if self.virtual.clip is not None else 1.0
         mom, wd = self.virtual.momentum, self.virtual.weight_decay
         new = []
@@ -143,7 +156,7 @@ class Architect:
 
     def _valid_grads_at(self, w_prime: list[Tensor], valid_batch: Any) -> tuple[list[Tensor], list[Tensor]]:
         loss = self.loss_fn(self._params(w_prime), valid_batch)
-        grads = _grads(loss, self.alphas + w_prime)
+        grads = self._reduce(_grads(loss, self.alphas + w_prime))
         dalpha, v = grads[: len(self.alphas)], grads[len(self.alphas):]
         if self.virtual.clip is not None:
             coef = _clip_coef(v, self.virtual.clip)
@@ -162,7 +175,7 @@ class Architect:
             w_minus = [w - eps * vi for w, vi in zip(self.weights, v)]
         g_plus = _grads(self.loss_fn(self._params(w_plus), train_batch), self.alphas)
         g_minus = _grads(self.loss_fn(self._params(w_minus), train_batch), self.alphas)
-        return [(gp - gm) / (2 * eps) for gp, gm in zip(g_plus, g_minus)]
+        return self._reduce([(gp - gm) / (2 * eps) for gp, gm in zip(g_plus, g_minus)])
 
     def hvp_exact(self, v: Sequence[Tensor], train_batch: Any, g_graph: Sequence[Tensor] | None = None
                   ) -> list[Tensor]:
@@ -175,7 +188,7 @@ class Architect:
             return [torch.zeros_like(a) for a in self.alphas]
         hv = torch.autograd.grad([g for g, _ in pairs], self.alphas, grad_outputs=[vi for _, vi in pairs],
                                  allow_unused=True)
-        return [torch.zeros_like(a) if h is None else h for h, a in zip(hv, self.alphas)]
+        return self._reduce([torch.zeros_like(a) if h is None else h for h, a in zip(hv, self.alphas)])
 
     def unrolled_grad(self, train_batch: Any, valid_batch: Any, lr: float, hvp: str | None = None) -> list[Tensor]:
         """The second-order alpha gradient (paper eq. 7)."""
