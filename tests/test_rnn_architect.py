@@ -9,6 +9,7 @@ from torch.func import functional_call
 
 from dartsnas.engine.search_rnn import RNNSearchConfig, TextBatch, build_search, search_step
 from dartsnas.genotype import RNN_PRIMITIVES, RecurrentGenotype, derive_rnn_cell
+from dartsnas.search import rnn as rnn_search
 from dartsnas.search.architect import _clip_coef
 from dartsnas.search.rnn import MixedNode, RNNSearchModel
 
@@ -159,6 +160,22 @@ def test_fused_node_matches_plain_autograd_including_second_derivatives():
     fused = model(x, model.init_hidden(B)).logits
     model.rnns[0].fused = False
     torch.testing.assert_close(fused, model(x, model.init_hidden(B)).logits, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ops", [("tanh", "relu", "sigmoid", "identity"), ("relu", "identity"), ("sigmoid",),
+                                 ("tanh",), ("identity", "tanh")])
+def test_fused_node_fast_backward_equals_differentiable_backward(ops):
+    # The backward without a graph (batched activations, derivatives read off f(h)) and the one
+    # written for double backward are the same function, for any subset and order of activations.
+    gen = torch.Generator().manual_seed(1)
+    st = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
+    ch = 3 * torch.randn(3, 4, 10, dtype=torch.float64, generator=gen)
+    p = torch.rand(3, len(ops), dtype=torch.float64, generator=gen)
+    ds = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    fast = rnn_search._backward_fast(st, ch, p, ops, ds)
+    plain = rnn_search._backward_differentiable(st, ch, p, ops, ds)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_genotype_derivation_known_answer():
