@@ -44,8 +44,7 @@ class MixedNode(torch.autograd.Function):
     autograd would keep about a dozen (edges, B, H) intermediates per node and time step; this
     function keeps only its inputs and recomputes the activations in the backward pass, which cuts
     the search's memory by more than half. The activations are written into one (E, K, B*H) block,
-    so that the mixture and the K mixing-weight gradients are one batched product each instead of K
-    multiply-adds and K reductions. When a graph of the backward is needed (the exact
+    so that the mixture is one batched product and the K mixing-weight gradients one reduction. When a graph of the backward is needed (the exact
     Hessian-vector product's double backward), the backward is written with differentiable
     operations instead.
 
@@ -80,7 +79,10 @@ def _activations(h: Tensor, ops: tuple[str, ...]) -> Tensor:
     for k, name in enumerate(ops):
         out = acts[:, k]
         if name == "tanh":
-            torch.tanh(h, out=out)
+            # tanh(x) = 2 sigmoid(2x) - 1: the same function within float rounding (absolute
+            # error ~1e-7 in float32), and several times faster than torch.tanh on the CPU, whose
+            # kernel is neither vectorised as well nor multi-threaded for these sizes.
+            torch.sigmoid(h * 2.0, out=out).mul_(2.0).sub_(1.0)
         elif name == "sigmoid":
             torch.sigmoid(h, out=out)
         elif name == "relu":
@@ -139,10 +141,10 @@ def _backward_fast(st: Tensor, ch: Tensor, p: Tensor, ops: tuple[str, ...], ds: 
     gc = c * ds  # dL/d(mix - keep), per edge
     one_minus_c = torch.sub(1.0, c)
     g_keep = one_minus_c * ds  # dL/d(P s), per edge
-    # dL/dp_ek = <g c, f_k> + <g (1 - c), s>
-    flat = (E, -1, 1)
-    base = torch.bmm(g_keep.view(E, 1, -1), st.reshape(flat)).view(E, 1)
-    d_p = torch.bmm(acts, gc.view(flat)).view(E, -1) + base
+    # dL/dp_ek = <g c, f_k> + <g (1 - c), s>; a product and a sum, which beat a batched
+    # matrix-vector product for these shapes.
+    base = (g_keep * st).view(E, 1, -1).sum(-1)
+    d_p = (acts * gc.view(E, 1, -1)).sum(-1) + base
     d_st = g_keep.mul_(total)
     d_ch = torch.empty_like(ch)
     d_c, d_h = d_ch.chunk(2, dim=-1)
