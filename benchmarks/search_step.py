@@ -79,11 +79,16 @@ def main() -> None:
         print(json.dumps(one(order, batch, args.steps, args.device, args.hvp, args.threads, args.channels_last)))
         return
     rows = []
+    failed = False
     for batch in map(int, args.batches.split(",")):
         for order in map(int, args.orders.split(",")):
             cmd = [sys.executable, __file__, "--one", f"{order},{batch}", "--steps", str(args.steps), "--device",
                    args.device, "--hvp", args.hvp, "--threads", str(args.threads), "--channels_last", args.channels_last]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode:
+                print(f"order {order} batch {batch} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                failed = True
+                continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"order {order}  batch {batch:3d}  median {row['median_s']:8.3f} s/step  "
@@ -97,6 +102,8 @@ def main() -> None:
                 "torch": torch.__version__, "python": platform.python_version()}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
