@@ -4,6 +4,8 @@
   256, bptt 35, 300 units, PTB's 10,000-word vocabulary), first and second order
   (finite-difference HVP unless ``--hvp exact``).
 * ``train``: training tokens per second of the 850-unit DARTS_V2 model (batch 64, bptt 35).
+  With ``--reference DIR`` (a folder holding the authors' ``rnn/``), their model is timed too, with
+  their training step (log-softmax + NLL, TAR, clip, SGD) and the same settings.
 
 Each configuration runs in its own process so that its peak memory (max RSS, or peak CUDA memory on
 a GPU) is its own. Inputs are random token ids: the cost does not depend on the text.
@@ -100,6 +102,67 @@ def train(steps: int, device: str, threads: int, batch: int, bptt: int, nhid: in
             "threads": threads}
 
 
+def _reference_shims() -> None:
+    """What the authors' PyTorch 0.3 code needs from today's PyTorch on a CPU: ``.cuda()`` as the
+    identity, and the removed ``nn.Embedding._backend`` routed to ``F.embedding`` (their
+    ``embedded_dropout`` passes ``padding_idx=-1`` for "none")."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.cuda = lambda self, *a, **k: self
+
+    def embedding(words, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse):
+        padding_idx = None if padding_idx is not None and padding_idx < 0 else padding_idx
+        return F.embedding(words, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+
+    nn.Embedding._backend = types.SimpleNamespace(Embedding=types.SimpleNamespace(apply=embedding))
+
+
+def train_reference(ref: str, steps: int, device: str, threads: int, batch: int, bptt: int, nhid: int) -> dict:
+    """The authors' ``rnn/model.py`` (DARTS genotype) trained with their ``train.py`` step: NLL of
+    their log-softmax output plus TAR (beta 1e-3), clip 0.25, SGD lr 20, the paper's dropouts."""
+    import torch
+    import torch.nn.functional as F
+
+    _reference_shims()
+    sys.path.insert(0, os.path.join(ref, "rnn"))
+    import genotypes as ref_genotypes
+    import model as ref_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = ref_model.RNNModel(VOCAB, nhid, nhid, nhid, 0.75, 0.25, 0.75, 0.2, 0.1,
+                               cell_cls=ref_model.DARTSCell, genotype=ref_genotypes.DARTS).to(dev)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=20.0, weight_decay=8e-7)
+    hidden = model.init_hidden(batch)
+    times = []
+    for i in range(steps + 1):
+        tokens = torch.randint(0, VOCAB, (bptt + 1, batch), device=dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        hidden = [h.detach() for h in hidden]
+        opt.zero_grad()
+        log_prob, hidden, rnn_hs, _ = model(tokens[:-1], hidden, return_h=True)
+        loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), tokens[1:].reshape(-1))
+        loss = loss + sum(1e-3 * (h[1:] - h[:-1]).pow(2).mean() for h in rnn_hs[-1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        opt.step()
+        _sync(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"what": "train-reference", "batch": batch, "bptt": bptt, "nhid": nhid, "median_s": median,
+            "tokens_per_s": batch * bptt / median, "steps": steps, "peak_gib": _peak(dev), "device": device,
+            "threads": threads}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="search,train", help="comma-separated: search, train")
@@ -111,12 +174,17 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--hvp", default="fd", choices=["fd", "exact"])
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--reference", metavar="DIR", help="folder of the authors' code (holding rnn/): also time their "
+                                                      "850-unit model's training step")
     p.add_argument("--json", help="write the results to this file")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "search,ORDER" or "train" in a child process
     args = p.parse_args()
     if args.one:
         if args.one == "train":
             row = train(args.steps, args.device, args.threads, args.batch or 64, args.bptt, args.nhid)
+        elif args.one == "train-reference":
+            row = train_reference(args.reference, args.steps, args.device, args.threads, args.batch or 64, args.bptt,
+                                  args.nhid)
         else:
             row = search(int(args.one.split(",")[1]), args.steps, args.device, args.hvp, args.threads,
                          args.batch or 256, args.bptt)
@@ -128,12 +196,16 @@ def main() -> None:
         jobs += [f"search,{order}" for order in args.orders.split(",")]
     if "train" in whats:
         jobs.append("train")
+        if args.reference:
+            jobs.append("train-reference")
     rows = []
     for job in jobs:
         cmd = [sys.executable, __file__, "--one", job, "--steps", str(args.steps), "--bptt", str(args.bptt),
                "--nhid", str(args.nhid), "--device", args.device, "--hvp", args.hvp, "--threads", str(args.threads)]
         if args.batch:
             cmd += ["--batch", str(args.batch)]
+        if args.reference:
+            cmd += ["--reference", args.reference]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
@@ -142,7 +214,7 @@ def main() -> None:
                   f"peak {row['peak_gib']:6.2f} GiB  ({args.device}, {args.threads} threads, hvp={args.hvp})",
                   flush=True)
         else:
-            print(f"train {row['nhid']} units  batch {row['batch']}  {row['tokens_per_s']:9.0f} tokens/s  "
+            print(f"{row['what']} {row['nhid']} units  batch {row['batch']}  {row['tokens_per_s']:9.0f} tokens/s  "
                   f"({row['median_s']:.3f} s/step)  peak {row['peak_gib']:6.2f} GiB  ({args.device}, "
                   f"{args.threads} threads)", flush=True)
     if args.json:
