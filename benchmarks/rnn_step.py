@@ -87,18 +87,29 @@ def train(steps: int, device: str, threads: int, batch: int, bptt: int, nhid: in
     model = RNNModel(VOCAB, nhid, nhid, nhid, genotype=get_genotype("DARTS", kind="rnn")).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=20.0, weight_decay=8e-7)
     hiddens = [model.init_hidden(batch)]
+
+    def step(tokens):
+        weight_step(model, opt, list(model.parameters()), tokens[:-1], tokens[1:], hiddens, 20.0, 0.25, 1e-3)
+
+    return _time_training("train", step, dev, steps, batch, bptt, nhid, threads)
+
+
+def _time_training(what: str, step, dev, steps: int, batch: int, bptt: int, nhid: int, threads: int) -> dict:
+    """Median time of ``step(tokens)`` on random (bptt + 1, batch) token chunks, after one warm-up."""
+    import torch
+
     times = []
     for i in range(steps + 1):
         tokens = torch.randint(0, VOCAB, (bptt + 1, batch), device=dev)
         _sync(dev)
         t0 = time.perf_counter()
-        weight_step(model, opt, list(model.parameters()), tokens[:-1], tokens[1:], hiddens, 20.0, 0.25, 1e-3)
+        step(tokens)
         _sync(dev)
         if i:
             times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return {"what": "train", "batch": batch, "bptt": bptt, "nhid": nhid, "median_s": median,
-            "tokens_per_s": batch * bptt / median, "steps": steps, "peak_gib": _peak(dev), "device": device,
+    return {"what": what, "batch": batch, "bptt": bptt, "nhid": nhid, "median_s": median,
+            "tokens_per_s": batch * bptt / median, "steps": steps, "peak_gib": _peak(dev), "device": str(dev),
             "threads": threads}
 
 
@@ -140,27 +151,19 @@ def train_reference(ref: str, steps: int, device: str, threads: int, batch: int,
                                cell_cls=ref_model.DARTSCell, genotype=ref_genotypes.DARTS).to(dev)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=20.0, weight_decay=8e-7)
-    hidden = model.init_hidden(batch)
-    times = []
-    for i in range(steps + 1):
-        tokens = torch.randint(0, VOCAB, (bptt + 1, batch), device=dev)
-        _sync(dev)
-        t0 = time.perf_counter()
-        hidden = [h.detach() for h in hidden]
+    hidden = [model.init_hidden(batch)]
+
+    def step(tokens):
+        h = [x.detach() for x in hidden[0]]
         opt.zero_grad()
-        log_prob, hidden, rnn_hs, _ = model(tokens[:-1], hidden, return_h=True)
+        log_prob, hidden[0], rnn_hs, _ = model(tokens[:-1], h, return_h=True)
         loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), tokens[1:].reshape(-1))
-        loss = loss + sum(1e-3 * (h[1:] - h[:-1]).pow(2).mean() for h in rnn_hs[-1:])
+        loss = loss + sum(1e-3 * (x[1:] - x[:-1]).pow(2).mean() for x in rnn_hs[-1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         opt.step()
-        _sync(dev)
-        if i:
-            times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"what": "train-reference", "batch": batch, "bptt": bptt, "nhid": nhid, "median_s": median,
-            "tokens_per_s": batch * bptt / median, "steps": steps, "peak_gib": _peak(dev), "device": device,
-            "threads": threads}
+
+    return _time_training("train-reference", step, dev, steps, batch, bptt, nhid, threads)
 
 
 def main() -> None:
