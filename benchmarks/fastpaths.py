@@ -3,7 +3,8 @@
 The search and training code takes shortcuts for speed: channels-last tensors, one ReLU shared by
 all operations on the edges leaving a node, no ``none`` operation, an alpha step that computes no
 weight gradient and a weight step that computes no alpha gradient, a fused recurrent search node,
-a cross-entropy without log-softmax copies. Each is the same function as a plain path that the code
+a cross-entropy without log-softmax copies, batch norms that keep their output and max pooling that
+finds its argmax again in the backward (less memory). Each is the same function as a plain path that the code
 also exposes (a switch or a public argument); this script runs both on the same small inputs and
 compares them. A GPU session runs it through ``benchmarks/gpu.sh``.
 
@@ -63,6 +64,7 @@ from dartsnas.engine.search_rnn import build_search as build_rnn_search
 from dartsnas.engine.train_cnn import train_step
 from dartsnas.genotype import CNN_PRIMITIVES, get_genotype
 from dartsnas.models.cnn import NetworkCIFAR
+from dartsnas.ops import fastconv, lean
 from dartsnas.ops import loss as loss_mod
 from dartsnas.ops.cnn import OPS
 from dartsnas.search.cnn import MixedOp
@@ -243,12 +245,14 @@ XI = 0.5
 # -- CNN search network -------------------------------------------------------------------------
 
 
-def _cnn_search(size: tuple, device: torch.device, dtype: torch.dtype, channels_last: str, hvp_r: float = 0.01):
+def _cnn_search(size: tuple, device: torch.device, dtype: torch.dtype, channels_last: str, hvp_r: float = 0.01,
+                lean_memory: bool = True, flip_conv_backward: bool = True):
     """A seeded tiny search network after one real weight step (non-zero momentum buffers for the
     virtual step), with alphas away from uniform, and a training and a validation batch."""
     C, layers, classes, batch, side = size
     torch.manual_seed(3)
-    cfg = SearchConfig(init_channels=C, layers=layers, hvp_r=hvp_r, channels_last=channels_last)
+    cfg = SearchConfig(init_channels=C, layers=layers, hvp_r=hvp_r, channels_last=channels_last,
+                       lean_memory=lean_memory, flip_conv_backward=flip_conv_backward)
     data = ImageData("t", ImageSet(torch.zeros(1, 3, side, side, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)),
                      None, num_classes=classes, mean=(0.5,) * 3, std=(0.25,) * 3, pad=0, flip=False)
     model, w_opt, _, architect = build_cnn_search(cfg, data, device, dtype=dtype)
@@ -288,6 +292,40 @@ def check_cnn_channels_last(ck: Checker, name: str, size: tuple, device: torch.d
         return out
 
     ck.compare(name, "cnn/channels-last", results, dtype, _k_by_name,
+               loose=("alpha-grad-order1", "alpha-grad-order2-exact"))
+
+
+def check_cnn_custom_backward(ck: Checker, name: str, size: tuple, device: torch.device, dtype: torch.dtype,
+                              what: str) -> None:
+    """Search network with one custom backward on (the default) against PyTorch's operations:
+    ``what`` = 'lean-memory' (``--lean_memory``: batch norms that keep their output, max pooling
+    that finds its argmax again) or 'flipped-conv-backward' (``--flip_conv_backward``: depthwise
+    input gradients by flipped-kernel convolutions). Loss, alpha gradients of first and second
+    order, one weight step and the batch-norm running statistics it leaves.
+
+    The backward rounds differently, so after the first weight step the float32 forward values
+    differ in the last bits, and the alpha gradients meet the tie lottery of
+    :func:`check_cnn_channels_last`: compared the same way (by direction below float64, the finite
+    difference in float64 only)."""
+    cl = "on" if device.type == "cpu" else "off"  # the format the search picks on this device
+    cls = {"lean-memory": lean.LeanBatchNorm2d, "flipped-conv-backward": fastconv.FlippedBackwardConv2d}[what]
+
+    def results(dt: torch.dtype, fast: bool) -> Results:
+        switches = {"lean_memory": fast if what == "lean-memory" else True,
+                    "flip_conv_backward": fast if what == "flipped-conv-backward" else True}
+        model, w_opt, arch, train, valid = _cnn_search(size, device, dt, cl, **switches)
+        assert any(isinstance(m, cls) for m in model.modules()) == fast, f"{what} not as asked"
+        out = {"loss": F.cross_entropy(model(valid[0]), valid[1]), "alpha-grad-order1": arch.first_order_grad(valid)}
+        if dt == torch.float64:
+            out["alpha-grad-order2-fd"] = arch.unrolled_grad(train, valid, XI, hvp="fd")
+        out["alpha-grad-order2-exact"] = arch.unrolled_grad(train, valid, XI, hvp="exact")
+        before = [p.detach().clone() for p in model.weight_parameters()]
+        weight_step(model, w_opt, *train, grad_clip=5.0)
+        out["weight-step"] = [p.detach() - b for p, b in zip(model.weight_parameters(), before)]
+        out["running-stats"] = [b for b in model.buffers() if b.is_floating_point()]
+        return out
+
+    ck.compare(name, f"cnn/{what}", results, dtype, _k_by_name,
                loose=("alpha-grad-order1", "alpha-grad-order2-exact"))
 
 
@@ -391,10 +429,12 @@ def check_cnn_steps(ck: Checker, name: str, size: tuple, device: torch.device, d
 # -- CIFAR-10 evaluation network ----------------------------------------------------------------
 
 
-def _train_net(size: tuple, device: torch.device, dtype: torch.dtype, channels_last: bool):
+def _train_net(size: tuple, device: torch.device, dtype: torch.dtype, channels_last: bool, flip: bool = True):
     C, layers, batch = size
     torch.manual_seed(11)
     model = NetworkCIFAR(C, 10, layers, True, get_genotype("DARTS_V2")).to(device, dtype)
+    if flip:
+        fastconv.use_flipped_backward(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     model.drop_path_prob = 0.2
@@ -420,6 +460,18 @@ def check_train_channels_last(ck: Checker, name: str, size: tuple, device: torch
         return {"loss": loss, "grad": grads}
 
     ck.compare(name, "train/channels-last", results, dtype, _k_by_name)
+
+
+def check_train_flipped(ck: Checker, name: str, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
+    """The evaluation network's training step with flipped-kernel depthwise input gradients
+    (``--flip_conv_backward``, the default) against PyTorch's backward: loss and gradients."""
+    cl = device.type == "cpu"
+
+    def results(dt: torch.dtype, fast: bool) -> Results:
+        loss, grads = _one_train_step(*_train_net(size, device, dt, cl, flip=fast))
+        return {"loss": loss, "grad": grads}
+
+    ck.compare(name, "train/flipped-conv-backward", results, dtype, _k_by_name)
 
 
 # -- recurrent search ---------------------------------------------------------------------------
@@ -553,7 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ck.run(f"cnn/shared-relu/{d}", check_shared_relu, sizes["cnn"], device, dtype)
         ck.run(f"cnn/no-none/{d}", check_no_none, sizes["cnn"], device, dtype)
         ck.run(f"cnn/steps/{d}", check_cnn_steps, sizes["cnn"], device, dtype)
+        for what in ("lean-memory", "flipped-conv-backward"):
+            ck.run(f"cnn/{what}/{d}", check_cnn_custom_backward, sizes["cnn"], device, dtype, what)
         ck.run(f"train/channels-last/{d}", check_train_channels_last, sizes["train"], device, dtype)
+        ck.run(f"train/flipped-conv-backward/{d}", check_train_flipped, sizes["train"], device, dtype)
         ck.run(f"rnn/fused/{d}", check_rnn_fused, sizes["rnn"], device, dtype)
         ck.run(f"loss/cross-entropy/{d}", check_cross_entropy, sizes["ce"], device, dtype)
     # Always float64 (see its docstring), on the device under test.

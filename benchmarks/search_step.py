@@ -7,6 +7,7 @@ runs in its own process so that peak memory (max RSS, or peak CUDA memory on a G
     python benchmarks/search_step.py                       # the whole table
     python benchmarks/search_step.py --batches 16 --orders 1 --steps 3
     python benchmarks/search_step.py --json results.json   # also write the figures as JSON
+    python benchmarks/search_step.py --checkpoint_cells    # cells recomputed in the backward
 
 Run by hand; figures go to benchmarks/RESULTS.md.
 """
@@ -24,7 +25,8 @@ import sys
 import time
 
 
-def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int, channels_last: str) -> dict:
+def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int, channels_last: str,
+        checkpoint_cells: bool = False) -> dict:
     import torch
 
     from dartsnas.data.images import ImageData, ImageSet
@@ -33,7 +35,7 @@ def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int,
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
-    cfg = SearchConfig(unrolled=order == 2, hvp=hvp, channels_last=channels_last)
+    cfg = SearchConfig(unrolled=order == 2, hvp=hvp, channels_last=channels_last, checkpoint_cells=checkpoint_cells)
     data = ImageData("bench", ImageSet(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)),
                      None, 10, (0.5,) * 3, (0.25,) * 3, pad=4, flip=True)
     model, w_opt, _, architect = build_search(cfg, data, dev)
@@ -59,7 +61,8 @@ def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int,
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return {"order": order, "batch": batch, "median_s": statistics.median(times), "steps": steps,
-            "peak_gib": peak, "device": device, "hvp": hvp, "threads": threads, "channels_last": channels_last}
+            "peak_gib": peak, "device": device, "hvp": hvp, "threads": threads, "channels_last": channels_last,
+            "checkpoint_cells": checkpoint_cells}
 
 
 def main() -> None:
@@ -71,12 +74,15 @@ def main() -> None:
     p.add_argument("--hvp", default="fd", choices=["fd", "exact"])
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--checkpoint_cells", action="store_true",
+                   help="recompute each cell's activations in the backward (less memory, slower steps)")
     p.add_argument("--json", help="write the results to this file")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "order,batch" in a child process
     args = p.parse_args()
     if args.one:
         order, batch = map(int, args.one.split(","))
-        print(json.dumps(one(order, batch, args.steps, args.device, args.hvp, args.threads, args.channels_last)))
+        print(json.dumps(one(order, batch, args.steps, args.device, args.hvp, args.threads, args.channels_last,
+                             args.checkpoint_cells)))
         return
     rows = []
     failed = False
@@ -84,6 +90,8 @@ def main() -> None:
         for order in map(int, args.orders.split(",")):
             cmd = [sys.executable, __file__, "--one", f"{order},{batch}", "--steps", str(args.steps), "--device",
                    args.device, "--hvp", args.hvp, "--threads", str(args.threads), "--channels_last", args.channels_last]
+            if args.checkpoint_cells:
+                cmd.append("--checkpoint_cells")
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode:
                 print(f"order {order} batch {batch} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -93,7 +101,7 @@ def main() -> None:
             rows.append(row)
             print(f"order {order}  batch {batch:3d}  median {row['median_s']:8.3f} s/step  "
                   f"peak {row['peak_gib']:6.2f} GiB  ({args.device}, {args.threads} threads, hvp={args.hvp}, "
-                  f"channels_last={args.channels_last})",
+                  f"channels_last={args.channels_last}, checkpoint_cells={args.checkpoint_cells})",
                   flush=True)
     if args.json:
         import torch

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from dartsnas.ops import fastconv, lean
 from dartsnas.engine.search_cnn import SearchConfig, build_search, weight_step
 from dartsnas.data.images import ImageData, ImageSet
 
@@ -14,10 +15,12 @@ LR = 0.5  # a large xi makes the implicit (Hessian) term large, so a wrong one c
 MOMENTUM, WD = 0.9, 3e-4
 
 
-def tiny_search(unrolled: bool = True, hvp: str = "exact", hvp_r: float = 0.01, channels_last: str = "off"):
+def tiny_search(unrolled: bool = True, hvp: str = "exact", hvp_r: float = 0.01, channels_last: str = "off",
+                lean_memory: bool = True, flip_conv_backward: bool = True):
     torch.manual_seed(3)
     cfg = SearchConfig(init_channels=2, layers=3, learning_rate=LR, momentum=MOMENTUM, weight_decay=WD,
-                       unrolled=unrolled, hvp=hvp, hvp_r=hvp_r, epochs=4, channels_last=channels_last)
+                       unrolled=unrolled, hvp=hvp, hvp_r=hvp_r, epochs=4, channels_last=channels_last,
+                       lean_memory=lean_memory, flip_conv_backward=flip_conv_backward)
     data = ImageData("t", ImageSet(torch.zeros(1, 1, 6, 6, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)),
                      None, num_classes=3, mean=(0.5,), std=(0.25,), pad=0, flip=False)
     model, w_opt, scheduler, architect = build_search(cfg, data, torch.device("cpu"), dtype=torch.float64)
@@ -43,7 +46,9 @@ def brute_force_unrolled(model, w_opt, train, valid, lr):
     weights = dict(model.named_weight_parameters())
     alphas = {"alphas_normal": model.alphas_normal, "alphas_reduce": model.alphas_reduce}
     w = {n: p.detach().requires_grad_() for n, p in weights.items()}
-    g = torch.autograd.grad(loss_of(model, {**w, **alphas}, train), list(w.values()), create_graph=True)
+    with lean.plain():  # this graph is differentiated twice
+        train_loss = loss_of(model, {**w, **alphas}, train)
+    g = torch.autograd.grad(train_loss, list(w.values()), create_graph=True)
     w_prime = {}
     for (name, wi), gi in zip(w.items(), g):
         buf = w_opt.state[weights[name]]["momentum_buffer"]
@@ -175,3 +180,17 @@ def test_channels_last_fast_path_matches_the_plain_path(unrolled, hvp):
     g_plain = flat(arch_p.grad(train, valid, LR))
     g_fast = flat(arch_f.grad(train_f, valid_f, LR))
     torch.testing.assert_close(g_fast, g_plain, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("unrolled, hvp", [(False, "fd"), (True, "fd"), (True, "exact")])
+def test_lean_memory_and_flipped_backward_match_plain_operations(unrolled, hvp):
+    model_p, _, arch_p, train, valid = tiny_search(unrolled=unrolled, hvp=hvp, lean_memory=False,
+                                                   flip_conv_backward=False)
+    model_l, _, arch_l, _, _ = tiny_search(unrolled=unrolled, hvp=hvp)
+    for cls in (lean.LeanBatchNorm2d, lean.LeanMaxPool2d, fastconv.FlippedBackwardConv2d):
+        assert any(isinstance(m, cls) for m in model_l.modules())
+        assert not any(isinstance(m, cls) for m in model_p.modules())
+    torch.testing.assert_close(flat(arch_l.grad(train, valid, LR)), flat(arch_p.grad(train, valid, LR)),
+                               rtol=1e-10, atol=1e-13)
+    for (n, b_l), b_p in zip(model_l.named_buffers(), model_p.buffers()):
+        torch.testing.assert_close(b_l, b_p, rtol=1e-12, atol=1e-15, msg=lambda m, n=n: f"{n}: {m}")

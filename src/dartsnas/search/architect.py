@@ -29,12 +29,15 @@ mean of the per-process values is the global value (equal slices).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from ..ops import lean
 
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
 Reduce = Callable[[Sequence[Tensor]], list[Tensor]]
@@ -132,14 +135,16 @@ class Architect:
     # -- gradients -----------------------------------------------------------------------------
     def first_order_grad(self, valid_batch: Any) -> list[Tensor]:
         """``grad_alpha L_val(w, alpha)``; autograd computes no weight gradient on the way."""
-        loss = self.loss_fn(self._params(), valid_batch)
+        # Detached weights: custom backwards (ops/fastconv.py) see that no weight gradient is wanted.
+        loss = self.loss_fn(self._params([w.detach() for w in self.weights]), valid_batch)
         return self._reduce(_grads(loss, self.alphas))
 
     def virtual_weights(self, train_batch: Any, lr: float, create_graph: bool = False
                         ) -> tuple[list[Tensor], float, list[Tensor] | None]:
         """``w'`` of the virtual step, the clip coefficient ``c`` and (with ``create_graph``) the
         training gradient with its graph, reusable for an exact Hessian-vector product."""
-        with torch.enable_grad():
+        # A graph differentiated twice must be built from plain operations (ops/lean.py).
+        with torch.enable_grad(), (lean.plain() if create_graph else contextlib.nullcontext()):
             loss = self.loss_fn(self._params(), train_batch)
             g_graph = _grads(loss, self.weights, create_graph=create_graph)
         g = self._reduce([t.detach() for t in g_graph])
@@ -181,7 +186,8 @@ class Architect:
                   ) -> list[Tensor]:
         """``d/d alpha (grad_w L_train(w, alpha) . v)`` by double backward."""
         if g_graph is None:
-            loss = self.loss_fn(self._params(), train_batch)
+            with lean.plain():
+                loss = self.loss_fn(self._params(), train_batch)
             g_graph = _grads(loss, self.weights, create_graph=True)
         pairs = [(g, vi) for g, vi in zip(g_graph, v) if g.requires_grad]
         if not pairs:

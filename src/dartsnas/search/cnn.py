@@ -7,13 +7,17 @@ optimizer: ``weight_parameters()`` and ``arch_parameters()`` split them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from ..genotype import CNN_PRIMITIVES, Genotype, derive_cnn_cell
+from ..ops import lean
 from ..ops.cnn import OPS, FactorizedReduce, ReLUConvBN, forward_after_relu, starts_with_relu
 
 
@@ -22,9 +26,11 @@ class MixedOp(nn.Module):
 
     ``none`` is not instantiated: it adds exactly zero to the sum, so leaving it out changes no
     value and no gradient (its alpha still gets a gradient through the softmax normalisation).
+    ``lean_memory`` swaps each operation's final batch norm and max pooling for the versions of
+    :mod:`dartsnas.ops.lean` (same values and gradients, less memory).
     """
 
-    def __init__(self, C: int, stride: int, primitives: Sequence[str] = CNN_PRIMITIVES):
+    def __init__(self, C: int, stride: int, primitives: Sequence[str] = CNN_PRIMITIVES, lean_memory: bool = True):
         super().__init__()
         self.ops = nn.ModuleList()
         self.op_index: list[int] = []
@@ -36,7 +42,7 @@ class MixedOp(nn.Module):
                 # Pooling has no learnable scale; BN keeps its output on the same footing as the
                 # convolutions' BN outputs (authors' code, facts section 1).
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
-            self.ops.append(op)
+            self.ops.append(lean.make_lean(op) if lean_memory else op)
             self.op_index.append(i)
         self.relu_first = [starts_with_relu(op) for op in self.ops]
 
@@ -54,7 +60,7 @@ class MixedOp(nn.Module):
 
 class SearchCell(nn.Module):
     def __init__(self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int, reduction: bool,
-                 reduction_prev: bool, primitives: Sequence[str] = CNN_PRIMITIVES):
+                 reduction_prev: bool, primitives: Sequence[str] = CNN_PRIMITIVES, lean_memory: bool = True):
         super().__init__()
         self.reduction = reduction
         self.steps = steps
@@ -64,12 +70,16 @@ class SearchCell(nn.Module):
         else:
             self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        if lean_memory:
+            # Their outputs are states, which the cell keeps anyway (skip and pooling edges).
+            lean.make_lean(self.preprocess0)
+            lean.make_lean(self.preprocess1)
         self.edges = nn.ModuleList()
         for i in range(steps):
             for j in range(2 + i):
                 # Only edges leaving the cell's two inputs reduce the resolution.
                 stride = 2 if reduction and j < 2 else 1
-                self.edges.append(MixedOp(C, stride, primitives))
+                self.edges.append(MixedOp(C, stride, primitives, lean_memory))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
@@ -89,6 +99,70 @@ class SearchCell(nn.Module):
         return torch.cat(states[-self.multiplier:], dim=1)
 
 
+class _RecomputeAsInForward:
+    """Entered around a cell's recomputation in the backward: the recomputation changes nothing the
+    forward has not already changed, and builds the same graph as the forward.
+
+    * Batch norms in training mode update their running statistics (and ``num_batches_tracked``)
+      on every call, so recomputing the cell would count each batch twice. During the
+      recomputation every buffer of the cell is replaced by a copy, and the cell's own buffers are
+      put back afterwards, untouched. (Writing a snapshot back into them in place instead would
+      bump their version counters, and a recomputed batch norm saves its running statistics for a
+      double backward: the exact Hessian-vector product would then fail.) The copies hold the
+      buffers' values, and in training mode the running statistics do not enter the output anyway.
+    * :mod:`dartsnas.ops.lean` switches its operations per thread; a forward run inside
+      :func:`lean.plain` (a graph that is differentiated twice) may be differentiated outside it, or
+      in another thread (autograd runs a CUDA backward in its own threads), and the recomputation
+      must build the same kind of graph as the forward did.
+
+    Re-entrant (a stack): a graph kept with ``retain_graph`` is recomputed once per backward.
+    """
+
+    def __init__(self, cell: nn.Module):
+        self.cell = cell
+        self.lean = lean.enabled()  # constructed in the forward: the forward's setting
+        self._stack: list[tuple[list[tuple[nn.Module, str, torch.Tensor]], contextlib.ExitStack]] = []
+
+    def __enter__(self) -> None:
+        originals = []
+        for module in self.cell.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                originals.append((module, name, buffer))
+                setattr(module, name, buffer.detach().clone())
+        modes = contextlib.ExitStack()
+        if self.lean != lean.enabled():
+            modes.enter_context(lean.using(self.lean))
+        self._stack.append((originals, modes))
+
+    def __exit__(self, *exc: object) -> None:
+        originals, modes = self._stack.pop()
+        modes.close()
+        for module, name, buffer in originals:
+            setattr(module, name, buffer)
+
+
+def _checkpointed_cell(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``cell(s0, s1, weights)`` keeping only the inputs for the backward, which runs the cell again.
+
+    The recomputation happens during the backward, when a :func:`torch.func.functional_call` that
+    substituted the weights of the forward (the architect's virtual and perturbed weights) has
+    already put the module's own parameters back. So the parameter tensors the cell uses now are
+    passed to the checkpointed function as inputs and substituted again there: the recomputation
+    uses exactly the tensors of the forward, and gradients reach them.
+    """
+    named = list(cell.named_parameters())
+    names, tensors = [n for n, _ in named], [t for _, t in named]
+    if not (s0.requires_grad or s1.requires_grad or weights.requires_grad or any(t.requires_grad for t in tensors)):
+        return cell(s0, s1, weights)
+
+    def run(s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return functional_call(cell, dict(zip(names, params)), (s0, s1, weights))
+
+    restore = _RecomputeAsInForward(cell)
+    return checkpoint(run, s0, s1, weights, *tensors, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), restore))
+
+
 def num_edges(steps: int) -> int:
     """Edges of a cell with ``steps`` intermediate nodes: 2 + 3 + ... = 14 for 4 nodes."""
     return sum(2 + i for i in range(steps))
@@ -98,13 +172,17 @@ class SearchNetwork(nn.Module):
     """The one-shot network of paper section 3.1: 8 cells, reductions at 1/3 and 2/3 depth."""
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, steps: int = 4, multiplier: int = 4,
-                 stem_multiplier: int = 3, in_channels: int = 3, primitives: Sequence[str] = CNN_PRIMITIVES):
+                 stem_multiplier: int = 3, in_channels: int = 3, primitives: Sequence[str] = CNN_PRIMITIVES,
+                 lean_memory: bool = True, checkpoint_cells: bool = False):
         super().__init__()
         if layers < 3:
             raise ValueError(f"the search network needs at least 3 cells (two of them reduction cells), got {layers}")
         self.primitives = tuple(primitives)
         self.steps = steps
         self.multiplier = multiplier
+        # Keep only each cell's inputs during the forward and recompute its activations in the
+        # backward (see _checkpointed_cell): much less memory, a slower step, the same numbers.
+        self.checkpoint_cells = checkpoint_cells
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
@@ -114,7 +192,8 @@ class SearchNetwork(nn.Module):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
                 C_curr *= 2
-            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, primitives)
+            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, primitives,
+                              lean_memory)
             reduction_prev = reduction
             self.cells.append(cell)
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -140,8 +219,11 @@ class SearchNetwork(nn.Module):
         w_normal = F.softmax(self.alphas_normal, dim=-1)
         w_reduce = F.softmax(self.alphas_reduce, dim=-1)
         s0 = s1 = self.stem(x)
+        # Without a graph there is nothing to keep, hence nothing to save by recomputing.
+        recompute = self.checkpoint_cells and torch.is_grad_enabled()
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+            weights = w_reduce if cell.reduction else w_normal
+            s0, s1 = s1, (_checkpointed_cell(cell, s0, s1, weights) if recompute else cell(s0, s1, weights))
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

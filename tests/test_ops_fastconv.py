@@ -1,0 +1,93 @@
+"""Depthwise convolutions whose input gradient is the flipped-kernel convolution (ops/fastconv.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dartsnas.genotype import get_genotype
+from dartsnas.models.cnn import build_network
+from dartsnas.ops import fastconv, lean
+from dartsnas.search.cnn import SearchNetwork
+
+FORMATS = [torch.contiguous_format, torch.channels_last]
+SHAPES = [((3, 3), (1, 1), (1, 1)), ((5, 5), (1, 1), (2, 2)), ((3, 3), (2, 2), (2, 2)), ((5, 5), (2, 2), (4, 4)),
+          ((1, 7), (1, 1), (0, 3)), ((3, 5), (3, 1), (3, 2))]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kernel, dilation, padding", SHAPES)
+def test_gradients_match_pytorch_convolution(fmt, kernel, dilation, padding):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(4, 4, kernel, padding=padding, dilation=dilation, groups=4, bias=False).double()
+    fast = copy.deepcopy(plain)
+    assert fastconv.use_flipped_backward(fast) == 1 and isinstance(fast, fastconv.FlippedBackwardConv2d)
+    x = torch.randn(3, 4, 9, 11, dtype=torch.float64).contiguous(memory_format=fmt)
+    xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yp, yf = plain(xp), fast(xf)
+    assert yf.shape == x.shape
+    torch.testing.assert_close(yf, yp, rtol=0, atol=0)
+    g = torch.randn_like(yp)
+    gp = torch.autograd.grad(yp, [xp, plain.weight], g)
+    gf = torch.autograd.grad(yf, [xf, fast.weight], g)
+    for a, b in zip(gf, gp):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_gradient_against_finite_differences():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 2, 5, padding=4, dilation=2, groups=2, bias=False).double()
+    fastconv.use_flipped_backward(conv)
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    # gradcheck perturbs conv.weight in place, so the module sees every perturbation.
+    assert torch.autograd.gradcheck(lambda x, w: conv(x), (x, conv.weight))
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, bias=False),  # strided
+    nn.Conv2d(4, 4, 3, padding=0, groups=4, bias=False),  # shrinks the map
+    nn.Conv2d(4, 4, 1, groups=4, bias=False),  # 1x1
+    nn.Conv2d(4, 8, 3, padding=1, bias=False),  # not depthwise
+    nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True),  # bias
+    nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False, padding_mode="reflect"),
+])
+def test_other_convolutions_are_left_alone(conv):
+    assert not fastconv.qualifies(conv)
+    assert fastconv.use_flipped_backward(conv) == 0 and type(conv) is nn.Conv2d
+
+
+def test_second_derivatives_are_exact():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 2, 3, padding=2, dilation=2, groups=2, bias=False).double()
+    fastconv.use_flipped_backward(conv)
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w: conv(x).pow(2), (x, conv.weight))
+
+
+def test_plain_switches_it_off():
+    conv = nn.Conv2d(2, 2, 5, padding=2, groups=2, bias=False)
+    fastconv.use_flipped_backward(conv)
+    x = torch.randn(1, 2, 6, 6, requires_grad=True)
+    assert "FlippedBackwardConv" in type(conv(x).grad_fn).__name__
+    with lean.plain():
+        assert "Convolution" in type(conv(x).grad_fn).__name__
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: PyTorch's convolution handles the casts
+        assert "Convolution" in type(conv(x).grad_fn).__name__
+
+
+def test_networks_keep_their_parameter_names_and_values():
+    search = SearchNetwork(C=4, num_classes=3, layers=3)
+    keys = list(search.state_dict())
+    n = fastconv.use_flipped_backward(search)
+    # Per edge: two depthwise convolutions in sep_conv_3x3 and sep_conv_5x5, one in each dil_conv,
+    # except on the reduction cells' strided edges, whose first depthwise convolutions stride.
+    assert n > 0 and list(search.state_dict()) == keys
+    net = build_network("cifar10", get_genotype("DARTS_V2"), 8, 5, True, 10)
+    assert fastconv.use_flipped_backward(net) > 0
+    x = torch.randn(2, 3, 16, 16)
+    net.eval()
+    with torch.no_grad():
+        assert net(x)[0].shape == (2, 10)
