@@ -60,12 +60,17 @@ def _run(root: Path, bench: str, args: list[str], out: Path) -> list[dict]:
     return json.loads(out.read_text())["rows"]
 
 
+def _settings(row: dict) -> dict:
+    # A switch that is off (False / None) matches a revision whose benchmark did not have it yet.
+    return {k: v for k, v in row.items() if k not in MEASURED and v is not False and v is not None}
+
+
 def _key(row: dict) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in row.items() if k not in MEASURED))
+    return tuple(sorted((k, str(v)) for k, v in _settings(row).items()))
 
 
 def _label(row: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in row.items() if k not in MEASURED and k not in ("device", "threads"))
+    return " ".join(f"{k}={v}" for k, v in _settings(row).items() if k not in ("device", "threads"))
 
 
 def main() -> None:

@@ -14,21 +14,23 @@ from dartsnas.ops import fastconv, lean
 from dartsnas.search.cnn import SearchNetwork
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
-SHAPES = [((3, 3), (1, 1), (1, 1)), ((5, 5), (1, 1), (2, 2)), ((3, 3), (2, 2), (2, 2)), ((5, 5), (2, 2), (4, 4)),
-          ((1, 7), (1, 1), (0, 3)), ((3, 5), (3, 1), (3, 2))]
+SHAPES = [((3, 3), (1, 1), (1, 1), 1), ((5, 5), (1, 1), (2, 2), 1), ((3, 3), (2, 2), (2, 2), 1),
+          ((5, 5), (2, 2), (4, 4), 1), ((1, 7), (1, 1), (0, 3), 1), ((3, 5), (3, 1), (3, 2), 1),
+          ((3, 3), (2, 2), (2, 2), 2), ((5, 5), (2, 2), (4, 4), 2), ((3, 5), (3, 2), (3, 4), 2)]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("kernel, dilation, padding", SHAPES)
-def test_gradients_match_pytorch_convolution(fmt, kernel, dilation, padding):
+@pytest.mark.parametrize("kernel, dilation, padding, stride", SHAPES)
+@pytest.mark.parametrize("size", [(9, 11), (8, 8)])  # odd sizes: the strided output keeps the last row
+def test_gradients_match_pytorch_convolution(fmt, kernel, dilation, padding, stride, size):
     torch.manual_seed(0)
-    plain = nn.Conv2d(4, 4, kernel, padding=padding, dilation=dilation, groups=4, bias=False).double()
+    plain = nn.Conv2d(4, 4, kernel, stride=stride, padding=padding, dilation=dilation, groups=4, bias=False).double()
     fast = copy.deepcopy(plain)
     assert fastconv.use_flipped_backward(fast) == 1 and isinstance(fast, fastconv.FlippedBackwardConv2d)
-    x = torch.randn(3, 4, 9, 11, dtype=torch.float64).contiguous(memory_format=fmt)
+    x = torch.randn(3, 4, *size, dtype=torch.float64).contiguous(memory_format=fmt)
     xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     yp, yf = plain(xp), fast(xf)
-    assert yf.shape == x.shape
+    assert yf.shape == yp.shape
     torch.testing.assert_close(yf, yp, rtol=0, atol=0)
     g = torch.randn_like(yp)
     gp = torch.autograd.grad(yp, [xp, plain.weight], g)
@@ -47,7 +49,8 @@ def test_gradient_against_finite_differences():
 
 
 @pytest.mark.parametrize("conv", [
-    nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, bias=False),  # strided
+    nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, bias=False),  # strided, not dilated
+    nn.Conv2d(4, 4, 3, stride=3, padding=2, dilation=2, groups=4, bias=False),  # stride 3
     nn.Conv2d(4, 4, 3, padding=0, groups=4, bias=False),  # shrinks the map
     nn.Conv2d(4, 4, 1, groups=4, bias=False),  # 1x1
     nn.Conv2d(4, 8, 3, padding=1, bias=False),  # not depthwise
@@ -59,10 +62,11 @@ def test_other_convolutions_are_left_alone(conv):
     assert fastconv.use_flipped_backward(conv) == 0 and type(conv) is nn.Conv2d
 
 
-def test_second_derivatives_are_exact():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_second_derivatives_are_exact(stride):
     torch.manual_seed(2)
-    conv = nn.Conv2d(2, 2, 3, padding=2, dilation=2, groups=2, bias=False).double()
-    fastconv.use_flipped_backward(conv)
+    conv = nn.Conv2d(2, 2, 3, stride=stride, padding=2, dilation=2, groups=2, bias=False).double()
+    assert fastconv.use_flipped_backward(conv) == 1
     x = torch.randn(2, 2, 6, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x, w: conv(x).pow(2), (x, conv.weight))
 
