@@ -8,8 +8,8 @@
 # fast path against its plain path, float64 and float32, and bf16/fp16 autocast against float32);
 # then short CUDA timings: the CNN search step (batch 64, first and second order), the recurrent
 # search and training step (rnn_step.py --steps 2), the evaluation network's training step, a
-# first-order CNN search epoch estimate (median step x 391 steps), and channels-last for the CNN
-# search step. Each part runs under `timeout` within a total budget, so one hang cannot eat the
+# first-order CNN search epoch estimate (median step x 391 steps), the second-order step's peak
+# memory with --checkpoint_cells, and channels-last for the CNN search step. Each part runs under `timeout` within a total budget, so one hang cannot eat the
 # rest; a part that no longer fits is skipped. All output is also written to
 # $OUT/gpu-results.txt (or benchmarks/gpu-results.txt without $OUT), with the benchmarks' JSON
 # files next to it, and ends with a summary table.
@@ -88,6 +88,10 @@ EOF
     part "train_step (DARTS_V2, batch 96, amp auto)" 60 \
         "$PY" benchmarks/train_step.py --device cuda --steps 5 --eval_batches 3 \
         --json "$RESULTS_DIR/train_step.json"
+    # Peak GPU memory of the batch-64 second-order step with each cell recomputed in the backward.
+    part "search_step --checkpoint_cells (order 2)" 50 \
+        "$PY" benchmarks/search_step.py --device cuda --batches 64 --orders 2 --steps 3 --checkpoint_cells \
+        --json "$RESULTS_DIR/search_step_ckpt.json"
     # Last, because it is optional: does channels-last help the float32 search step on this GPU?
     part "search_step channels-last on (order 1)" 60 \
         "$PY" benchmarks/search_step.py --device cuda --batches 64 --orders 1 --steps 5 --channels_last on \
@@ -125,6 +129,8 @@ for r in rows("search_step.json"):
           f"{r['peak_gib']:9.2f}")
 for r in rows("search_step_cl.json"):
     print(f"{'  same, channels-last on, order %d' % r['order']:45s} {r['median_s']:10.4f} s {r['peak_gib']:9.2f}")
+for r in rows("search_step_ckpt.json"):
+    print(f"{'  same, --checkpoint_cells, order %d' % r['order']:45s} {r['median_s']:10.4f} s {r['peak_gib']:9.2f}")
 for r in rows("rnn_step.json"):
     if r["what"] == "search":
         print(f"{'RNN search step, order %d, batch %d' % (r['order'], r['batch']):45s} {r['median_s']:10.4f} s "
