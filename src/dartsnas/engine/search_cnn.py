@@ -89,7 +89,7 @@ class SearchConfig:
                                 choices=("auto", "on", "off"))
     checkpoint_cells: bool = option(False, "recompute each cell's activations in the backward instead of keeping "
                                            "them: much less memory, slower steps (same results)")
-    flip_conv_backward: bool = option(True, "input gradient of stride-1 depthwise convolutions (5x5, dilated) by a "
+    flip_conv_backward: bool = option(True, "input gradient of size-keeping depthwise convolutions (5x5, dilated) by a "
                                             "convolution with the flipped kernel, several times faster than PyTorch's "
                                             "backward on the CPU, same results (--no-flip_conv_backward: PyTorch's)")
     lean_memory: bool = option(True, "batch norms that end an operation keep their output instead of their input "

@@ -95,7 +95,7 @@ class TrainConfig:
                               "always float32 on the CPU", choices=AMP_CHOICES)
     channels_last: str = option("auto", "channels-last memory format: auto (CPU, or CUDA with mixed precision), "
                                         "on or off", choices=("auto", "on", "off"))
-    flip_conv_backward: bool = option(True, "input gradient of stride-1 depthwise convolutions (5x5, dilated) by a "
+    flip_conv_backward: bool = option(True, "input gradient of size-keeping depthwise convolutions (5x5, dilated) by a "
                                             "convolution with the flipped kernel, several times faster than PyTorch's "
                                             "backward on the CPU, same results (--no-flip_conv_backward: PyTorch's)")
     deterministic: bool = option(False, "deterministic algorithms only (slower on CUDA; CPU runs are "
@@ -193,8 +193,8 @@ class ImageNetTrainConfig(TrainConfig):
 CONFIGS: dict[str, type[TrainConfig]] = {"cifar10": CifarTrainConfig, "imagenet": ImageNetTrainConfig}
 # Settings that may change when a run is resumed: they do not change what is being trained.
 RESUMABLE_OVERRIDES = {"device", "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download",
-                       "data", "test_data", "amp", "channels_last", "flip_conv_backward", "deterministic", "eval_batches",
-                       "sync_bn"}
+                       "data", "test_data", "amp", "channels_last", "flip_conv_backward", "deterministic",
+                       "eval_batches", "sync_bn"}
 
 
 @dataclass
