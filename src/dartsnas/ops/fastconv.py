@@ -43,7 +43,7 @@ class _FlippedBackwardConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         if stride > 1:
-            spread = torch.empty(x.shape, dtype=grad.dtype, device=grad.device, memory_format=_format_of(x)).zero_()
+            spread = torch.zeros_like(x, dtype=grad.dtype)  # in x's memory format
             spread[..., ::stride, ::stride] = grad
             grad = spread
         dx = dw = None
@@ -53,10 +53,6 @@ class _FlippedBackwardConv(torch.autograd.Function):
             dw = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], list(padding), list(dilation),
                                                      False, [0, 0], groups, [False, True, False])[1]
         return dx, dw, None, None, None, None
-
-
-def _format_of(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 def qualifies(conv: nn.Conv2d) -> bool:
@@ -75,8 +71,7 @@ class FlippedBackwardConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         # Under autocast the parent's convolution handles the casts of both passes.
-        if not (torch.is_grad_enabled() and lean.enabled() and x.dim() == 4
-                and (x.requires_grad or self.weight.requires_grad) and not torch.is_autocast_enabled(x.device.type)):
+        if not (lean.builds_graph(x, self.weight) and x.dim() == 4 and not torch.is_autocast_enabled(x.device.type)):
             return super().forward(x)
         return _FlippedBackwardConv.apply(x, self.weight, self.stride[0], tuple(self.padding), tuple(self.dilation),
                                           self.groups)

@@ -55,8 +55,10 @@ def plain() -> contextlib.AbstractContextManager[None]:
     return using(False)
 
 
-def _needs_graph(x: Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad and enabled()
+def builds_graph(*tensors: Tensor) -> bool:
+    """Whether an operation on ``tensors`` here would record a graph that a custom backward of
+    ``dartsnas.ops`` may take over (lean operations on, gradients on, some input requiring one)."""
+    return enabled() and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class _BatchNormKeepOutput(torch.autograd.Function):
@@ -91,7 +93,7 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
     parameter and buffer names are the parent's, so checkpoints do not change."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.affine or not self.training or not _needs_graph(x) or x.dim() != 4:
+        if self.affine or not self.training or not builds_graph(x) or x.dim() != 4:
             return super().forward(x)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
@@ -127,7 +129,7 @@ class LeanMaxPool2d(nn.MaxPool2d):
         k, s, p = self.kernel_size, self.stride, self.padding
         simple = (isinstance(k, int) and isinstance(s, int) and isinstance(p, int) and self.dilation == 1
                   and not self.ceil_mode and not self.return_indices and x.dim() == 4)
-        if not simple or not _needs_graph(x):
+        if not simple or not builds_graph(x):
             return super().forward(x)
         return _MaxPoolRecompute.apply(x, k, s, p)
 

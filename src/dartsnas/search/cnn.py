@@ -129,14 +129,13 @@ class _RecomputeAsInForward:
             for name, buffer in list(module.named_buffers(recurse=False)):
                 originals.append((module, name, buffer))
                 setattr(module, name, buffer.detach().clone())
-        modes = contextlib.ExitStack()
-        if self.lean != lean.enabled():
-            modes.enter_context(lean.using(self.lean))
-        self._stack.append((originals, modes))
+        mode = contextlib.ExitStack()
+        mode.enter_context(lean.using(self.lean))
+        self._stack.append((originals, mode))
 
     def __exit__(self, *exc: object) -> None:
-        originals, modes = self._stack.pop()
-        modes.close()
+        originals, mode = self._stack.pop()
+        mode.close()
         for module, name, buffer in originals:
             setattr(module, name, buffer)
 
