@@ -12,6 +12,7 @@ compares them. A GPU session runs it through ``benchmarks/gpu.sh``.
     python benchmarks/fastpaths.py --device cpu          # about a minute on one thread
     python benchmarks/fastpaths.py --device cpu --quick  # smallest sizes, seconds (tests/test_fastpaths_script.py)
     python benchmarks/fastpaths.py --device cuda --only rnn/ --dtypes float32
+    python benchmarks/fastpaths.py --device cpu --only rnn/ --compile   # with the compiled node kernels
 
 One line per comparison: PASS or FAIL, the largest absolute difference, the relative error (largest
 absolute difference / largest absolute value of the plain result) and the tolerance. Exit status 1
@@ -477,10 +478,12 @@ def check_train_flipped(ck: Checker, name: str, size: tuple, device: torch.devic
 # -- recurrent search ---------------------------------------------------------------------------
 
 
-def check_rnn_fused(ck: Checker, name: str, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
-    """The recurrent search cell's fused node (``fused=True``) against the same mixture in plain
-    autograd operations (``fused=False``): logits and hidden state, weight gradients, alpha gradients
-    of first order and of second order with both Hessian-vector products."""
+def check_rnn_fused(ck: Checker, name: str, size: tuple, device: torch.device, dtype: torch.dtype,
+                    compile: bool = False) -> None:
+    """The recurrent search cell's fused node (``fused=True``; with ``compile``, its kernels compiled
+    as by ``--compile``) against the same mixture in plain autograd operations (``fused=False``):
+    logits and hidden state, weight gradients, alpha gradients of first order and of second order
+    with both Hessian-vector products."""
     ntoken, nhid, batch, bptt, nodes = size
 
     def results(dt: torch.dtype, fast: bool) -> Results:
@@ -498,6 +501,7 @@ def check_rnn_fused(ck: Checker, name: str, size: tuple, device: torch.device, d
         assert cells, "no module with a `fused` switch in the recurrent search model (renamed?)"
         for m in cells:
             m.fused = fast
+            m.compile = fast and compile
 
         def batch_of(seed: int) -> TextBatch:
             tokens = _randint(ntoken, (bptt + 1, batch), seed, device)
@@ -516,7 +520,14 @@ def check_rnn_fused(ck: Checker, name: str, size: tuple, device: torch.device, d
             "alpha-grad-order2-exact": arch.unrolled_grad(train, valid, XI, hvp="exact"),
         }
 
-    ck.compare(name, "rnn/fused", results, dtype, _k_by_name)
+    ck.compare(name, "rnn/compile" if compile else "rnn/fused", results, dtype, _k_by_name)
+    if compile:
+        from dartsnas.search import rnn as rnn_search
+
+        for kernel in (rnn_search._FORWARD, rnn_search._BACKWARD):
+            # A kernel that failed to compile ran uncompiled: the comparison above then says nothing.
+            if not kernel.active:
+                raise RuntimeError(f"{kernel.label} was not compiled: {kernel.failed}")
 
 
 # -- cross-entropy ------------------------------------------------------------------------------
@@ -581,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", help="run only the checks whose name contains this text (e.g. rnn/, cnn/)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--no-amp", action="store_true", help="skip the mixed-precision checks")
+    p.add_argument("--compile", action="store_true",
+                   help="also check the recurrent search with --compile (torch.compile; about a minute of compiling)")
     p.add_argument("--no-onednn", action="store_true",
                    help="CPU: run without oneDNN (mkldnn) kernels, to tell their errors from ours")
     args = p.parse_args(argv)
@@ -610,6 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ck.run(f"train/channels-last/{d}", check_train_channels_last, sizes["train"], device, dtype)
         ck.run(f"train/flipped-conv-backward/{d}", check_train_flipped, sizes["train"], device, dtype)
         ck.run(f"rnn/fused/{d}", check_rnn_fused, sizes["rnn"], device, dtype)
+        if args.compile:
+            ck.run(f"rnn/compile/{d}", check_rnn_fused, sizes["rnn"], device, dtype, True)
         ck.run(f"loss/cross-entropy/{d}", check_cross_entropy, sizes["ce"], device, dtype)
     # Always float64 (see its docstring), on the device under test.
     ck.run("cnn/hvp-fd-vs-exact/float64", check_cnn_hvp_agreement, sizes["cnn"], device, torch.float64)

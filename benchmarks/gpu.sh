@@ -4,13 +4,15 @@
 #
 #     bash benchmarks/gpu.sh
 #
-# Under 5 minutes on one H100: the GPU and versions; benchmarks/fastpaths.py --device cuda (every
-# fast path against its plain path, float64 and float32, and bf16/fp16 autocast against float32);
-# then short CUDA timings: the CNN search step (batch 64, first and second order), the recurrent
-# search and training step (rnn_step.py --steps 2), the evaluation network's training step, a
-# first-order CNN search epoch estimate (median step x 391 steps), the second-order step's peak
-# memory with --checkpoint_cells, and channels-last for the CNN search step. Each part runs under `timeout` within a total budget, so one hang cannot eat the
-# rest; a part that no longer fits is skipped. All output is also written to
+# Under 5 minutes on one H100: the GPU and versions; benchmarks/fastpaths.py --device cuda --compile
+# (every fast path against its plain path, float64 and float32, the compiled recurrent node kernels,
+# and bf16/fp16 autocast against float32); then short CUDA timings: the CNN search step (batch 64,
+# first and second order), the recurrent search and training step (rnn_step.py --steps 2), the
+# recurrent search with --compile, the evaluation network's training step, a first-order CNN search
+# epoch estimate (median step x 391 steps), the second-order step's peak memory with
+# --checkpoint_cells, and channels-last for the CNN search step. Each part runs under `timeout`
+# within a total budget, so one hang cannot eat the rest; a part that no longer fits is skipped.
+# All output is also written to
 # $OUT/gpu-results.txt (or benchmarks/gpu-results.txt without $OUT), with the benchmarks' JSON
 # files next to it, and ends with a summary table.
 #
@@ -79,12 +81,16 @@ if torch.cuda.is_available():
           f"bf16 {torch.cuda.is_bf16_supported()}")
 EOF
 
-    part "fastpaths (correctness)" 150 "$PY" benchmarks/fastpaths.py --device cuda
+    part "fastpaths (correctness)" 150 "$PY" benchmarks/fastpaths.py --device cuda --compile
     part "search_step (CNN, batch 64, orders 1,2)" 100 \
         "$PY" benchmarks/search_step.py --device cuda --batches 64 --orders 1,2 --steps 5 \
         --json "$RESULTS_DIR/search_step.json"
     part "rnn_step (search orders 1,2 + train)" 120 \
         "$PY" benchmarks/rnn_step.py --device cuda --steps 2 --json "$RESULTS_DIR/rnn_step.json"
+    # The recurrent search with its node kernels compiled (Triton): first step (compiling) and median.
+    part "rnn_step --compile (search order 1)" 90 \
+        "$PY" benchmarks/rnn_step.py --device cuda --what search --orders 1 --steps 3 --compile \
+        --json "$RESULTS_DIR/rnn_step_compile.json"
     part "train_step (DARTS_V2, batch 96, amp auto)" 60 \
         "$PY" benchmarks/train_step.py --device cuda --steps 5 --eval_batches 3 \
         --json "$RESULTS_DIR/train_step.json"
@@ -131,8 +137,11 @@ for r in rows("search_step_cl.json"):
     print(f"{'  same, channels-last on, order %d' % r['order']:45s} {r['median_s']:10.4f} s {r['peak_gib']:9.2f}")
 for r in rows("search_step_ckpt.json"):
     print(f"{'  same, --checkpoint_cells, order %d' % r['order']:45s} {r['median_s']:10.4f} s {r['peak_gib']:9.2f}")
-for r in rows("rnn_step.json"):
-    if r["what"] == "search":
+for r in rows("rnn_step.json") + rows("rnn_step_compile.json"):
+    if r["what"] == "search" and r.get("compile"):
+        print(f"{'  same, --compile (first step %.1f s)' % r['warmup_s']:45s} {r['median_s']:10.4f} s "
+              f"{r['peak_gib']:9.2f}")
+    elif r["what"] == "search":
         print(f"{'RNN search step, order %d, batch %d' % (r['order'], r['batch']):45s} {r['median_s']:10.4f} s "
               f"{r['peak_gib']:9.2f}")
     else:

@@ -47,7 +47,28 @@ def _peak(dev) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def search(order: int, steps: int, device: str, hvp: str, threads: int, batch: int, bptt: int) -> dict:
+def matmul_rate(dev) -> float:
+    """This machine's best float32 matrix-product rate (GFLOP/s) over the search's own shapes: the
+    cell's edge projections and the decoder. Divides a step's matrix-product FLOPs into a lower
+    bound of its time."""
+    import torch
+
+    best = 0.0
+    for m, k, n in ((2048, 300, 600), (256, 600, 600), (8960, 300, 10000), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k, device=dev), torch.randn(k, n, device=dev)
+        out = torch.empty(m, n, device=dev)
+        for i in range(4):
+            _sync(dev)
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            _sync(dev)
+            if i:
+                best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def search(order: int, steps: int, device: str, hvp: str, threads: int, batch: int, bptt: int,
+           compile: bool = False, flops: bool = False) -> dict:
     import torch
 
     from dartsnas.engine.search_rnn import RNNSearchConfig, TextBatch, build_search, search_step
@@ -55,23 +76,39 @@ def search(order: int, steps: int, device: str, hvp: str, threads: int, batch: i
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
-    cfg = RNNSearchConfig(unrolled=order == 2, hvp=hvp, batch_size=batch, bptt=bptt)
+    cfg = RNNSearchConfig(unrolled=order == 2, hvp=hvp, batch_size=batch, bptt=bptt, compile=compile)
     model, w_opt, architect = build_search(cfg, VOCAB, dev)
     hidden, hidden_valid = model.init_hidden(batch), model.init_hidden(batch)
     times = []
-    for i in range(steps + 1):  # the first step warms up allocators
+    counter = None
+    for i in range(steps + 1 + flops):  # the first step warms up allocators (and compiles, with --compile)
         tokens = torch.randint(0, VOCAB, (bptt + 1, batch), device=dev)
         tokens_v = torch.randint(0, VOCAB, (bptt + 1, batch), device=dev)
         _sync(dev)
         t0 = time.perf_counter()
         train = TextBatch(tokens[:-1], tokens[1:], hidden, 2 * i)
         valid = TextBatch(tokens_v[:-1], tokens_v[1:], hidden_valid, 2 * i + 1)
+        if i > steps:  # one more, untimed step, its FLOPs counted
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with counter:
+                search_step(model, w_opt, architect, train, valid, cfg.learning_rate, cfg)
+            continue
         _, hidden, hidden_valid = search_step(model, w_opt, architect, train, valid, cfg.learning_rate, cfg)
         _sync(dev)
         if i:
             times.append(time.perf_counter() - t0)
-    return {"what": "search", "order": order, "batch": batch, "bptt": bptt, "median_s": statistics.median(times),
-            "steps": steps, "peak_gib": _peak(dev), "device": device, "hvp": hvp, "threads": threads}
+        else:
+            warmup = time.perf_counter() - t0
+    row = {"what": "search", "order": order, "batch": batch, "bptt": bptt, "median_s": statistics.median(times),
+           "steps": steps, "peak_gib": _peak(dev), "device": device, "hvp": hvp, "threads": threads,
+           "compile": compile, "warmup_s": warmup}
+    if counter is not None:
+        rate = matmul_rate(dev)
+        row |= {"gflop": counter.get_total_flops() / 1e9, "matmul_gflops": rate,
+                "floor_s": counter.get_total_flops() / 1e9 / rate}
+    return row
 
 
 def train(steps: int, device: str, threads: int, batch: int, bptt: int, nhid: int) -> dict:
@@ -176,6 +213,10 @@ def main() -> None:
     p.add_argument("--nhid", type=int, default=850, help="units of the trained model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--hvp", default="fd", choices=["fd", "exact"])
+    p.add_argument("--compile", action="store_true", help="search with --compile (torch.compile'd node kernels)")
+    p.add_argument("--flops", action="store_true",
+                   help="also count one search step's FLOPs and divide them by this machine's best matrix-product "
+                        "rate: a lower bound of the step's time")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--reference", metavar="DIR", help="folder of the authors' code (holding rnn/): also time their "
                                                       "850-unit model's training step")
@@ -190,7 +231,7 @@ def main() -> None:
                                   args.nhid)
         else:
             row = search(int(args.one.split(",")[1]), args.steps, args.device, args.hvp, args.threads,
-                         args.batch or 256, args.bptt)
+                         args.batch or 256, args.bptt, args.compile, args.flops)
         print(json.dumps(row))
         return
     jobs = []
@@ -207,6 +248,7 @@ def main() -> None:
                "--nhid", str(args.nhid), "--device", args.device, "--hvp", args.hvp, "--threads", str(args.threads)]
         if args.batch:
             cmd += ["--batch", str(args.batch)]
+        cmd += ["--compile"] * args.compile + ["--flops"] * args.flops
         if args.reference:
             cmd += ["--reference", args.reference]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -214,8 +256,11 @@ def main() -> None:
         rows.append(row)
         if row["what"] == "search":
             print(f"search order {row['order']}  batch {row['batch']}  median {row['median_s']:8.3f} s/step  "
-                  f"peak {row['peak_gib']:6.2f} GiB  ({args.device}, {args.threads} threads, hvp={args.hvp})",
-                  flush=True)
+                  f"peak {row['peak_gib']:6.2f} GiB  ({args.device}, {args.threads} threads, hvp={args.hvp}"
+                  f"{', compiled' if row['compile'] else ''}; first step {row['warmup_s']:.1f} s)", flush=True)
+            if "gflop" in row:
+                print(f"  {row['gflop']:.0f} GFLOP of matrix products per step: at least {row['floor_s']:.2f} s at "
+                      f"this machine's best {row['matmul_gflops']:.0f} GFLOP/s", flush=True)
         else:
             print(f"{row['what']} {row['nhid']} units  batch {row['batch']}  {row['tokens_per_s']:9.0f} tokens/s  "
                   f"({row['median_s']:.3f} s/step)  peak {row['peak_gib']:6.2f} GiB  ({args.device}, "

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..genotype import RNN_PRIMITIVES, RecurrentGenotype, derive_rnn_cell
 from ..models.rnn import ACTIVATIONS, DARTSCell, RNNModel
+from ..ops.compiled import Kernel
 
 STEPS = 8
 
@@ -50,12 +51,18 @@ class MixedNode(torch.autograd.Function):
 
     Inputs: ``st`` (E, B, H) predecessor states, ``ch`` (E, B, 2H) their ``[c, h]`` pre-activations,
     ``p`` (E, K) mixing weights of the K activations ``ops`` (``none`` excluded: it adds zero).
+    With ``compiled``, the forward and the (first-order) backward are the plain formulas compiled
+    into fused loops by ``torch.compile`` (:mod:`dartsnas.ops.compiled`).
     """
 
     @staticmethod
-    def forward(ctx: Any, st: Tensor, ch: Tensor, p: Tensor, ops: tuple[str, ...]) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, st: Tensor, ch: Tensor, p: Tensor, ops: tuple[str, ...],  # type: ignore[override]
+                compiled: bool = False) -> Tensor:
         ctx.ops = ops
+        ctx.compiled = compiled
         ctx.save_for_backward(st, ch, p)
+        if compiled:
+            return _FORWARD(*_kernel_inputs(st, ch, p), ops)
         c_pre, h = ch.chunk(2, dim=-1)
         c = torch.sigmoid(c_pre)
         mix = _mix_batched(_activations(h, ops), p).view_as(st)
@@ -68,8 +75,17 @@ class MixedNode(torch.autograd.Function):
     def backward(ctx: Any, ds: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         st, ch, p = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return (*_backward_differentiable(st, ch, p, ctx.ops, ds), None)
-        return (*_backward_fast(st, ch, p, ctx.ops, ds), None)
+            return (*_backward_differentiable(st, ch, p, ctx.ops, ds), None, None)
+        if ctx.compiled:
+            return (*_BACKWARD(*_kernel_inputs(st, ch, p), ctx.ops, ds), None, None)
+        return (*_backward_fast(st, ch, p, ctx.ops, ds), None, None)
+
+
+def _kernel_inputs(st: Tensor, ch: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The inputs of a compiled kernel, as tensors that differ only in their sizes from node to node:
+    a compiled graph guards on ``requires_grad`` and on storage offsets, and ``p`` is a slice of the
+    cell's mixing weights at a different offset for every node (one recompilation each otherwise)."""
+    return st.detach(), ch.detach(), p.detach().clone()
 
 
 def _activations(h: Tensor, ops: tuple[str, ...]) -> Tensor:
@@ -108,6 +124,14 @@ def _mix(h: Tensor, p: Tensor, ops: tuple[str, ...]) -> tuple[Tensor, list[Tenso
         mix = term if mix is None else mix + term
     assert mix is not None
     return mix, acts
+
+
+def _node_plain(st: Tensor, ch: Tensor, p: Tensor, ops: tuple[str, ...]) -> Tensor:
+    """The node in plain differentiable operations: the reference of :class:`MixedNode`."""
+    c_pre, h = ch.chunk(2, dim=-1)
+    c = torch.sigmoid(c_pre)
+    mix = _mix(h, p, ops)[0]
+    return (p.sum(1).view(-1, 1, 1) * st * (1.0 - c) + c * mix).sum(0)
 
 
 def _backward_differentiable(st: Tensor, ch: Tensor, p: Tensor, ops: tuple[str, ...], ds: Tensor
@@ -171,14 +195,20 @@ def _backward_fast(st: Tensor, ch: Tensor, p: Tensor, ops: tuple[str, ...], ds: 
     return d_st, d_ch, d_p
 
 
+# Compiled on first use by cells built with ``compile=True``; the plain formulas fuse into a few loops.
+_FORWARD = Kernel(_node_plain, "the search cell's node forward")
+_BACKWARD = Kernel(_backward_differentiable, "the search cell's node backward")
+
+
 class SearchCell(DARTSCell):
     """The mixed recurrent cell; ``probs`` (edges x operations) is passed in by the model."""
 
     def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float, steps: int = STEPS,
-                 primitives: tuple[str, ...] = RNN_PRIMITIVES, fused: bool = True):
+                 primitives: tuple[str, ...] = RNN_PRIMITIVES, fused: bool = True, compile: bool = False):
         super().__init__(ninp, nhid, dropouth, dropoutx, genotype=None, steps=steps)
         self.primitives = primitives
         self.fused = fused  # False: the same mixture in plain autograd operations (reference for tests)
+        self.compile = compile  # fused node kernels through torch.compile
         self.bn = nn.BatchNorm1d(nhid, affine=False)
         self._op_index = [k for k, name in enumerate(primitives) if name != "none"]
         self._op_names = tuple(primitives[k] for k in self._op_index)
@@ -199,12 +229,9 @@ class SearchCell(DARTSCell):
             ch = (inp.view(n * B, H) @ self._Ws[i]).view(n, B, 2 * H)
             p = probs[offset:offset + n]
             if self.fused:
-                s = MixedNode.apply(st, ch, p, self._op_names)
+                s = MixedNode.apply(st, ch, p, self._op_names, self.compile)
             else:
-                c_pre, h = ch.chunk(2, dim=-1)
-                c = torch.sigmoid(c_pre)
-                mix = _mix(h, p, self._op_names)[0]
-                s = (p.sum(1).view(n, 1, 1) * st * (1.0 - c) + c * mix).sum(0)
+                s = _node_plain(st, ch, p, self._op_names)
             # BatchNorm without affine parameters on every node state (facts section 4).
             states.append(self.bn(s))
             offset += n
@@ -216,8 +243,8 @@ class RNNSearchModel(RNNModel):
 
     def __init__(self, ntoken: int, ninp: int, nhid: int, nhidlast: int | None = None, dropout: float = 0.75,
                  dropouth: float = 0.25, dropoutx: float = 0.75, dropouti: float = 0.2, dropoute: float = 0.0,
-                 steps: int = STEPS, primitives: tuple[str, ...] = RNN_PRIMITIVES):
-        cell = SearchCell(ninp, nhid, dropouth, dropoutx, steps=steps, primitives=primitives)
+                 steps: int = STEPS, primitives: tuple[str, ...] = RNN_PRIMITIVES, compile: bool = False):
+        cell = SearchCell(ninp, nhid, dropouth, dropoutx, steps=steps, primitives=primitives, compile=compile)
         super().__init__(ntoken, ninp, nhid, nhidlast, dropout, dropouth, dropoutx, dropouti, dropoute, cell=cell)
         self.steps = steps
         self.primitives = tuple(primitives)
