@@ -32,7 +32,7 @@ REPO = HERE.parent
 BENCHES = ("search_step", "rnn_step", "train_step")
 # Fields that describe a measurement rather than name the configuration.
 MEASURED = {"median_s", "train_step_s", "peak_gib", "tokens_per_s", "train_images_per_s", "eval_images_per_s",
-            "steps"}
+            "steps", "warmup_s", "gflop", "matmul_gflops", "floor_s"}
 TIME_FIELDS = ("median_s", "train_step_s")  # seconds per step, whichever the benchmark reports
 
 

@@ -63,8 +63,10 @@ from dartsnas.engine.search_cnn import build_search as build_cnn_search
 from dartsnas.engine.search_rnn import RNNSearchConfig, TextBatch
 from dartsnas.engine.search_rnn import build_search as build_rnn_search
 from dartsnas.engine.train_cnn import train_step
+from dartsnas.engine.train_rnn import weight_step as rnn_weight_step
 from dartsnas.genotype import CNN_PRIMITIVES, get_genotype
 from dartsnas.models.cnn import NetworkCIFAR
+from dartsnas.models.rnn import RNNModel
 from dartsnas.ops import fastconv, lean
 from dartsnas.ops import loss as loss_mod
 from dartsnas.ops.cnn import OPS
@@ -475,6 +477,31 @@ def check_train_flipped(ck: Checker, name: str, size: tuple, device: torch.devic
     ck.compare(name, "train/flipped-conv-backward", results, dtype, _k_by_name)
 
 
+def check_rnn_train_packed(ck: Checker, name: str, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
+    """The recurrent training step (DARTS_V2 cell, TAR, clip) with the cell's weights
+    packed once per sequence and their gradients gathered (``--pack_weights``, the default) against
+    one PyTorch product per time step: loss, gradients, and the evaluation logits."""
+    ntoken, nhid, batch, bptt, _ = size
+
+    def results(dt: torch.dtype, fast: bool) -> Results:
+        torch.manual_seed(15)
+        # Dropout rates 0, as in check_rnn_fused: masks that do not depend on the dtype.
+        model = RNNModel(ntoken, nhid, nhid, nhid, 0.0, 0.0, 0.0, 0.0, 0.0, genotype=get_genotype("DARTS", kind="rnn"),
+                         packed=fast).to(device, dt)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        params = list(model.parameters())
+        tokens = _randint(ntoken, (bptt + 1, batch), 16, device)
+        hiddens = [0.1 * _randn((batch, nhid), 17, device, dt)]
+        loss = rnn_weight_step(model, opt, params, tokens[:-1], tokens[1:], hiddens, 1.0, 0.25, 1e-3)
+        grads = [p.grad.detach().clone() for p in params]
+        model.eval()
+        with torch.no_grad():
+            logits = model(tokens[:-1], hiddens[0]).logits
+        return {"loss": [torch.tensor(loss, dtype=dt)], "grad": grads, "logits": [logits]}
+
+    ck.compare(name, "train/rnn-packed-weights", results, dtype, _k_by_name)
+
+
 # -- recurrent search ---------------------------------------------------------------------------
 
 
@@ -622,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ck.run(f"cnn/{what}/{d}", check_cnn_custom_backward, sizes["cnn"], device, dtype, what)
         ck.run(f"train/channels-last/{d}", check_train_channels_last, sizes["train"], device, dtype)
         ck.run(f"train/flipped-conv-backward/{d}", check_train_flipped, sizes["train"], device, dtype)
+        ck.run(f"train/rnn-packed-weights/{d}", check_rnn_train_packed, sizes["rnn"], device, dtype)
         ck.run(f"rnn/fused/{d}", check_rnn_fused, sizes["rnn"], device, dtype)
         if args.compile:
             ck.run(f"rnn/compile/{d}", check_rnn_fused, sizes["rnn"], device, dtype, True)

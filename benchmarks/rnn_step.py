@@ -111,7 +111,7 @@ def search(order: int, steps: int, device: str, hvp: str, threads: int, batch: i
     return row
 
 
-def train(steps: int, device: str, threads: int, batch: int, bptt: int, nhid: int) -> dict:
+def train(steps: int, device: str, threads: int, batch: int, bptt: int, nhid: int, pack: bool = True) -> dict:
     import torch
 
     from dartsnas.engine.train_rnn import weight_step
@@ -121,14 +121,16 @@ def train(steps: int, device: str, threads: int, batch: int, bptt: int, nhid: in
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = RNNModel(VOCAB, nhid, nhid, nhid, genotype=get_genotype("DARTS", kind="rnn")).to(dev)
+    model = RNNModel(VOCAB, nhid, nhid, nhid, genotype=get_genotype("DARTS", kind="rnn"), packed=pack).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=20.0, weight_decay=8e-7)
     hiddens = [model.init_hidden(batch)]
 
     def step(tokens):
         weight_step(model, opt, list(model.parameters()), tokens[:-1], tokens[1:], hiddens, 20.0, 0.25, 1e-3)
 
-    return _time_training("train", step, dev, steps, batch, bptt, nhid, threads)
+    row = _time_training("train", step, dev, steps, batch, bptt, nhid, threads)
+    # Recorded only when off, so that the default matches earlier revisions in compare.py.
+    return row if pack else {**row, "pack_weights": False}
 
 
 def _time_training(what: str, step, dev, steps: int, batch: int, bptt: int, nhid: int, threads: int) -> dict:
@@ -214,6 +216,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--hvp", default="fd", choices=["fd", "exact"])
     p.add_argument("--compile", action="store_true", help="search with --compile (torch.compile'd node kernels)")
+    p.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="train with --no-pack_weights (one PyTorch product per time step)")
     p.add_argument("--flops", action="store_true",
                    help="also count one search step's FLOPs and divide them by this machine's best matrix-product "
                         "rate: a lower bound of the step's time")
@@ -225,7 +229,7 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         if args.one == "train":
-            row = train(args.steps, args.device, args.threads, args.batch or 64, args.bptt, args.nhid)
+            row = train(args.steps, args.device, args.threads, args.batch or 64, args.bptt, args.nhid, args.pack)
         elif args.one == "train-reference":
             row = train_reference(args.reference, args.steps, args.device, args.threads, args.batch or 64, args.bptt,
                                   args.nhid)
@@ -248,7 +252,7 @@ def main() -> None:
                "--nhid", str(args.nhid), "--device", args.device, "--hvp", args.hvp, "--threads", str(args.threads)]
         if args.batch:
             cmd += ["--batch", str(args.batch)]
-        cmd += ["--compile"] * args.compile + ["--flops"] * args.flops
+        cmd += ["--compile"] * args.compile + ["--flops"] * args.flops + ["--no-pack"] * (not args.pack)
         if args.reference:
             cmd += ["--reference", args.reference]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -262,7 +266,8 @@ def main() -> None:
                 print(f"  {row['gflop']:.0f} GFLOP of matrix products per step: at least {row['floor_s']:.2f} s at "
                       f"this machine's best {row['matmul_gflops']:.0f} GFLOP/s", flush=True)
         else:
-            print(f"{row['what']} {row['nhid']} units  batch {row['batch']}  {row['tokens_per_s']:9.0f} tokens/s  "
+            label = row["what"] + (" (--no-pack_weights)" if row.get("pack_weights") is False else "")
+            print(f"{label} {row['nhid']} units  batch {row['batch']}  {row['tokens_per_s']:9.0f} tokens/s  "
                   f"({row['median_s']:.3f} s/step)  peak {row['peak_gib']:6.2f} GiB  ({args.device}, "
                   f"{args.threads} threads)", flush=True)
     if args.json:

@@ -104,6 +104,10 @@ class TrainConfig:
                                         "streams, the global batch grows) or keep (the global batch stays "
                                         "--batch_size, split over the processes)",
                                choices=distributed.GLOBAL_BATCH_CHOICES)
+    pack_weights: bool = option(True, "the cell's weights are packed once per sequence for its products (oneDNN, "
+                                      "float32 on the CPU) and their gradient is one product over the whole "
+                                      "sequence instead of one per time step: same results within float rounding "
+                                      "(--no-pack_weights: one PyTorch product per time step)")
 
     def validate(self) -> None:
         for name in ("emsize", "nhid", "nhidlast", "epochs", "batch_size", "bptt", "eval_batch_size",
@@ -136,7 +140,7 @@ class TrainConfig:
 
 # Settings that may differ when a run is resumed: they do not change the mathematics of past epochs.
 RESUMABLE_OVERRIDES = {"device", "threads", "max_steps", "tensorboard", "plots", "report_freq", "data", "epochs",
-                       "final_test", "eval_batches"}
+                       "final_test", "eval_batches", "pack_weights"}
 
 
 @dataclass
@@ -269,7 +273,7 @@ def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torc
     sbs = cfg.small_batch_size or batch
 
     model_args = _model_args(cfg, len(corpus))
-    model = RNNModel(genotype=genotype, **model_args).to(device)
+    model = RNNModel(genotype=genotype, packed=cfg.pack_weights, **model_args).to(device)
     params = list(model.parameters())
     opt_kind = "sgd"
     optimizer = _make_optimizer(opt_kind, params, cfg)

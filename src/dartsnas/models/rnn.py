@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..genotype import RecurrentGenotype
+from ..ops.sequence import sequence_product
 
 # Initialisation range of every weight (facts section 4).
 INIT_RANGE = 0.04
@@ -69,9 +70,12 @@ class DARTSCell(nn.Module):
     """
 
     def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float, genotype: RecurrentGenotype | None,
-                 steps: int | None = None):
+                 steps: int | None = None, packed: bool = False):
         super().__init__()
         self.ninp, self.nhid = ninp, nhid
+        # Products with each weight packed once per sequence and its gradient gathered into one
+        # product (ops/sequence.py); not for graphs that are differentiated twice.
+        self.packed = packed
         self.dropouth, self.dropoutx = dropouth, dropoutx
         self.genotype = genotype
         steps = genotype.steps if genotype is not None else steps
@@ -105,23 +109,28 @@ class DARTSCell(nn.Module):
         # [x, h] W0 = x W0[:ninp] + h W0[ninp:]: the input half for all steps in one product.
         x_proj = (inputs.reshape(T * B, self.ninp) @ self._W0[: self.ninp]).view(T, B, 2 * self.nhid)
         w_h = self._W0[self.ninp:]
+        project_h = sequence_product(w_h) if self.packed else None
         ctx = self._prepare(**cell_kwargs)
         outputs = []
         # unbind, not x_proj[t]: the backward of each indexing would zero-fill a whole (T, B, 2H) copy.
         for t, x_t in enumerate(x_proj.unbind(0)):
             h_in = hidden if h_mask is None else hidden * h_mask
-            c0, h0 = torch.addmm(x_t, h_in, w_h).chunk(2, dim=-1)
+            pre = torch.addmm(x_t, h_in, w_h) if project_h is None else x_t + project_h(h_in)
+            c0, h0 = pre.chunk(2, dim=-1)
             s0 = hidden + torch.sigmoid(c0) * (torch.tanh(h0) - hidden)
             hidden = self._nodes(s0, h_mask, ctx)
             outputs.append(hidden)
         return torch.stack(outputs), hidden
 
-    def _prepare(self, **cell_kwargs: Tensor) -> dict[int, Tensor]:
-        # Concatenated weights of each predecessor group, built once per sequence.
-        return {pred: (self._Ws[ks[0]] if len(ks) == 1 else torch.cat([self._Ws[k] for k in ks], dim=1))
-                for pred, ks in self._groups.items()}
+    def _prepare(self, **cell_kwargs: Tensor) -> dict[int, Callable[[Tensor], Tensor]]:
+        # The product with the concatenated weights of each predecessor group, built once per sequence.
+        products = {}
+        for pred, ks in self._groups.items():
+            w = self._Ws[ks[0]] if len(ks) == 1 else torch.cat([self._Ws[k] for k in ks], dim=1)
+            products[pred] = sequence_product(w) if self.packed else (lambda x, w=w: x @ w)
+        return products
 
-    def _nodes(self, s0: Tensor, h_mask: Tensor | None, weights: dict[int, Tensor]) -> Tensor:
+    def _nodes(self, s0: Tensor, h_mask: Tensor | None, weights: dict[int, Callable[[Tensor], Tensor]]) -> Tensor:
         assert self.genotype is not None
         H = self.nhid
         states = [s0]
@@ -129,9 +138,10 @@ class DARTSCell(nn.Module):
         for k, (name, pred) in enumerate(self.genotype.recurrent):
             if k not in pending:
                 s_pred = states[pred]
-                ch = (s_pred if h_mask is None else s_pred * h_mask) @ weights[pred]
-                for n, node in enumerate(self._groups[pred]):
-                    pending[node] = ch[:, 2 * H * n: 2 * H * (n + 1)]
+                ch = weights[pred](s_pred if h_mask is None else s_pred * h_mask)
+                # split, not slicing: the backward of each slice would zero-fill a whole copy of ch.
+                for node, part in zip(self._groups[pred], ch.split(2 * H, dim=1)):
+                    pending[node] = part
             c, h = pending.pop(k).chunk(2, dim=-1)
             s_prev = states[pred]
             states.append(s_prev + torch.sigmoid(c) * (ACTIVATIONS[name](h) - s_prev))
@@ -153,7 +163,7 @@ class RNNModel(nn.Module):
 
     def __init__(self, ntoken: int, ninp: int, nhid: int, nhidlast: int | None = None, dropout: float = 0.75,
                  dropouth: float = 0.25, dropoutx: float = 0.75, dropouti: float = 0.2, dropoute: float = 0.1,
-                 genotype: RecurrentGenotype | None = None, cell: nn.Module | None = None):
+                 genotype: RecurrentGenotype | None = None, cell: nn.Module | None = None, packed: bool = False):
         super().__init__()
         nhidlast = nhid if nhidlast is None else nhidlast
         if not ninp == nhid == nhidlast:
@@ -166,7 +176,7 @@ class RNNModel(nn.Module):
         if cell is None:
             if genotype is None:
                 raise ValueError("RNNModel needs a genotype (or a cell)")
-            cell = DARTSCell(ninp, nhid, dropouth, dropoutx, genotype)
+            cell = DARTSCell(ninp, nhid, dropouth, dropoutx, genotype, packed=packed)
         self.rnns = nn.ModuleList([cell])
         self.decoder = nn.Linear(ninp, ntoken)
         self.decoder.weight = self.encoder.weight  # tied (Press & Wolf 2017; facts section 4)
