@@ -123,3 +123,19 @@ def test_packed_cell_equals_the_plain_cell_with_dropout_in_float64():
             results[-1].append(model(tokens, model.init_hidden(B)).logits)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="this PyTorch build has no oneDNN: nothing is packed")
+def test_packing_is_lazy_and_skipped_for_single_rows():
+    w = torch.randn(5, 9)
+    seq = sequence._Sequence(w, pack=True)
+    one, many = torch.randn(1, 5), torch.randn(4, 5)
+    torch.testing.assert_close(seq.product(one), one @ w)
+    assert seq._forward is None  # one row: a matrix-vector product, cheaper than packing
+    torch.testing.assert_close(seq.product(many), many @ w)
+    assert seq._forward is not None and seq._backward is None  # a forward alone packs only its weight
+    g = torch.randn(4, 9)
+    torch.testing.assert_close(seq.input_grad(g), g @ w.t())
+    assert seq._backward is not None
+    assert sequence._Sequence(w, pack=False).product(many) is not None
+    assert sequence._Sequence(w.double(), pack=True)._pack is False  # float64: PyTorch's products

@@ -235,7 +235,7 @@ def _build(state_dict: dict[str, torch.Tensor], genotype: RecurrentGenotype, dro
         ntoken, ninp = state_dict["encoder.weight"].shape
     except (KeyError, ValueError):
         raise UserError(f"{path} has no encoder.weight matrix; it is not a recurrent language model") from None
-    model = RNNModel(int(ntoken), int(ninp), int(ninp), int(ninp), genotype=genotype, **dropouts)
+    model = RNNModel(int(ntoken), int(ninp), int(ninp), int(ninp), genotype=genotype, packed=True, **dropouts)
     state = dict(state_dict)
     state.setdefault("decoder.weight", state["encoder.weight"])
     try:
@@ -286,7 +286,7 @@ def load_rnn_model(path: str | Path, arch: str | None = None) -> LoadedRNN:
         if not isinstance(genotype, RecurrentGenotype):
             raise UserError(f"{path} holds a convolutional model; use the CNN commands for it")
         args = obj["model_args"]
-        model = RNNModel(genotype=genotype, **args)
+        model = RNNModel(genotype=genotype, packed=True, **args)
         model.load_state_dict(obj["model"])
         return LoadedRNN(model, genotype, list(obj["vocab"]), "dartsnas", obj.get("config", {}))
     if isinstance(obj, dict) and "encoder.weight" in obj:

@@ -36,6 +36,11 @@ def can_pack(weight: Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
+# Fewer rows than this: PyTorch's product (a matrix-vector product for one row is bound by reading
+# the weight, and packing it would cost more than it saves over a 35-step sequence).
+MIN_ROWS = 2
+
+
 class _Sequence:
     """The packed weights and, during the backward, the (input, output gradient) pairs of one sequence."""
 
@@ -43,21 +48,24 @@ class _Sequence:
         self.weight = weight
         self.inputs: list[Tensor] = []
         self.grads: list[Tensor] = []
-        self._forward = self._backward = None
-        if pack and can_pack(weight):
-            w = weight.detach()
-            # oneDNN's linear takes an (out, in) weight: W^T for x W, W itself for g W^T.
-            self._forward = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous())
-            self._backward = torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+        self._pack = pack and can_pack(weight)
+        self._forward: Tensor | None = None
+        self._backward: Tensor | None = None
 
     def product(self, x: Tensor) -> Tensor:
-        if self._forward is None:
+        if not self._pack or x.shape[0] < MIN_ROWS:
             return x @ self.weight.detach()
+        if self._forward is None:
+            # oneDNN's linear takes an (out, in) weight: W^T for x W. Packed at the first product,
+            # so that a forward without gradients packs only this one.
+            self._forward = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().t().contiguous())
         return torch.ops.mkldnn._linear_pointwise(x, self._forward, None, "none", [], "")
 
     def input_grad(self, g: Tensor) -> Tensor:
-        if self._backward is None:
+        if not self._pack or g.shape[0] < MIN_ROWS:
             return g @ self.weight.detach().t()
+        if self._backward is None:
+            self._backward = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous())
         return torch.ops.mkldnn._linear_pointwise(g, self._backward, None, "none", [], "")
 
     def weight_grad(self) -> Tensor:
