@@ -10,7 +10,8 @@
 # first and second order), the recurrent search and training step (rnn_step.py --steps 2), the
 # recurrent search with --compile, the evaluation network's training step, a first-order CNN search
 # epoch estimate (median step x 391 steps), the second-order step's peak memory with
-# --checkpoint_cells, and channels-last for the CNN search step. Each part runs under `timeout`
+# --checkpoint_cells, channels-last for the CNN search step, and the recurrent training step with
+# --no-pack_weights. Each part runs under `timeout`
 # within a total budget, so one hang cannot eat the rest; a part that no longer fits is skipped.
 # All output is also written to
 # $OUT/gpu-results.txt (or benchmarks/gpu-results.txt without $OUT), with the benchmarks' JSON
@@ -102,6 +103,11 @@ EOF
     part "search_step channels-last on (order 1)" 60 \
         "$PY" benchmarks/search_step.py --device cuda --batches 64 --orders 1 --steps 5 --channels_last on \
         --json "$RESULTS_DIR/search_step_cl.json"
+    # Also optional: on CUDA nothing is packed, but the weight gradient is still gathered over the
+    # sequence; is that faster than one product per time step here too?
+    part "rnn_step train --no-pack (gradient per time step)" 45 \
+        "$PY" benchmarks/rnn_step.py --device cuda --what train --steps 3 --no-pack \
+        --json "$RESULTS_DIR/rnn_step_nopack.json"
 
     echo
     echo "=== summary ($SECONDS s in all) ==="
@@ -137,8 +143,10 @@ for r in rows("search_step_cl.json"):
     print(f"{'  same, channels-last on, order %d' % r['order']:45s} {r['median_s']:10.4f} s {r['peak_gib']:9.2f}")
 for r in rows("search_step_ckpt.json"):
     print(f"{'  same, --checkpoint_cells, order %d' % r['order']:45s} {r['median_s']:10.4f} s {r['peak_gib']:9.2f}")
-for r in rows("rnn_step.json") + rows("rnn_step_compile.json"):
-    if r["what"] == "search" and r.get("compile"):
+for r in rows("rnn_step.json") + rows("rnn_step_compile.json") + rows("rnn_step_nopack.json"):
+    if r.get("pack_weights") is False:
+        print(f"{'  same, --no-pack_weights':45s} {r['median_s']:10.4f} s {r['peak_gib']:9.2f}")
+    elif r["what"] == "search" and r.get("compile"):
         print(f"{'  same, --compile (first step %.1f s)' % r['warmup_s']:45s} {r['median_s']:10.4f} s "
               f"{r['peak_gib']:9.2f}")
     elif r["what"] == "search":

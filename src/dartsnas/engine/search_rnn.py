@@ -286,6 +286,9 @@ def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
     distributed.broadcast_module(model)  # the same starting point everywhere
     log_distributed(batch, {"learning rate": cfg.learning_rate, "arch learning rate": cfg.arch_learning_rate},
                     unit="batch (streams)")
+    if cfg.compile and distributed.is_main():
+        logger.info("--compile: the first steps compile the search cell's node kernels (20-40 s, cached for later "
+                    "runs)")
 
     tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
     genotype = model.genotype()
