@@ -456,13 +456,17 @@ def _one_train_step(model, opt, x, y, amp_dtype=None, scaler=None) -> tuple[torc
 
 def check_train_channels_last(ck: Checker, name: str, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
     """The evaluation network's training step (auxiliary head, drop path) in channels-last against
-    contiguous: loss and gradients."""
+    contiguous: loss and gradients. Below float64 the gradients are compared by direction: the two
+    formats round the forward differently, and where two inputs of a max-pooling window are within
+    that rounding of each other (DARTS_V2's reduction cells pool every input) the gradient goes to
+    the other one; elementwise, that is an error of a few percent in the layers below, in either
+    format. float64 compares them elementwise."""
 
     def results(dt: torch.dtype, fast: bool) -> Results:
         loss, grads = _one_train_step(*_train_net(size, device, dt, fast))
         return {"loss": loss, "grad": grads}
 
-    ck.compare(name, "train/channels-last", results, dtype, _k_by_name)
+    ck.compare(name, "train/channels-last", results, dtype, _k_by_name, loose=("grad",))
 
 
 def check_train_flipped(ck: Checker, name: str, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
