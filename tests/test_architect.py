@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from dartsnas.ops import fastconv, lean
-from dartsnas.engine.search_cnn import SearchConfig, build_search, weight_step
 from dartsnas.data.images import ImageData, ImageSet
+from dartsnas.engine.search_cnn import SearchConfig, build_search, weight_step
+from dartsnas.ops import fastconv, lean
 
 LR = 0.5  # a large xi makes the implicit (Hessian) term large, so a wrong one cannot hide
 MOMENTUM, WD = 0.9, 3e-4
@@ -23,7 +23,7 @@ def tiny_search(unrolled: bool = True, hvp: str = "exact", hvp_r: float = 0.01, 
                        lean_memory=lean_memory, flip_conv_backward=flip_conv_backward)
     data = ImageData("t", ImageSet(torch.zeros(1, 1, 6, 6, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)),
                      None, num_classes=3, mean=(0.5,), std=(0.25,), pad=0, flip=False)
-    model, w_opt, scheduler, architect = build_search(cfg, data, torch.device("cpu"), dtype=torch.float64)
+    model, w_opt, _scheduler, architect = build_search(cfg, data, torch.device("cpu"), dtype=torch.float64)
     # Alphas away from uniform, so that every operation matters differently.
     with torch.no_grad():
         for a in model.arch_parameters():
@@ -82,8 +82,8 @@ def test_exact_second_order_equals_brute_force_unrolled_gradient():
 
 
 def test_finite_difference_at_small_r_equals_exact_product():
-    model, w_opt, architect, train, valid = tiny_search(hvp="fd", hvp_r=1e-5)
-    w_prime, c, _ = architect.virtual_weights(train, LR)
+    _model, _w_opt, architect, train, valid = tiny_search(hvp="fd", hvp_r=1e-5)
+    w_prime, _c, _ = architect.virtual_weights(train, LR)
     _, v = architect._valid_grads_at(w_prime, valid)
     fd = flat(architect.hvp_fd(v, train))
     exact = flat(architect.hvp_exact(v, train))
@@ -96,9 +96,9 @@ def test_finite_difference_at_small_r_equals_exact_product():
 
 
 def test_finite_difference_default_r_is_the_papers_central_difference_and_weights_do_not_move():
-    model, w_opt, architect, train, valid = tiny_search(hvp="fd", hvp_r=0.01)
+    model, _w_opt, architect, train, valid = tiny_search(hvp="fd", hvp_r=0.01)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    w_prime, c, _ = architect.virtual_weights(train, LR)
+    w_prime, _c, _ = architect.virtual_weights(train, LR)
     _, v = architect._valid_grads_at(w_prime, valid)
     ours = architect.hvp_fd(v, train)
     # By hand (paper eq. 8): eps = 0.01 / ||v||, (grad_a L_train(w + eps v) - grad_a L_train(w - eps v)) / 2 eps.
@@ -120,7 +120,7 @@ def test_finite_difference_default_r_is_the_papers_central_difference_and_weight
 
 
 def test_first_order_gradient_is_dlval_dalpha():
-    model, w_opt, architect, train, valid = tiny_search(unrolled=False)
+    model, _w_opt, architect, train, valid = tiny_search(unrolled=False)
     ours = architect.grad(train, valid, LR)
     loss = F.cross_entropy(model(valid[0]), valid[1])
     ref = torch.autograd.grad(loss, model.arch_parameters())
@@ -132,7 +132,7 @@ def test_first_order_gradient_is_dlval_dalpha():
 
 
 def test_alpha_step_is_adam_with_the_papers_settings():
-    model, w_opt, architect, train, valid = tiny_search(unrolled=False)
+    _model, _w_opt, architect, _train, _valid = tiny_search(unrolled=False)
     opt = architect.arch_optimizer
     assert isinstance(opt, torch.optim.Adam)
     group = opt.param_groups[0]
@@ -140,7 +140,7 @@ def test_alpha_step_is_adam_with_the_papers_settings():
 
 
 def test_weight_step_is_sgd_with_momentum_weight_decay_and_clipping():
-    model, w_opt, architect, train, valid = tiny_search()
+    model, w_opt, _architect, train, _valid = tiny_search()
     clip = 1e-3  # small enough to be active
     weights = dict(model.named_weight_parameters())
     w0 = {n: p.detach().clone() for n, p in weights.items()}
@@ -161,7 +161,7 @@ def test_weight_step_is_sgd_with_momentum_weight_decay_and_clipping():
 
 @pytest.mark.parametrize("hvp", ["fd", "exact"])
 def test_hvp_agreement_reports_cosine(hvp):
-    model, w_opt, architect, train, valid = tiny_search(hvp=hvp, hvp_r=1e-5)
+    _model, _w_opt, architect, train, valid = tiny_search(hvp=hvp, hvp_r=1e-5)
     stats = architect.hvp_agreement(train, valid, LR)
     assert stats["hvp_cosine"] == pytest.approx(1.0, abs=1e-6)
     assert 0 < stats["implicit_ratio"]

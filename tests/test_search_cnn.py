@@ -10,7 +10,7 @@ from dartsnas.search.cnn import MixedOp, SearchNetwork, num_edges
 
 
 def tiny(**kw) -> SearchNetwork:
-    args = dict(C=4, num_classes=5, layers=3, in_channels=3)
+    args = {"C": 4, "num_classes": 5, "layers": 3, "in_channels": 3}
     args.update(kw)
     return SearchNetwork(**args)
 

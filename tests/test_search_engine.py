@@ -27,8 +27,8 @@ def small_npz(cifar_train_npz: Path, tmp_path: Path) -> Path:
 
 
 def tiny_config(data: Path, save: Path, **kw) -> SearchConfig:
-    args = dict(data=str(data), save=str(save), init_channels=2, layers=3, batch_size=12, epochs=2, plots=False,
-                seed=5)
+    args = {"data": str(data), "save": str(save), "init_channels": 2, "layers": 3, "batch_size": 12, "epochs": 2,
+            "plots": False, "seed": 5}
     args.update(kw)
     return SearchConfig(**args)
 
@@ -119,9 +119,9 @@ def test_missing_cifar_suggests_the_offline_demo(capsys, tmp_path, monkeypatch):
 
 
 def test_bad_genotype_and_config_keys(capsys, tmp_path):
-    rc, err = run_cli(["genotypes", "show", "Genotype(normal=[('conv_9x9', 0), ('skip_connect', 1)], "
-                                            "normal_concat=[2], reduce=[('skip_connect', 0), ('skip_connect', 1)], "
-                                            "reduce_concat=[2])"], capsys)
+    rc, err = run_cli(["genotypes", "show", ("Genotype(normal=[('conv_9x9', 0), ('skip_connect', 1)], "
+                                             "normal_concat=[2], reduce=[('skip_connect', 0), ('skip_connect', 1)], "
+                                             "reduce_concat=[2])")], capsys)
     assert rc == 2 and "conv_9x9" in err and len(err.splitlines()) == 1
     cfg = tmp_path / "c.yaml"
     cfg.write_text("batch_size: 8\nlearning_rat: 0.1\n")
@@ -130,8 +130,8 @@ def test_bad_genotype_and_config_keys(capsys, tmp_path):
 
 
 def test_config_file_then_flags_precedence(small_npz, tmp_path):
-    from dartsnas.config import make_config
     from dartsnas.cli import build_parser
+    from dartsnas.config import make_config
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("batch_size: 8\nlayers: 5\n")
@@ -149,7 +149,8 @@ def test_resume_refuses_to_change_the_mathematics(small_npz, tmp_path, capsys):
 
 
 def test_python_m_entry_point():
-    out = subprocess.run([sys.executable, "-m", "dartsnas", "genotypes"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "dartsnas", "genotypes"], capture_output=True, text=True, timeout=120,
+                         check=False)
     assert out.returncode == 0 and "DARTS_V2" in out.stdout and "NASNet" in out.stdout
 
 

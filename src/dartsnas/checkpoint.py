@@ -77,7 +77,7 @@ def load_weights(path: str | os.PathLike[str]) -> LoadedWeights:
         return _load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, or a pickle that needs code to run
+    except Exception as exc:  # noqa: BLE001 -- corrupt file, or a pickle that needs code to run
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot read {path} as weights ({first}); only tensors are loaded, never pickled code")
     if not isinstance(obj, dict):

@@ -15,8 +15,9 @@ from __future__ import annotations
 import ast
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence, Union
+from typing import Any
 
 from .errors import UserError
 
@@ -175,7 +176,7 @@ class RecurrentGenotype:
         return f"Genotype(recurrent={list(self.recurrent)!r}, concat={list(self.concat)!r})"
 
 
-AnyGenotype = Union[Genotype, RecurrentGenotype]
+AnyGenotype = Genotype | RecurrentGenotype
 
 
 def from_dict(data: Any) -> AnyGenotype:
@@ -317,7 +318,7 @@ def derive_rnn_cell(weights: Sequence[Sequence[float]], primitives: Sequence[str
         rows = weights[start:start + n]
         if len(rows) != n:
             raise ValueError(f"expected {sum(range(1, steps + 1))} edge rows, got {len(weights)}")
-        j = sorted(range(n), key=lambda j: -_strength(rows[j], none_index))[0]
+        j = min(range(n), key=lambda j: -_strength(rows[j], none_index))  # the first of equals, as a stable sort
         gene.append((primitives[_best_op(rows[j], none_index)], j))
         start += n
     return gene

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def to(self, device: torch.device) -> "ImageSet":
+    def to(self, device: torch.device) -> ImageSet:
         return ImageSet(self.x.to(device), self.y.to(device))
 
 
@@ -122,7 +122,7 @@ def _load_cifar10_folder(root: Path, download: bool) -> tuple[ImageSet, ImageSet
     try:
         train = torchvision.datasets.CIFAR10(str(root), train=True, download=download and not exists)
         test = torchvision.datasets.CIFAR10(str(root), train=False, download=False)
-    except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError... depending on the failure
+    except Exception as exc:  # noqa: BLE001 -- torchvision raises RuntimeError, URLError, OSError... by failure
         reason = "not found" if not download else f"not found and could not be downloaded ({type(exc).__name__})"
         raise UserError(
             f"CIFAR-10 {reason} in {root}; pass --data DIR (a folder holding cifar-10-batches-py) or "

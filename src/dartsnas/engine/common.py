@@ -88,7 +88,7 @@ def write_figures(run_dir: Path) -> list[Path]:
         return []
     try:
         files = list(finalize_run(run_dir))
-    except Exception as exc:  # a figure must never cost the user a finished run
+    except Exception as exc:  # noqa: BLE001 -- a figure must never cost the user a finished run
         logger.warning("figures skipped: %s", exc)
         return []
     if files:
@@ -108,7 +108,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, foreign pickle, ...
+    except Exception as exc:  # noqa: BLE001 -- corrupt file, foreign pickle, ...
         raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
     if kind is not None and (not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION
                              or state.get("kind") != kind):

@@ -8,7 +8,7 @@ code so that their released checkpoints load into our final networks.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -8,7 +8,7 @@ optimizer: ``weight_parameters()`` and ``arch_parameters()`` split them.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
