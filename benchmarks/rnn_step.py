@@ -78,29 +78,30 @@ def search(order: int, steps: int, device: str, hvp: str, threads: int, batch: i
     dev = torch.device(device)
     cfg = RNNSearchConfig(unrolled=order == 2, hvp=hvp, batch_size=batch, bptt=bptt, compile=compile)
     model, w_opt, architect = build_search(cfg, VOCAB, dev)
-    hidden, hidden_valid = model.init_hidden(batch), model.init_hidden(batch)
-    times = []
-    counter = None
-    for i in range(steps + 1 + flops):  # the first step warms up allocators (and compiles, with --compile)
+    state = {"hidden": model.init_hidden(batch), "hidden_valid": model.init_hidden(batch)}
+
+    def step(i: int) -> float:
+        """One search step on fresh random chunks; its time in seconds."""
         tokens = torch.randint(0, VOCAB, (bptt + 1, batch), device=dev)
         tokens_v = torch.randint(0, VOCAB, (bptt + 1, batch), device=dev)
         _sync(dev)
         t0 = time.perf_counter()
-        train = TextBatch(tokens[:-1], tokens[1:], hidden, 2 * i)
-        valid = TextBatch(tokens_v[:-1], tokens_v[1:], hidden_valid, 2 * i + 1)
-        if i > steps:  # one more, untimed step, its FLOPs counted
-            from torch.utils.flop_counter import FlopCounterMode
-
-            counter = FlopCounterMode(display=False)
-            with counter:
-                search_step(model, w_opt, architect, train, valid, cfg.learning_rate, cfg)
-            continue
-        _, hidden, hidden_valid = search_step(model, w_opt, architect, train, valid, cfg.learning_rate, cfg)
+        train = TextBatch(tokens[:-1], tokens[1:], state["hidden"], 2 * i)
+        valid = TextBatch(tokens_v[:-1], tokens_v[1:], state["hidden_valid"], 2 * i + 1)
+        _, state["hidden"], state["hidden_valid"] = search_step(model, w_opt, architect, train, valid,
+                                                                cfg.learning_rate, cfg)
         _sync(dev)
-        if i:
-            times.append(time.perf_counter() - t0)
-        else:
-            warmup = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    warmup = step(0)  # warms up allocators (and compiles, with --compile)
+    times = [step(i) for i in range(1, steps + 1)]
+    counter = None
+    if flops:  # one more, untimed step, its FLOPs counted
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(steps + 1)
     row = {"what": "search", "order": order, "batch": batch, "bptt": bptt, "median_s": statistics.median(times),
            "steps": steps, "peak_gib": _peak(dev), "device": device, "hvp": hvp, "threads": threads,
            "compile": compile, "warmup_s": warmup}

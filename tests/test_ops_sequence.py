@@ -131,11 +131,11 @@ def test_packing_is_lazy_and_skipped_for_single_rows():
     seq = sequence._Sequence(w, pack=True)
     one, many = torch.randn(1, 5), torch.randn(4, 5)
     torch.testing.assert_close(seq.product(one), one @ w)
-    assert seq._forward is None  # one row: a matrix-vector product, cheaper than packing
+    assert not seq._packed  # one row: a matrix-vector product, cheaper than packing
     torch.testing.assert_close(seq.product(many), many @ w)
-    assert seq._forward is not None and seq._backward is None  # a forward alone packs only its weight
+    assert list(seq._packed) == [False]  # a forward alone packs only its weight
     g = torch.randn(4, 9)
     torch.testing.assert_close(seq.input_grad(g), g @ w.t())
-    assert seq._backward is not None
+    assert sorted(seq._packed) == [False, True]
     assert sequence._Sequence(w, pack=False).product(many) is not None
     assert sequence._Sequence(w.double(), pack=True)._pack is False  # float64: PyTorch's products

@@ -47,9 +47,10 @@ class Kernel:
     def __call__(self, *args: Any, compiled: bool = True) -> Any:
         if not compiled or self._failed is not None:
             return self.fn(*args)
-        with self._lock:
-            if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=True)
+        if self._compiled is None:  # the lock only for the first calls, not on every node of every step
+            with self._lock:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.fn, dynamic=True)
         try:
             return self._compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any failure of the compiled path falls back to fn

@@ -49,24 +49,24 @@ class _Sequence:
         self.inputs: list[Tensor] = []
         self.grads: list[Tensor] = []
         self._pack = pack and can_pack(weight)
-        self._forward: Tensor | None = None
-        self._backward: Tensor | None = None
+        self._packed: dict[bool, Tensor] = {}  # transposed? -> the packed weight
 
     def product(self, x: Tensor) -> Tensor:
-        if not self._pack or x.shape[0] < MIN_ROWS:
-            return x @ self.weight.detach()
-        if self._forward is None:
-            # oneDNN's linear takes an (out, in) weight: W^T for x W. Packed at the first product,
-            # so that a forward without gradients packs only this one.
-            self._forward = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().t().contiguous())
-        return torch.ops.mkldnn._linear_pointwise(x, self._forward, None, "none", [], "")
+        return self._matmul(x, transposed=False)
 
     def input_grad(self, g: Tensor) -> Tensor:
-        if not self._pack or g.shape[0] < MIN_ROWS:
-            return g @ self.weight.detach().t()
-        if self._backward is None:
-            self._backward = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous())
-        return torch.ops.mkldnn._linear_pointwise(g, self._backward, None, "none", [], "")
+        return self._matmul(g, transposed=True)
+
+    def _matmul(self, x: Tensor, transposed: bool) -> Tensor:
+        """``x W``, or ``x W^T``: oneDNN's product with that matrix packed at its first use (so a
+        forward without gradients packs only its own), PyTorch's for too few rows."""
+        m = self.weight.detach().t() if transposed else self.weight.detach()
+        if not self._pack or x.shape[0] < MIN_ROWS:
+            return x @ m
+        if transposed not in self._packed:
+            # oneDNN's linear takes an (out, in) weight, that is m^T.
+            self._packed[transposed] = torch.ops.mkldnn._reorder_linear_weight(m.t().contiguous())
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed[transposed], None, "none", [], "")
 
     def weight_grad(self) -> Tensor:
         xs, gs = self.inputs, self.grads
