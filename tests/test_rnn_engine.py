@@ -128,7 +128,7 @@ def test_train_and_test_commands_on_our_checkpoint(tiny_corpus: Path, tmp_path: 
     other.mkdir()
     for split in ("train", "valid", "test"):
         (other / f"{split}.txt").write_text("w1 unheard w2\n")
-    assert main(["test", "ptb", "--model-path", str(save / "checkpoints" / "best.pt"), "--data", str(other)]) == 2
+    assert main(["test", "ptb", "--model-path", str(save / "best.safetensors"), "--data", str(other)]) == 2
     assert "outside the model's vocabulary" in capsys.readouterr().err
 
 

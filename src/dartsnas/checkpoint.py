@@ -1,9 +1,18 @@
-"""Loading and saving trained weights without executing pickled code.
+"""Every file a run writes or reads that holds tensors, and how it is read without executing pickled code.
 
-Accepted files (``load_weights``):
+Two kinds of files:
+
+* Resumable checkpoints (``checkpoints/last.pt``): a dict of tensors and plain values written by
+  :func:`save_checkpoint` and read by :func:`load_checkpoint`, which checks the command and format.
+* Trained weights: :func:`save_weights` writes ``best``/``final`` ``.safetensors``; :func:`load_weights`
+  reads those and the older or foreign formats below.
+
+Accepted weight files (``load_weights``):
 
 * ``*.safetensors`` written by ``dartsnas train`` (``best``/``final``): tensors plus metadata
-  ``format_version``, ``model`` ('cifar10' or 'imagenet'), ``genotype`` and ``config`` as JSON.
+  ``format_version``, ``model`` ('cifar10', 'imagenet', 'ptb' or 'wt2'), ``genotype`` and ``config``
+  as JSON (recurrent models also ``model_args`` and ``vocab``); tensors that share storage (the
+  language model's tied decoder) are stored once and named in ``tied``.
 * ``checkpoints/last.pt`` of a training run: a dict with ``format_version``, ``model`` and ``config``.
 * The authors' released files: ``cifar10_model.pt`` (a plain state_dict) and ``imagenet_model.pt``
   (``{'state_dict': ...}``, keys possibly prefixed ``module.`` by ``nn.DataParallel``). They were
@@ -31,6 +40,8 @@ from .genotype import from_dict as genotype_from_dict
 from .rundir import atomic_write
 
 SAFETENSORS_FORMAT = "1"
+# Version of the resumable checkpoint dicts (``checkpoints/last.pt``).
+FORMAT_VERSION = 1
 # Prefixes added by wrappers: nn.DataParallel / DistributedDataParallel, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -43,7 +54,8 @@ class LoadedWeights:
     source: str  # 'safetensors', 'run-checkpoint', 'state_dict' or 'wrapped-state_dict'
     genotype: AnyGenotype | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    model: str | None = None  # 'cifar10' or 'imagenet' when the file says so
+    model: str | None = None  # 'cifar10', 'imagenet', 'ptb' or 'wt2' when the file says so
+    meta: dict[str, str] = field(default_factory=dict)  # a safetensors file's metadata as written
 
 
 def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,22 +121,60 @@ def _load_safetensors(path: str) -> LoadedWeights:
             genotype = genotype_from_dict(json.loads(meta["genotype"]))
         if meta.get("config"):
             config = json.loads(meta["config"])
+        tied = json.loads(meta.get("tied") or "{}")
     except json.JSONDecodeError:
         raise UserError(f"{path} has unreadable metadata; pass --arch and the network size explicitly") from None
-    return LoadedWeights(_strip_prefixes(state), "safetensors", genotype, config, meta.get("model"))
+    for name, source in tied.items() if isinstance(tied, dict) else ():
+        if source in state:
+            state[name] = state[source]
+    return LoadedWeights(_strip_prefixes(state), "safetensors", genotype, config, meta.get("model"), dict(meta))
 
 
-def save_weights(path: str | os.PathLike[str], model: nn.Module, network: str, genotype: AnyGenotype,
-                 config: Mapping[str, Any], extra: Mapping[str, str] | None = None) -> None:
-    """Write ``model``'s state_dict as safetensors, with what is needed to rebuild it as metadata."""
+def save_weights(path: str | os.PathLike[str], model: nn.Module | Mapping[str, torch.Tensor], network: str,
+                 genotype: AnyGenotype, config: Mapping[str, Any], extra: Mapping[str, str] | None = None) -> None:
+    """Write a network's weights (a module or its state_dict) as safetensors, with what is needed to
+    rebuild it as metadata."""
     from safetensors.torch import save
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    source = model.state_dict() if isinstance(model, nn.Module) else model
+    state: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, value in source.items():
+        # safetensors stores no aliases: a tensor that is another one (a tied weight) is named instead.
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if ident in seen:
+            tied[key] = seen[ident]
+            continue
+        seen[ident] = key
+        state[key] = value.detach().to("cpu").contiguous()
     meta = {"format_version": SAFETENSORS_FORMAT, "model": network, "genotype": json.dumps(genotype.to_dict()),
             "config": json.dumps(dict(config))}
+    if tied:
+        meta["tied"] = json.dumps(tied)
     meta.update(extra or {})
     blob = save(state, metadata=meta)
     atomic_write(Path(path), lambda f: f.write(blob))
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Write a resumable checkpoint atomically: an interrupted save leaves the previous one intact."""
+    atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike[str], kind: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no pickled code runs).
+
+    With ``kind``, insist on a resumable checkpoint of that command and of this format version.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- corrupt file, foreign pickle, ...
+        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if kind is not None and (not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION
+                             or state.get("kind") != kind):
+        raise UserError(f"{path} is not a {kind} checkpoint of this version")
+    return state
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -1,4 +1,4 @@
-"""Pieces every training loop shares: progress bars, TensorBoard, figures at the end of a run."""
+"""Pieces the jobs share: the run directory and its log, resumed settings, TensorBoard, figures, search records."""
 
 from __future__ import annotations
 
@@ -9,25 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from .. import distributed
 from ..config import from_dict
 from ..errors import UserError
-from ..rundir import RunDir, atomic_write, default_run_dir, write_json
-from ..utils import is_tty
-
-# Version of the resumable checkpoint dicts the engines write (``checkpoints/last.pt``).
-FORMAT_VERSION = 1
+from ..rundir import RunDir, default_run_dir, write_json
 
 logger = logging.getLogger("dartsnas")
-
-
-def progress(total: int, desc: str) -> tqdm:
-    """A per-epoch bar on interactive terminals; silent in logs, CI and notebooks' captured output,
-    and in every process but the main one."""
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=not is_tty() or not distributed.is_main())
 
 
 def open_run_dir(path: str | Path | None, command: str, resume: bool) -> RunDir:
@@ -96,26 +84,6 @@ def write_figures(run_dir: Path) -> list[Path]:
     return files
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint dict atomically: an interrupted save leaves the previous one intact."""
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no pickled code runs).
-
-    With ``kind``, insist on a resumable checkpoint of that command and of this format version.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- corrupt file, foreign pickle, ...
-        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    if kind is not None and (not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION
-                             or state.get("kind") != kind):
-        raise UserError(f"{path} is not a {kind} checkpoint of this version")
-    return state
-
-
 def resume_config(cls: type, command: str, run_dir: str | Path, overrides: dict[str, Any],
                   resumable: set[str]) -> Any:
     """The stored config of ``run_dir`` (a run of ``command``) with the allowed ``overrides`` applied.
@@ -142,13 +110,12 @@ def resume_config(cls: type, command: str, run_dir: str | Path, overrides: dict[
 
 
 def write_search_epoch(rd: RunDir, model: Any, genotype: Any, record: dict[str, Any]) -> None:
-    """A search epoch's record: its derived genotype, its softmaxed alphas (the material of the
-    progress animations and alpha plots) and its metrics line."""
+    """A search epoch's files besides its metrics line: its derived genotype and its softmaxed alphas
+    (the material of the progress animations and alpha plots)."""
     epoch = record["epoch"]
     write_json(rd.path / "genotypes" / f"epoch_{epoch:03d}.json", genotype.to_dict())
     write_json(rd.path / "alphas" / f"epoch_{epoch:03d}.json",
                {"primitives": list(model.primitives), **model.arch_weights()})
-    rd.append_metrics(record)
 
 
 def finish_search(rd: RunDir, genotype: Any, plots: bool) -> None:

@@ -1,8 +1,9 @@
 """``dartsnas test ptb`` / ``test wt2``: validation and test perplexity of a trained recurrent model.
 
-A model file is either one of ours (``checkpoints/best.pt`` or ``last.pt`` of ``dartsnas train
-ptb|wt2``, a plain dict of tensors and metadata loaded with ``weights_only=True``) or the authors'
-released ``ptb_model.pt``, which is a whole pickled module (facts section 5). The latter is read by
+A model file is either one of ours (``best.safetensors`` or ``final.safetensors`` of ``dartsnas
+train ptb|wt2``, whose metadata holds the genotype, the model's sizes and the vocabulary; older runs'
+``checkpoints/best.pt``, or ``last.pt``, plain dicts of tensors loaded with ``weights_only=True``) or
+the authors' released ``ptb_model.pt``, which is a whole pickled module (facts section 5). The latter is read by
 a restricted unpickler that only knows the handful of classes such a file names (the authors'
 ``model.RNNModel``, ``model.DARTSCell``, ``utils.LockedDropout``, ``genotypes.Genotype``, the
 PyTorch containers and tensor rebuild functions). Modules come back as inert placeholders from
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import math
 import pickle
 import types
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
+from ..checkpoint import load_into, load_weights
 from ..config import add_config_arguments, make_config, option
 from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
@@ -250,15 +253,17 @@ def load_rnn_model(path: str | Path, arch: str | None = None) -> LoadedRNN:
     """Load our checkpoint, a run directory, a plain state_dict or the authors' pickled model."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / "checkpoints" / name).is_file():
-                path = path / "checkpoints" / name
+        for name in ("best.safetensors", "final.safetensors", "checkpoints/best.pt", "checkpoints/last.pt"):
+            if (path / name).is_file():
+                path = path / name
                 break
         else:
-            raise UserError(f"{path} is a directory without checkpoints/best.pt; pass a model file or a training run "
+            raise UserError(f"{path} is a directory without best.safetensors; pass a model file or a training run "
                             f"directory")
     if not path.is_file():
         raise UserError(f"model file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _load_safetensors_rnn(path)
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as first:  # noqa: BLE001 -- not a plain tensor file: maybe a whole pickled module
@@ -293,6 +298,19 @@ def load_rnn_model(path: str | Path, arch: str | None = None) -> LoadedRNN:
         genotype = load_genotype(arch or "DARTS", kind="rnn")
         return LoadedRNN(_build(obj, genotype, {}, path), genotype, None, "state_dict", {})
     raise UserError(f"{path} is not a recurrent model checkpoint")
+
+
+def _load_safetensors_rnn(path: Path) -> LoadedRNN:
+    loaded = load_weights(path)
+    if not isinstance(loaded.genotype, RecurrentGenotype) or "model_args" not in loaded.meta:
+        raise UserError(f"{path} does not hold a recurrent language model trained by dartsnas train ptb|wt2")
+    try:
+        args, vocab = json.loads(loaded.meta["model_args"]), json.loads(loaded.meta.get("vocab") or "null")
+    except json.JSONDecodeError:
+        raise UserError(f"{path} has unreadable metadata (model_args or vocab)") from None
+    model = RNNModel(genotype=loaded.genotype, packed=True, **args)
+    load_into(model, loaded.state_dict, str(path))
+    return LoadedRNN(model, loaded.genotype, vocab, "dartsnas", loaded.config)
 
 
 def rnn_info(arch: str | RecurrentGenotype = "DARTS", ntoken: int = 10000, emsize: int = 850) -> int:

@@ -6,10 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,29 +18,18 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .. import distributed
-from ..config import add_config_arguments, check, explicit_args, make_config, option, to_dict
+from ..config import add_config_arguments, check, explicit_args, make_config, option
 from ..data.images import DATASETS, BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
 from ..errors import UserError
 from ..genotype import Genotype
 from ..ops import fastconv
 from ..ops.cnn import narrow_strided_pointwise
-from ..rundir import RunDir
 from ..search.architect import Architect, VirtualStep
 from ..search.cnn import SearchNetwork
-from ..utils import AverageMeter, accuracy, rng_state, seed_everything, set_rng_state
+from ..utils import AverageMeter, accuracy
 from . import common
-from .common import (
-    FORMAT_VERSION,
-    TensorBoard,
-    finish_search,
-    load_checkpoint,
-    log_distributed,
-    open_run_dir,
-    progress,
-    run_logging,
-    save_checkpoint,
-    write_search_epoch,
-)
+from .common import finish_search, log_distributed, write_search_epoch
+from .loop import EpochContext, Job, run_job
 
 logger = logging.getLogger("dartsnas")
 
@@ -232,6 +219,125 @@ def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Ten
     return loss.detach(), logits.detach()
 
 
+class CNNSearch(Job):
+    """The convolutional search as a job of the epoch loop (:mod:`.loop`)."""
+
+    kind = COMMAND
+    command_line = "search cnn"
+    nan_hint = "lower --learning_rate or --arch_learning_rate"
+
+    def prepare(self, resume: str | Path | None) -> None:
+        distributed.check_sync_bn(self.cfg.sync_bn, self.device)
+        distributed.per_rank_batch(self.cfg.batch_size, self.cfg.global_batch)  # fail early when it does not divide
+
+    def build(self, state: dict[str, Any] | None) -> None:
+        cfg, device = self.cfg, self.device
+        self.data = data = load_image_data(cfg.dataset, cfg.data, download=cfg.download)
+        self.train_idx, self.valid_idx = train_idx, valid_idx = split_indices(len(data.train), cfg.train_portion)
+        if len(train_idx) == 0 or len(valid_idx) == 0:
+            raise UserError(f"--train_portion {cfg.train_portion} leaves an empty split of the {len(data.train)} "
+                            f"training images; use a value nearer 0.5")
+        self.model, self.w_opt, self.scheduler, self.architect = build_search(cfg, data, device)
+        model = self.model
+        images = data.train.to(device)
+        normalize = Normalizer(data.mean, data.std, device,
+                               channels_last=use_channels_last(cfg.channels_last, device, model))
+        # Streams of global batches; with several processes each takes its slice of every batch.
+        self.batch = batch = distributed.per_rank_batch(cfg.batch_size, cfg.global_batch) * distributed.world_size()
+        shard = {"rank": distributed.rank(), "world": distributed.world_size()}
+        self.train_stream = BatchStream(images, train_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
+        self.alpha_stream = BatchStream(images, valid_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
+        self.eval_stream = BatchStream(images, valid_idx, batch, normalize, train=False, **shard)
+        if len(self.train_stream) == 0 or len(self.alpha_stream) == 0:
+            raise UserError(f"the global batch of {batch} images is larger than the {len(train_idx)} / "
+                            f"{len(valid_idx)} images of the weight / alpha split; use a smaller --batch_size or "
+                            f"--global_batch keep")
+        if state is not None:
+            model.load_state_dict(state["model"])
+            self.w_opt.load_state_dict(state["w_optimizer"])
+            self.architect.arch_optimizer.load_state_dict(state["a_optimizer"])  # type: ignore[union-attr]
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def describe(self) -> None:
+        data, cfg = self.data, self.cfg
+        logger.info("data: %s, %d images for the weights, %d for alpha, %d classes, input %dx%dx%d", data.name,
+                    len(self.train_idx), len(self.valid_idx), data.num_classes, data.in_channels, *data.image_size)
+        n_params = sum(p.numel() for p in self.model.weight_parameters())
+        logger.info("search network: %d weights (%.2f MB), %s order on %s", n_params, n_params * 4 / 1e6,
+                    "second" if cfg.unrolled else "first", self.device)
+
+    def start(self) -> None:
+        # The same starting weights and alphas everywhere (they are equal already when seeded alike).
+        distributed.broadcast_module(self.model)
+        log_distributed(self.batch // distributed.world_size(), {"learning rate": self.cfg.learning_rate,
+                                                                 "arch learning rate": self.cfg.arch_learning_rate})
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train_stream)
+
+    def start_epoch(self, epoch: int) -> dict[str, Any]:
+        self.lr = self.scheduler.get_last_lr()[0]
+        logger.info("epoch %d/%d lr %.6g", epoch + 1, self.cfg.epochs, self.lr)
+        distributed.seed_rank(self.cfg.seed, epoch)
+        if self.cfg.hvp_check:
+            return _hvp_check(self.architect, self.train_stream, self.alpha_stream, self.cfg.seed, epoch, self.lr)
+        return {}
+
+    def train_epoch(self, epoch: int, ctx: EpochContext) -> dict[str, Any]:
+        cfg = self.cfg
+        train_gen = epoch_generator(cfg.seed, epoch, 0)
+        alpha_batches = self.alpha_stream.forever(epoch_generator(cfg.seed, epoch, 1))
+        self.loss_m, self.acc_m = loss_m, acc_m = AverageMeter(), AverageMeter()
+        for i, (x, y) in enumerate(self.train_stream.batches(train_gen)):
+            if i >= ctx.total:
+                break
+            x_val, y_val = next(alpha_batches)
+            # Paper section 2.3 / Alg. 1: update alpha first, then the weights.
+            self.architect.step((x, y), (x_val, y_val), self.lr)
+            loss, logits = weight_step(self.model, self.w_opt, x, y, cfg.grad_clip)
+            n = y.shape[0]
+            loss_m.update(loss.item(), n)
+            acc_m.update(accuracy(logits, y)[0], n)
+            ctx.advance(loss_m.avg, acc=acc_m.avg)
+        return {}
+
+    def end_epoch(self, epoch: int, finished: bool) -> dict[str, Any]:
+        model, loss_m, acc_m = self.model, self.loss_m, self.acc_m
+        self.scheduler.step()
+        if distributed.is_distributed():
+            # Every process must derive the same cell; a mismatch stops the run with one error.
+            distributed.check_same(distributed.fingerprint(model.arch_parameters(), str(model.genotype())),
+                                   f"the alphas and genotype after epoch {epoch + 1}")
+            # Running statistics came from each process's own batches: evaluate and save their mean.
+            distributed.average_buffers(model)
+            loss_m.sum, loss_m.count, acc_m.sum = distributed.all_reduce_sum([loss_m.sum, loss_m.count, acc_m.sum])
+            acc_m.count = loss_m.count
+        valid_loss, valid_acc = _evaluate(model, self.eval_stream, self.cfg.eval_batches)
+        self.genotype = model.genotype()
+        return {"train_loss": loss_m.avg, "train_acc": acc_m.avg, "valid_loss": valid_loss, "valid_acc": valid_acc,
+                "lr": self.lr, "genotype": self.genotype.to_dict()}
+
+    def log_epoch(self, record: dict[str, Any], finished: bool) -> None:
+        if not finished:
+            logger.info("genotype = %s", self.genotype)
+
+    def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
+        assert self.rd is not None
+        write_search_epoch(self.rd, self.model, self.genotype, record)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "w_optimizer": self.w_opt.state_dict(),
+                "a_optimizer": self.architect.arch_optimizer.state_dict(),  # type: ignore[union-attr]
+                "scheduler": self.scheduler.state_dict(), "genotype": self.genotype.to_dict()}
+
+    def finish(self, resumed_finished: bool) -> SearchResult:
+        assert self.rd is not None
+        genotype = self.model.genotype()
+        if distributed.is_main():
+            finish_search(self.rd, genotype, self.cfg.plots and not resumed_finished)
+        return SearchResult(self.rd.path, genotype, self.rd.read_metrics())
+
+
 def run(config: SearchConfig | None = None, resume: str | Path | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> SearchResult:
     """Search a convolutional cell and return the run directory, final genotype and metrics.
@@ -246,153 +352,7 @@ def run(config: SearchConfig | None = None, resume: str | Path | None = None,
         cfg = config if config is not None else resume_config(resume, {})
     else:
         cfg = config if config is not None else SearchConfig()
-    cfg.validate()
-    device = distributed.setup(cfg.device)
-    distributed.check_sync_bn(cfg.sync_bn, device)
-    distributed.per_rank_batch(cfg.batch_size, cfg.global_batch)  # fail early when it does not divide
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-
-    rd = open_run_dir(resume if resume is not None else cfg.save, COMMAND, resume is not None)
-    cfg = dataclasses.replace(cfg, save=str(rd.path))
-    with run_logging(rd):
-        try:
-            return _run(cfg, rd, device, resume is not None, on_epoch_end)
-        except KeyboardInterrupt:
-            if rd.checkpoint.exists() and distributed.is_main():
-                logger.warning("interrupted; continue with: dartsnas search cnn --resume %s", rd.path)
-            raise
-
-
-def _run(cfg: SearchConfig, rd: RunDir, device: torch.device, resuming: bool,
-         on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> SearchResult:
-    seed_everything(cfg.seed)
-    data = load_image_data(cfg.dataset, cfg.data, download=cfg.download)
-    train_idx, valid_idx = split_indices(len(data.train), cfg.train_portion)
-    if len(train_idx) == 0 or len(valid_idx) == 0:
-        raise UserError(f"--train_portion {cfg.train_portion} leaves an empty split of the {len(data.train)} "
-                        f"training images; use a value nearer 0.5")
-    model, w_opt, scheduler, architect = build_search(cfg, data, device)
-    images = data.train.to(device)
-    normalize = Normalizer(data.mean, data.std, device,
-                           channels_last=use_channels_last(cfg.channels_last, device, model))
-    # Streams of global batches; with several processes each takes its slice of every batch.
-    batch = distributed.per_rank_batch(cfg.batch_size, cfg.global_batch) * distributed.world_size()
-    shard = {"rank": distributed.rank(), "world": distributed.world_size()}
-    train_stream = BatchStream(images, train_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
-    alpha_stream = BatchStream(images, valid_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
-    eval_stream = BatchStream(images, valid_idx, batch, normalize, train=False, **shard)
-    if len(train_stream) == 0 or len(alpha_stream) == 0:
-        raise UserError(f"the global batch of {batch} images is larger than the {len(train_idx)} / {len(valid_idx)} "
-                        f"images of the weight / alpha split; use a smaller --batch_size or --global_batch keep")
-    start_epoch, step = 0, 0
-    if resuming:
-        state = load_checkpoint(rd.checkpoint, COMMAND)
-        model.load_state_dict(state["model"])
-        w_opt.load_state_dict(state["w_optimizer"])
-        architect.arch_optimizer.load_state_dict(state["a_optimizer"])  # type: ignore[union-attr]
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_epoch, step = state["epoch"], state["step"]
-        if distributed.is_main():
-            rd.truncate_metrics(start_epoch)
-        if state.get("finished"):
-            logger.info("run in %s already finished after epoch %d; nothing to do", rd.path, start_epoch)
-            genotype = model.genotype()
-            return SearchResult(rd.path, genotype, rd.read_metrics())
-        logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
-    elif distributed.is_main():
-        rd.write_config(to_dict(cfg), COMMAND)
-        logger.info("config %s", to_dict(cfg))
-        logger.info("data: %s, %d images for the weights, %d for alpha, %d classes, input %dx%dx%d", data.name,
-                    len(train_idx), len(valid_idx), data.num_classes, data.in_channels, *data.image_size)
-        n_params = sum(p.numel() for p in model.weight_parameters())
-        logger.info("search network: %d weights (%.2f MB), %s order on %s", n_params, n_params * 4 / 1e6,
-                    "second" if cfg.unrolled else "first", device)
-    # The same starting weights and alphas everywhere (they are equal already when seeded alike).
-    distributed.broadcast_module(model)
-    log_distributed(batch // distributed.world_size(), {"learning rate": cfg.learning_rate,
-                                                         "arch learning rate": cfg.arch_learning_rate})
-
-    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
-    genotype = model.genotype()
-    finished = False
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            record: dict[str, Any] = {"epoch": epoch + 1}
-            logger.info("epoch %d/%d lr %.6g", epoch + 1, cfg.epochs, lr)
-            distributed.seed_rank(cfg.seed, epoch)
-            train_gen = epoch_generator(cfg.seed, epoch, 0)
-            alpha_batches = alpha_stream.forever(epoch_generator(cfg.seed, epoch, 1))
-            if cfg.hvp_check:
-                record.update(_hvp_check(architect, train_stream, alpha_stream, cfg.seed, epoch, lr))
-            loss_m, acc_m = AverageMeter(), AverageMeter()
-            n_steps = len(train_stream)
-            if cfg.max_steps is not None:
-                n_steps = min(n_steps, cfg.max_steps - step)
-            bar = progress(n_steps, f"epoch {epoch + 1}")
-            for i, (x, y) in enumerate(train_stream.batches(train_gen)):
-                if i >= n_steps:
-                    break
-                x_val, y_val = next(alpha_batches)
-                # Paper section 2.3 / Alg. 1: update alpha first, then the weights.
-                architect.step((x, y), (x_val, y_val), lr)
-                loss, logits = weight_step(model, w_opt, x, y, cfg.grad_clip)
-                step += 1
-                n = y.shape[0]
-                loss_m.update(loss.item(), n)
-                acc_m.update(accuracy(logits, y)[0], n)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_m.avg:.3f}", acc=f"{acc_m.avg:.1f}")
-                if not math.isfinite(loss_m.avg):
-                    raise UserError(f"the training loss became {loss_m.avg} at step {step}; lower --learning_rate "
-                                    f"or --arch_learning_rate")
-                if (i + 1) % cfg.report_freq == 0:
-                    logger.info("train step %d/%d loss %.4f acc %.2f", i + 1, n_steps, loss_m.avg, acc_m.avg)
-            bar.close()
-            scheduler.step()
-            if distributed.is_distributed():
-                # Every process must derive the same cell; a mismatch stops the run with one error.
-                distributed.check_same(distributed.fingerprint(model.arch_parameters(), str(model.genotype())),
-                                       f"the alphas and genotype after epoch {epoch + 1}")
-                # Running statistics came from each process's own batches: evaluate and save their mean.
-                distributed.average_buffers(model)
-                loss_m.sum, loss_m.count, acc_m.sum = distributed.all_reduce_sum([loss_m.sum, loss_m.count, acc_m.sum])
-                acc_m.count = loss_m.count
-            valid_loss, valid_acc = _evaluate(model, eval_stream, cfg.eval_batches)
-            genotype = model.genotype()
-            finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
-            record.update({
-                "step": step, "train_loss": loss_m.avg, "train_acc": acc_m.avg, "valid_loss": valid_loss,
-                "valid_acc": valid_acc, "lr": lr, "time": time.perf_counter() - t0, "genotype": genotype.to_dict(),
-            })
-            logger.info("epoch %d train_loss %.4f train_acc %.2f valid_loss %.4f valid_acc %.2f (%.1f s)",
-                        epoch + 1, loss_m.avg, acc_m.avg, valid_loss, valid_acc, record["time"])
-            logger.info("genotype = %s", genotype)
-            if distributed.is_main():
-                write_search_epoch(rd, model, genotype, record)
-                save_checkpoint(rd.checkpoint, {
-                    "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
-                    "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
-                    "a_optimizer": architect.arch_optimizer.state_dict(),  # type: ignore[union-attr]
-                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": to_dict(cfg),
-                    "genotype": genotype.to_dict(),
-                })
-            if tb is not None:
-                tb.log(record, epoch + 1)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, record)
-            if finished:
-                break
-    finally:
-        if tb is not None:
-            tb.close()
-    if distributed.is_main():
-        finish_search(rd, genotype, cfg.plots)
-    distributed.barrier()  # the run directory is complete when run() returns in any process
-    return SearchResult(rd.path, genotype, rd.read_metrics())
+    return run_job(CNNSearch(cfg), resume, on_epoch_end)
 
 
 def _hvp_check(architect: Architect, train_stream: BatchStream, alpha_stream: BatchStream, seed: int, epoch: int,

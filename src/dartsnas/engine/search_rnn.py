@@ -13,10 +13,8 @@ training gradient clipped to 0.25 (see :class:`~dartsnas.search.architect.Virtua
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,29 +26,16 @@ from torch import Tensor
 from torch.func import functional_call
 
 from .. import distributed
-from ..config import add_config_arguments, check, explicit_args, make_config, option, to_dict
+from ..config import add_config_arguments, check, explicit_args, make_config, option
 from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
 from ..genotype import RecurrentGenotype
 from ..ops.loss import cross_entropy
-from ..rundir import RunDir
 from ..search.architect import Architect, VirtualStep
 from ..search.rnn import STEPS, RNNSearchModel
-from ..utils import rng_state, seed_everything, set_rng_state
-from .common import (
-    FORMAT_VERSION,
-    TensorBoard,
-    finish_search,
-    load_checkpoint,
-    log_distributed,
-    open_run_dir,
-    progress,
-    resume_config,
-    run_logging,
-    save_checkpoint,
-    write_search_epoch,
-)
+from .common import finish_search, log_distributed, resume_config, write_search_epoch
 from .evaluate_rnn import evaluate_sharded, perplexity
+from .loop import EpochContext, Job, run_job
 from .train_rnn import weight_step
 
 logger = logging.getLogger("dartsnas")
@@ -219,6 +204,119 @@ def _new_seed() -> int:
     return int(torch.randint(0, 2**62, ()).item())
 
 
+class RNNSearch(Job):
+    """The recurrent search as a job of the epoch loop (:mod:`.loop`)."""
+
+    kind = COMMAND
+    command_line = "search rnn"
+    nan_hint = "lower --learning_rate or --arch_learning_rate"
+
+    def prepare(self, resume: str | Path | None) -> None:
+        distributed.check_sync_bn(self.cfg.sync_bn, self.device)
+        _rank_batch(self.cfg)  # fail early when it does not divide
+
+    def build(self, state: dict[str, Any] | None) -> None:
+        cfg, device = self.cfg, self.device
+        self.corpus = corpus = Corpus(cfg.data)
+        # Several processes: the global batch's columns are cut into one block per process, so together
+        # they walk through the same streams as one process with the global batch.
+        self.batch = batch = _rank_batch(cfg)
+        self.train_data = distributed.shard_columns(batchify(corpus.train, batch * distributed.world_size(), device))
+        # Alpha batches: the validation set.
+        self.search_data = distributed.shard_columns(batchify(corpus.valid, batch * distributed.world_size(), device))
+        self.val_data = batchify(corpus.valid, cfg.eval_batch_size, device)
+        self.model, self.w_opt, self.architect = build_search(cfg, len(corpus), device)
+        assert self.architect.arch_optimizer is not None
+        self.a_opt = self.architect.arch_optimizer
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.w_opt.load_state_dict(state["w_optimizer"])
+            self.a_opt.load_state_dict(state["a_optimizer"])
+
+    def describe(self) -> None:
+        cfg, corpus = self.cfg, self.corpus
+        logger.info("data: %s, %d training and %d validation tokens, vocabulary %d", cfg.data, corpus.train.numel(),
+                    corpus.valid.numel(), len(corpus))
+        n_params = sum(p.numel() for p in self.model.weight_parameters())
+        logger.info("search model: %d weights, %s order on %s", n_params, "second" if cfg.unrolled else "first",
+                    self.device)
+
+    def start(self) -> None:
+        cfg = self.cfg
+        distributed.broadcast_module(self.model)  # the same starting point everywhere
+        log_distributed(self.batch, {"learning rate": cfg.learning_rate, "arch learning rate": cfg.arch_learning_rate},
+                        unit="batch (streams)")
+        if cfg.compile and distributed.is_main():
+            logger.info("--compile: the first steps compile the search cell's node kernels (20-40 s, cached for "
+                        "later runs)")
+
+    def steps_per_epoch(self) -> int:
+        # Chunks are bptt long 95 % of the time (bptt / 2 otherwise): an estimate, for the progress bar.
+        return max(1, (self.train_data.shape[0] - 2) // self.cfg.bptt)
+
+    def start_epoch(self, epoch: int) -> dict[str, Any]:
+        self.lr = self.w_opt.param_groups[0]["lr"]
+        distributed.seed_rank(self.cfg.seed, epoch)
+        if self.cfg.hvp_check:
+            return _hvp_check(self.model, self.architect, self.train_data, self.search_data, self.cfg, self.lr)
+        return {}
+
+    def train_epoch(self, epoch: int, ctx: EpochContext) -> dict[str, Any]:
+        cfg, model, train_data, search_data = self.cfg, self.model, self.train_data, self.search_data
+        hidden, hidden_valid = model.init_hidden(self.batch), model.init_hidden(self.batch)
+        loss_sum, n_batches, i = 0.0, 0, 0
+        n_rows = train_data.shape[0]
+        while i < n_rows - 2 and ctx.can_step():
+            seq_len = int(cfg.bptt if np.random.random() < 0.95 else cfg.bptt / 2.0)
+            data_v, targets_v = get_batch(search_data, i % (search_data.shape[0] - 1), cfg.bptt)
+            data, targets = get_batch(train_data, i, seq_len)
+            step_lr = self.lr * seq_len / cfg.bptt
+            train = TextBatch(data, targets, hidden, _new_seed())
+            valid = TextBatch(data_v, targets_v, hidden_valid, _new_seed())
+            loss, hidden, hidden_valid = search_step(model, self.w_opt, self.architect, train, valid, step_lr, cfg)
+            loss_sum += loss
+            n_batches += 1
+            i += seq_len
+            avg = loss_sum / n_batches
+            if ctx.advance(avg, ppl=perplexity(avg)):
+                logger.info("genotype = %s", model.genotype())
+        self.loss_sum, self.n_batches = loss_sum, n_batches
+        return {}
+
+    def end_epoch(self, epoch: int, finished: bool) -> dict[str, Any]:
+        model, loss_sum = self.model, self.loss_sum
+        if distributed.is_distributed():
+            # Every process must derive the same cell; a mismatch stops the run with one error.
+            distributed.check_same(distributed.fingerprint(model.arch_parameters(), str(model.genotype())),
+                                   f"the alphas and genotype after epoch {epoch + 1}")
+            distributed.average_buffers(model)  # batch-norm running statistics of each process's streams
+            loss_sum = distributed.all_reduce_sum([loss_sum])[0] / distributed.world_size()
+        train_loss = loss_sum / max(self.n_batches, 1)
+        valid_loss = evaluate_sharded(model, self.val_data, self.cfg.bptt, self.cfg.eval_batches)
+        self.genotype = model.genotype()
+        return {"train_loss": train_loss, "train_ppl": perplexity(train_loss), "valid_loss": valid_loss,
+                "valid_ppl": perplexity(valid_loss), "lr": self.lr, "genotype": self.genotype.to_dict()}
+
+    def log_epoch(self, record: dict[str, Any], finished: bool) -> None:
+        if not finished:
+            logger.info("genotype = %s", self.genotype)
+
+    def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
+        assert self.rd is not None
+        write_search_epoch(self.rd, self.model, self.genotype, record)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "w_optimizer": self.w_opt.state_dict(),
+                "a_optimizer": self.a_opt.state_dict(), "genotype": self.genotype.to_dict()}
+
+    def finish(self, resumed_finished: bool) -> RNNSearchResult:
+        assert self.rd is not None
+        genotype = self.model.genotype()
+        if distributed.is_main():
+            finish_search(self.rd, genotype, self.cfg.plots and not resumed_finished)
+        return RNNSearchResult(self.rd.path, genotype, self.rd.read_metrics())
+
+
 def run(config: RNNSearchConfig | None = None, resume: str | Path | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> RNNSearchResult:
     """Search a recurrent cell and return the run directory, final genotype and metrics."""
@@ -227,16 +325,7 @@ def run(config: RNNSearchConfig | None = None, resume: str | Path | None = None,
                else resume_config(RNNSearchConfig, COMMAND, resume, {}, RESUMABLE_OVERRIDES))
     else:
         cfg = config if config is not None else RNNSearchConfig()
-    cfg.validate()
-    device = distributed.setup(cfg.device)
-    distributed.check_sync_bn(cfg.sync_bn, device)
-    _rank_batch(cfg)  # fail early when it does not divide
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rd = open_run_dir(resume if resume is not None else cfg.save, COMMAND, resume is not None)
-    cfg = dataclasses.replace(cfg, save=str(rd.path))
-    with run_logging(rd):
-        return _run(cfg, rd, device, resume is not None, on_epoch_end)
+    return run_job(RNNSearch(cfg), resume, on_epoch_end)
 
 
 def _rank_batch(cfg: RNNSearchConfig) -> int:
@@ -245,126 +334,6 @@ def _rank_batch(cfg: RNNSearchConfig) -> int:
     check(batch >= 2, f"--global_batch keep leaves {batch} stream(s) per process; the search cell normalises node "
                       f"states over the batch, so each process needs at least 2 (raise --batch_size)")
     return batch
-
-
-def _run(cfg: RNNSearchConfig, rd: RunDir, device: torch.device, resuming: bool,
-         on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> RNNSearchResult:
-    seed_everything(cfg.seed)
-    corpus = Corpus(cfg.data)
-    # Several processes: the global batch's columns are cut into one block per process, so together
-    # they walk through the same streams as one process with the global batch.
-    batch = _rank_batch(cfg)
-    train_data = distributed.shard_columns(batchify(corpus.train, batch * distributed.world_size(), device))
-    # Alpha batches: the validation set.
-    search_data = distributed.shard_columns(batchify(corpus.valid, batch * distributed.world_size(), device))
-    val_data = batchify(corpus.valid, cfg.eval_batch_size, device)
-    model, w_opt, architect = build_search(cfg, len(corpus), device)
-    a_opt = architect.arch_optimizer
-    assert a_opt is not None
-    start_epoch, step = 0, 0
-    if resuming:
-        state = load_checkpoint(rd.checkpoint, COMMAND)
-        model.load_state_dict(state["model"])
-        w_opt.load_state_dict(state["w_optimizer"])
-        a_opt.load_state_dict(state["a_optimizer"])
-        set_rng_state(state["rng"])
-        start_epoch, step = state["epoch"], state["step"]
-        if distributed.is_main():
-            rd.truncate_metrics(start_epoch)
-        if state.get("finished"):
-            logger.info("run in %s already finished after epoch %d; nothing to do", rd.path, start_epoch)
-            return RNNSearchResult(rd.path, model.genotype(), rd.read_metrics())
-        logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
-    elif distributed.is_main():
-        rd.write_config(to_dict(cfg), COMMAND)
-        logger.info("config %s", to_dict(cfg))
-        logger.info("data: %s, %d training and %d validation tokens, vocabulary %d", cfg.data, corpus.train.numel(),
-                    corpus.valid.numel(), len(corpus))
-        n_params = sum(p.numel() for p in model.weight_parameters())
-        logger.info("search model: %d weights, %s order on %s", n_params, "second" if cfg.unrolled else "first",
-                    device)
-    distributed.broadcast_module(model)  # the same starting point everywhere
-    log_distributed(batch, {"learning rate": cfg.learning_rate, "arch learning rate": cfg.arch_learning_rate},
-                    unit="batch (streams)")
-    if cfg.compile and distributed.is_main():
-        logger.info("--compile: the first steps compile the search cell's node kernels (20-40 s, cached for later "
-                    "runs)")
-
-    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
-    genotype = model.genotype()
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            lr = w_opt.param_groups[0]["lr"]
-            record: dict[str, Any] = {"epoch": epoch + 1}
-            distributed.seed_rank(cfg.seed, epoch)
-            if cfg.hvp_check:
-                record.update(_hvp_check(model, architect, train_data, search_data, cfg, lr))
-            hidden, hidden_valid = model.init_hidden(batch), model.init_hidden(batch)
-            loss_sum, n_batches, i = 0.0, 0, 0
-            n_rows = train_data.shape[0]
-            bar = progress(n_rows // cfg.bptt, f"epoch {epoch + 1}")
-            while i < n_rows - 2 and (cfg.max_steps is None or step < cfg.max_steps):
-                seq_len = int(cfg.bptt if np.random.random() < 0.95 else cfg.bptt / 2.0)
-                data_v, targets_v = get_batch(search_data, i % (search_data.shape[0] - 1), cfg.bptt)
-                data, targets = get_batch(train_data, i, seq_len)
-                step_lr = lr * seq_len / cfg.bptt
-                train = TextBatch(data, targets, hidden, _new_seed())
-                valid = TextBatch(data_v, targets_v, hidden_valid, _new_seed())
-                loss, hidden, hidden_valid = search_step(model, w_opt, architect, train, valid, step_lr, cfg)
-                if not math.isfinite(loss):
-                    raise UserError(f"the training loss became {loss} at step {step + 1}; lower --learning_rate or "
-                                    f"--arch_learning_rate")
-                loss_sum += loss
-                n_batches += 1
-                step += 1
-                i += seq_len
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / n_batches:.3f}")
-                if n_batches % cfg.report_freq == 0:
-                    avg = loss_sum / n_batches
-                    logger.info("epoch %d step %d loss %.4f ppl %.2f", epoch + 1, n_batches, avg, perplexity(avg))
-                    logger.info("genotype = %s", model.genotype())
-            bar.close()
-            if distributed.is_distributed():
-                # Every process must derive the same cell; a mismatch stops the run with one error.
-                distributed.check_same(distributed.fingerprint(model.arch_parameters(), str(model.genotype())),
-                                       f"the alphas and genotype after epoch {epoch + 1}")
-                distributed.average_buffers(model)  # batch-norm running statistics of each process's streams
-                loss_sum = distributed.all_reduce_sum([loss_sum])[0] / distributed.world_size()
-            train_loss = loss_sum / max(n_batches, 1)
-            valid_loss = evaluate_sharded(model, val_data, cfg.bptt, cfg.eval_batches)
-            genotype = model.genotype()
-            finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
-            record.update({
-                "step": step, "train_loss": train_loss, "train_ppl": perplexity(train_loss), "valid_loss": valid_loss,
-                "valid_ppl": perplexity(valid_loss), "lr": lr, "time": time.perf_counter() - t0,
-                "genotype": genotype.to_dict(),
-            })
-            logger.info("epoch %d train_loss %.4f valid_loss %.4f valid_ppl %.2f (%.1f s)", epoch + 1, train_loss,
-                        valid_loss, record["valid_ppl"], record["time"])
-            logger.info("genotype = %s", genotype)
-            if distributed.is_main():
-                write_search_epoch(rd, model, genotype, record)
-                save_checkpoint(rd.checkpoint, {
-                    "format_version": FORMAT_VERSION, "kind": COMMAND, "epoch": epoch + 1, "step": step,
-                    "finished": finished, "model": model.state_dict(), "w_optimizer": w_opt.state_dict(),
-                    "a_optimizer": a_opt.state_dict(), "rng": rng_state(), "config": to_dict(cfg),
-                    "genotype": genotype.to_dict(),
-                })
-            if tb is not None:
-                tb.log(record, epoch + 1)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, record)
-            if finished:
-                break
-    finally:
-        if tb is not None:
-            tb.close()
-    if distributed.is_main():
-        finish_search(rd, genotype, cfg.plots)
-    distributed.barrier()  # the run directory is complete when run() returns in any process
-    return RNNSearchResult(rd.path, genotype, rd.read_metrics())
 
 
 def _hvp_check(model: RNNSearchModel, architect: Architect, train_data: Tensor, search_data: Tensor,

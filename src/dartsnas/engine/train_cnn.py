@@ -12,7 +12,6 @@ epoch; it never influences training.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import os
@@ -35,19 +34,9 @@ from ..genotype import Genotype, load_genotype
 from ..models.cnn import NETWORK_DEFAULTS, NETWORKS, aux_feature_size, build_network, count_network_parameters
 from ..ops import fastconv
 from ..rundir import RunDir, write_json
-from ..utils import AverageMeter, accuracy, rng_state, seed_everything, set_rng_state
+from ..utils import AverageMeter, accuracy
 from . import common
-from .common import (
-    FORMAT_VERSION,
-    TensorBoard,
-    load_checkpoint,
-    log_distributed,
-    open_run_dir,
-    progress,
-    run_logging,
-    save_checkpoint,
-    write_figures,
-)
+from .common import log_distributed, write_figures
 from .evaluate_cnn import (
     AMP_CHOICES,
     EvalResult,
@@ -58,6 +47,7 @@ from .evaluate_cnn import (
     resolve_amp,
     use_channels_last,
 )
+from .loop import EpochContext, Job, run_job
 
 logger = logging.getLogger("dartsnas")
 
@@ -351,41 +341,6 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
     return common.resume_config(CONFIGS[network], command, run_dir, overrides, RESUMABLE_OVERRIDES)
 
 
-def run(config: TrainConfig | None = None, resume: str | Path | None = None,
-        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train a network from scratch; returns the run directory, genotype, metrics and final test result.
-
-    Args:
-        config: a ``CifarTrainConfig`` or ``ImageNetTrainConfig`` (ignored when ``resume`` is given
-            and ``config.save`` is not that directory: the run's stored settings are used).
-        resume: a run directory to continue from its last checkpoint.
-        on_epoch_end: called as ``on_epoch_end(epoch, record)`` after each epoch's checkpoint.
-    """
-    if resume is not None:
-        cfg = config if config is not None and config.save == str(resume) else resume_config(resume, {})
-    else:
-        cfg = config if config is not None else CifarTrainConfig()
-    cfg.validate()
-    # A resumed run trains the genotype it stored, even if --arch named a file that has changed since.
-    stored = RunDir(resume).genotype if resume is not None else None
-    genotype = load_genotype(stored if stored is not None and stored.is_file() else cfg.arch, kind="cnn")
-    assert isinstance(genotype, Genotype)
-    device = distributed.setup(cfg.device)
-    resolve_amp(cfg.amp, device)  # fail before creating the run directory
-    distributed.check_sync_bn(cfg.sync_bn, device)
-    _rank_batch(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if isinstance(cfg, ImageNetTrainConfig):
-        from ..data.imagenet import check_layout
-
-        check_layout(cfg.data)
-    rd = open_run_dir(resume if resume is not None else cfg.save, cfg.command, resume is not None)
-    cfg = dataclasses.replace(cfg, save=str(rd.path))
-    with run_logging(rd):
-        return _run(cfg, genotype, rd, device, resume is not None, on_epoch_end)
-
-
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                grad_clip: float, auxiliary_weight: float = 0.4, label_smoothing: float = 0.0,
                amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None
@@ -433,187 +388,215 @@ def _set_determinism(deterministic: bool, device: torch.device) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
-def _run(cfg: TrainConfig, genotype: Genotype, rd: RunDir, device: torch.device, resuming: bool,
-         on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
-    seed_everything(cfg.seed)
-    _set_determinism(cfg.deterministic, device)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    data: _CifarData | _ImageNetData
-    if isinstance(cfg, ImageNetTrainConfig):
-        data = _ImageNetData(cfg, device)
-    else:
-        assert isinstance(cfg, CifarTrainConfig)
-        data = _CifarData(cfg, device)
-    if cfg.auxiliary:
-        side = aux_feature_size(cfg.network, data.image_size)
-        need = NETWORKS[cfg.network].aux_min_size
-        if side < need:
-            raise UserError(f"the auxiliary head needs a {need}x{need} feature map but {data.image_size}px images "
-                            f"give {side}x{side}; use larger images (--image_size) or --no-auxiliary")
+class CNNTraining(Job):
+    """Training a network from scratch as a job of the epoch loop (:mod:`.loop`)."""
 
-    model = build_network(cfg.network, genotype, cfg.init_channels, cfg.layers, cfg.auxiliary, data.num_classes)
-    if cfg.flip_conv_backward:
-        fastconv.use_flipped_backward(model)
-    channels_last = use_channels_last(cfg.channels_last, device, amp_dtype, model)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = distributed.convert_sync_bn(model.to(device), cfg.sync_bn)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    if isinstance(cfg, ImageNetTrainConfig):
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.decay_period, gamma=cfg.gamma)
-        label_smoothing = cfg.label_smooth
-    else:
-        assert isinstance(cfg, CifarTrainConfig)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=cfg.learning_rate_min)
-        label_smoothing = 0.0
-    # Loss scaling only for float16; bfloat16 has float32's range.
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    command_line = "train"
 
-    start_epoch, step, best_acc = 0, 0, -1.0
-    if resuming:
-        state = load_checkpoint(rd.checkpoint, cfg.command)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, step, best_acc = state["epoch"], state["step"], state["best_valid_acc"]
-        if distributed.is_main():
-            rd.truncate_metrics(start_epoch)
-        if state.get("finished"):
-            logger.info("run in %s already finished after epoch %d; nothing to do", rd.path, start_epoch)
-            return TrainResult(rd.path, genotype, rd.read_metrics(), None)
-        logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
-    elif distributed.is_main():
-        rd.write_config(to_dict(cfg), cfg.command)
-        write_json(rd.genotype, genotype.to_dict())
-        logger.info("config %s", to_dict(cfg))
-        logger.info("genotype = %s", genotype)
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.kind = cfg.command
+        self.command_line = f"train {cfg.network}"
+        self.test_result: EvalResult | None = None
+
+    def prepare(self, resume: str | Path | None) -> None:
+        cfg = self.cfg
+        # A resumed run trains the genotype it stored, even if --arch named a file that has changed since.
+        stored = RunDir(resume).genotype if resume is not None else None
+        genotype = load_genotype(stored if stored is not None and stored.is_file() else cfg.arch, kind="cnn")
+        assert isinstance(genotype, Genotype)
+        self.genotype = genotype
+        resolve_amp(cfg.amp, self.device)
+        distributed.check_sync_bn(cfg.sync_bn, self.device)
+        _rank_batch(cfg)
+        if isinstance(cfg, ImageNetTrainConfig):
+            from ..data.imagenet import check_layout
+
+            check_layout(cfg.data)
+
+    def build(self, state: dict[str, Any] | None) -> None:
+        cfg, device = self.cfg, self.device
+        _set_determinism(cfg.deterministic, device)
+        self.amp_dtype = amp_dtype = resolve_amp(cfg.amp, device)
+        self.data = data = _ImageNetData(cfg, device) if isinstance(cfg, ImageNetTrainConfig) else _CifarData(cfg, device)
+        if cfg.auxiliary:
+            side = aux_feature_size(cfg.network, data.image_size)
+            need = NETWORKS[cfg.network].aux_min_size
+            if side < need:
+                raise UserError(f"the auxiliary head needs a {need}x{need} feature map but {data.image_size}px "
+                                f"images give {side}x{side}; use larger images (--image_size) or --no-auxiliary")
+        model = build_network(cfg.network, self.genotype, cfg.init_channels, cfg.layers, cfg.auxiliary,
+                              data.num_classes)
+        if cfg.flip_conv_backward:
+            fastconv.use_flipped_backward(model)
+        self.channels_last = use_channels_last(cfg.channels_last, device, amp_dtype, model)
+        self.fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        model = distributed.convert_sync_bn(model.to(device), cfg.sync_bn)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = torch.optim.SGD(model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler
+        if isinstance(cfg, ImageNetTrainConfig):
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.decay_period, gamma=cfg.gamma)
+            self.label_smoothing = cfg.label_smooth
+        else:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs,
+                                                                        eta_min=cfg.learning_rate_min)
+            self.label_smoothing = 0.0
+        # Loss scaling only for float16; bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        self.best_acc = -1.0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.best_acc = state["best_valid_acc"]
+
+    def describe(self) -> None:
+        cfg, data, model = self.cfg, self.data, self.model
+        assert self.rd is not None
+        write_json(self.rd.genotype, self.genotype.to_dict())
+        logger.info("genotype = %s", self.genotype)
         logger.info("data: %d training images%s, %d classes; test images: %s", data.train_size,
                     f", {data.valid_size} held out for validation" if data.valid_size else "", data.num_classes,
                     data.test_source or "none")
         logger.info("network: %d cells, C=%d, %s parameters (%s with the auxiliary head) on %s, %s%s",
                     cfg.layers, cfg.init_channels, f"{count_network_parameters(model):,}",
-                    f"{count_network_parameters(model, auxiliary=True):,}", device,
-                    {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp_dtype],
-                    ", channels-last" if channels_last else "")
+                    f"{count_network_parameters(model, auxiliary=True):,}", self.device,
+                    {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.amp_dtype],
+                    ", channels-last" if self.channels_last else "")
 
-    # Several processes: DistributedDataParallel averages the gradients during the backward pass (and
-    # starts every process from rank 0's weights). ``model`` stays the plain network for evaluation,
-    # drop path and checkpoints.
-    train_model: torch.nn.Module = model
-    if distributed.is_distributed():
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    log_distributed(data.batch // distributed.world_size(), {"learning rate": cfg.learning_rate})
+    def start(self) -> None:
+        # Several processes: DistributedDataParallel averages the gradients during the backward pass (and
+        # starts every process from rank 0's weights). ``model`` stays the plain network for evaluation,
+        # drop path and checkpoints.
+        self.train_model: torch.nn.Module = self.model
+        if distributed.is_distributed():
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        log_distributed(self.data.batch // distributed.world_size(), {"learning rate": self.cfg.learning_rate})
 
-    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
-    test_result: EvalResult | None = None
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            # Scheduled drop path (NASNet): 0 in the first epoch, rising linearly towards drop_path_prob.
-            model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
-            distributed.seed_rank(cfg.seed, epoch)  # drop-path masks differ per process, replay on resume
-            logger.info("epoch %d/%d lr %.6g drop_path_prob %.4f", epoch + 1, cfg.epochs, lr, model.drop_path_prob)
-            n_steps = len(data)
-            if cfg.max_steps is not None:
-                n_steps = min(n_steps, cfg.max_steps - step)
-            loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
-            model.train()
-            bar = progress(n_steps, f"epoch {epoch + 1}")
-            images_seen = 0
-            t_train = time.perf_counter()
-            for i, (x, y) in enumerate(data.train_batches(epoch)):
-                if i >= n_steps:
-                    break
-                if x.shape[0] < 2:  # batch norm cannot train on a single image; happens for N % batch == 1
-                    continue
-                x = x.contiguous(memory_format=fmt)
-                loss, logits = train_step(train_model, optimizer, x, y, grad_clip=cfg.grad_clip,
-                                          auxiliary_weight=cfg.auxiliary_weight, label_smoothing=label_smoothing,
-                                          amp_dtype=amp_dtype, scaler=scaler)
-                step += 1
-                n = y.shape[0]
-                images_seen += n
-                top1, top5 = accuracy(logits.float(), y, topk=(1, 5))
-                loss_m.update(loss.item(), n)
-                top1_m.update(top1, n)
-                top5_m.update(top5, n)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_m.avg:.3f}", acc=f"{top1_m.avg:.1f}")
-                if not math.isfinite(loss_m.avg):
-                    raise UserError(f"the training loss became {loss_m.avg} at step {step}; lower --learning_rate")
-                if (i + 1) % cfg.report_freq == 0:
-                    logger.info("train step %d/%d loss %.4f acc %.2f top5 %.2f", i + 1, n_steps, loss_m.avg,
-                                top1_m.avg, top5_m.avg)
-            bar.close()
-            train_time = time.perf_counter() - t_train
-            if distributed.is_distributed():
-                # Means over every process's images (equal shares, so also the mean of the means).
-                loss_m.sum, top1_m.sum, top5_m.sum, loss_m.count, images_seen = distributed.all_reduce_sum(
-                    [loss_m.sum, top1_m.sum, top5_m.sum, loss_m.count, images_seen])
-                top1_m.count = top5_m.count = loss_m.count
-            scheduler.step()
-            finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1, "step": step, "train_loss": loss_m.avg, "train_acc": top1_m.avg,
-                "train_acc_top5": top5_m.avg, "lr": lr, "drop_path_prob": model.drop_path_prob,
-                "train_images_per_s": images_seen / max(train_time, 1e-9),
-            }
-            improved = False
-            valid_batches = data.valid_batches()
-            if valid_batches is not None:
-                valid = _evaluate(model, valid_batches, device, amp_dtype, channels_last, cfg.eval_batches)
-                record.update(valid.as_record("valid"))
-                improved = valid.top1 > best_acc
-                best_acc = max(best_acc, valid.top1)
-            if finished:
-                test_batches = data.test_batches()
-                if test_batches is not None:
-                    # The only look at the test split: final weights, after training has ended.
-                    test_result = _evaluate(model, test_batches, device, amp_dtype, channels_last, cfg.eval_batches)
-                    record.update(test_result.as_record("test"))
-            record["time"] = time.perf_counter() - t0
-            logger.info("epoch %d %s (%.1f s)", epoch + 1, " ".join(
-                f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("_loss", "_acc"))), record["time"])
-            if distributed.is_main():
-                rd.append_metrics(record)
-                meta = {"epoch": str(epoch + 1), "step": str(step)}
-                if improved:
-                    save_weights(rd.path / "best.safetensors", model, cfg.network, genotype, to_dict(cfg), meta)
-                if finished:
-                    save_weights(rd.path / "final.safetensors", model, cfg.network, genotype, to_dict(cfg), meta)
-                state = {
-                    "format_version": FORMAT_VERSION, "kind": cfg.command, "network": cfg.network,
-                    "epoch": epoch + 1, "step": step, "finished": finished, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
-                    "config": to_dict(cfg), "genotype": genotype.to_dict(), "best_valid_acc": best_acc,
-                }
-                save_checkpoint(rd.checkpoint, state)
-            if tb is not None:
-                tb.log(record, epoch + 1)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, record)
-            if finished:
+    def steps_per_epoch(self) -> int:
+        return len(self.data)
+
+    def start_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        self.lr = self.scheduler.get_last_lr()[0]
+        # Scheduled drop path (NASNet): 0 in the first epoch, rising linearly towards drop_path_prob.
+        model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
+        distributed.seed_rank(cfg.seed, epoch)  # drop-path masks differ per process, replay on resume
+        logger.info("epoch %d/%d lr %.6g drop_path_prob %.4f", epoch + 1, cfg.epochs, self.lr, model.drop_path_prob)
+        return {}
+
+    def train_epoch(self, epoch: int, ctx: EpochContext) -> dict[str, Any]:
+        cfg = self.cfg
+        self.meters = loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
+        self.model.train()
+        images_seen = 0
+        t_train = time.perf_counter()
+        for i, (x, y) in enumerate(self.data.train_batches(epoch)):
+            if i >= ctx.total:
                 break
-    finally:
-        if tb is not None:
-            tb.close()
-    if test_result is not None:
-        logger.info("final test: %d images, error %.2f%% (accuracy %.2f%%, top-5 %.2f%%), loss %.4f",
-                    test_result.images, 100 - test_result.top1, test_result.top1, test_result.top5, test_result.loss)
-    logger.info("run directory: %s", rd.path)
-    if cfg.plots and distributed.is_main():
-        write_figures(rd.path)
-    distributed.barrier()  # the run directory is complete when run() returns in any process
-    return TrainResult(rd.path, genotype, rd.read_metrics(), test_result)
+            if x.shape[0] < 2:  # batch norm cannot train on a single image; happens for N % batch == 1
+                continue
+            x = x.contiguous(memory_format=self.fmt)
+            loss, logits = train_step(self.train_model, self.optimizer, x, y, grad_clip=cfg.grad_clip,
+                                      auxiliary_weight=cfg.auxiliary_weight, label_smoothing=self.label_smoothing,
+                                      amp_dtype=self.amp_dtype, scaler=self.scaler)
+            n = y.shape[0]
+            images_seen += n
+            top1, top5 = accuracy(logits.float(), y, topk=(1, 5))
+            loss_m.update(loss.item(), n)
+            top1_m.update(top1, n)
+            top5_m.update(top5, n)
+            ctx.advance(loss_m.avg, acc=top1_m.avg, top5=top5_m.avg)
+        self.images_seen, self.train_time = images_seen, time.perf_counter() - t_train
+        return {}
+
+    def end_epoch(self, epoch: int, finished: bool) -> dict[str, Any]:
+        loss_m, top1_m, top5_m = self.meters
+        images_seen = self.images_seen
+        if distributed.is_distributed():
+            # Means over every process's images (equal shares, so also the mean of the means).
+            loss_m.sum, top1_m.sum, top5_m.sum, loss_m.count, images_seen = distributed.all_reduce_sum(
+                [loss_m.sum, top1_m.sum, top5_m.sum, loss_m.count, images_seen])
+            top1_m.count = top5_m.count = loss_m.count
+        self.scheduler.step()
+        record: dict[str, Any] = {
+            "train_loss": loss_m.avg, "train_acc": top1_m.avg, "train_acc_top5": top5_m.avg, "lr": self.lr,
+            "drop_path_prob": self.model.drop_path_prob,
+            "train_images_per_s": images_seen / max(self.train_time, 1e-9),
+        }
+        self.improved = False
+        valid_batches = self.data.valid_batches()
+        if valid_batches is not None:
+            valid = self._evaluate(valid_batches)
+            record.update(valid.as_record("valid"))
+            self.improved = valid.top1 > self.best_acc
+            self.best_acc = max(self.best_acc, valid.top1)
+        if finished:
+            test_batches = self.data.test_batches()
+            if test_batches is not None:
+                # The only look at the test split: final weights, after training has ended.
+                self.test_result = self._evaluate(test_batches)
+                record.update(self.test_result.as_record("test"))
+        return record
+
+    def _evaluate(self, batches: Batches) -> EvalResult:
+        return _evaluate(self.model, batches, self.device, self.amp_dtype, self.channels_last, self.cfg.eval_batches)
+
+    def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
+        assert self.rd is not None
+        cfg = self.cfg
+        meta = {"epoch": str(record["epoch"]), "step": str(record["step"])}
+        if self.improved:
+            save_weights(self.rd.path / "best.safetensors", self.model, cfg.network, self.genotype, to_dict(cfg), meta)
+        if finished:
+            save_weights(self.rd.path / "final.safetensors", self.model, cfg.network, self.genotype, to_dict(cfg),
+                         meta)
+
+    def state(self) -> dict[str, Any]:
+        return {"network": self.cfg.network, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "genotype": self.genotype.to_dict(), "best_valid_acc": self.best_acc}
+
+    def finish(self, resumed_finished: bool) -> TrainResult:
+        assert self.rd is not None
+        result = self.test_result
+        if resumed_finished:
+            # The final test ran in the last epoch; its numbers are in that epoch's metrics line.
+            last = (self.rd.read_metrics() or [{}])[-1]
+            if "test_acc" in last:
+                result = EvalResult(last["test_loss"], last["test_acc"], last.get("test_acc_top5", math.nan), 0, 0.0)
+        elif result is not None:
+            logger.info("final test: %d images, error %.2f%% (accuracy %.2f%%, top-5 %.2f%%), loss %.4f",
+                        result.images, 100 - result.top1, result.top1, result.top5, result.loss)
+        logger.info("run directory: %s", self.rd.path)
+        if self.cfg.plots and distributed.is_main() and not resumed_finished:
+            write_figures(self.rd.path)
+        return TrainResult(self.rd.path, self.genotype, self.rd.read_metrics(), result)
+
+
+def run(config: TrainConfig | None = None, resume: str | Path | None = None,
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train a network from scratch; returns the run directory, genotype, metrics and final test result.
+
+    Args:
+        config: a ``CifarTrainConfig`` or ``ImageNetTrainConfig`` (ignored when ``resume`` is given
+            and ``config.save`` is not that directory: the run's stored settings are used).
+        resume: a run directory to continue from its last checkpoint.
+        on_epoch_end: called as ``on_epoch_end(epoch, record)`` after each epoch's checkpoint.
+    """
+    if resume is not None:
+        cfg = config if config is not None and config.save == str(resume) else resume_config(resume, {})
+    else:
+        cfg = config if config is not None else CifarTrainConfig()
+    return run_job(CNNTraining(cfg), resume, on_epoch_end)
 
 
 # -- command line -------------------------------------------------------------------------------

@@ -12,10 +12,9 @@ epochs). With ASGD active, validation and the saved best model use the averaged 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,27 +25,17 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from ..checkpoint import load_weights, save_weights
 from ..config import add_config_arguments, check, coerce, explicit_args, option, read_yaml_config, to_dict
 from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
 from ..genotype import RecurrentGenotype, load_genotype
 from ..models.rnn import RNNModel, count_parameters
 from ..ops.loss import cross_entropy
-from ..rundir import RunDir, write_json
-from ..utils import rng_state, seed_everything, set_rng_state
-from .common import (
-    FORMAT_VERSION,
-    TensorBoard,
-    load_checkpoint,
-    log_distributed,
-    open_run_dir,
-    progress,
-    resume_config,
-    run_logging,
-    save_checkpoint,
-    write_figures,
-)
-from .evaluate_rnn import CHECKPOINT_KIND, evaluate, evaluate_sharded, perplexity
+from ..rundir import read_json, write_json
+from .common import log_distributed, resume_config, write_figures
+from .evaluate_rnn import evaluate, evaluate_sharded, perplexity
+from .loop import EpochContext, Job, run_job
 
 logger = logging.getLogger("dartsnas")
 
@@ -226,6 +215,161 @@ def _averaged_state(model: RNNModel, optimizer: torch.optim.Optimizer) -> dict[s
     return state
 
 
+class RNNTraining(Job):
+    """Training a recurrent cell from scratch as a job of the epoch loop (:mod:`.loop`)."""
+
+    kind = COMMAND
+    nan_hint = "lower --learning_rate, or resume from the last checkpoint with --resume RUN_DIR"
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.command_line = f"train {cfg.dataset}"
+
+    def run_name(self) -> str:
+        return f"train-{self.cfg.dataset}"
+
+    def prepare(self, resume: str | Path | None) -> None:
+        _rank_batch(self.cfg)  # fail early when it does not divide
+        self.genotype = load_genotype(self.cfg.arch, kind="rnn")
+
+    def build(self, state: dict[str, Any] | None) -> None:
+        cfg, device = self.cfg, self.device
+        self.corpus = corpus = Corpus(cfg.data_dir, vocab=state["vocab"] if state else None)
+        # Several processes: one block of the global batch's columns (streams) per process.
+        self.batch = batch = _rank_batch(cfg)
+        self.train_data = distributed.shard_columns(batchify(corpus.train, batch * distributed.world_size(), device))
+        self.val_data = batchify(corpus.valid, cfg.eval_batch_size, device)
+        self.sbs = cfg.small_batch_size or batch
+        self.model_args = _model_args(cfg, len(corpus))
+        self.model = RNNModel(genotype=self.genotype, packed=cfg.pack_weights, **self.model_args).to(device)
+        self.params = list(self.model.parameters())
+        self.opt_kind = "sgd"
+        self.optimizer = _make_optimizer(self.opt_kind, self.params, cfg)
+        self.best_val: list[float] = []
+        self.stored_loss = math.inf
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.opt_kind = state["optimizer_kind"]
+            self.optimizer = _make_optimizer(self.opt_kind, self.params, cfg)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.best_val, self.stored_loss = list(state["val_losses"]), float(state["stored_loss"])
+
+    def describe(self) -> None:
+        cfg, corpus = self.cfg, self.corpus
+        assert self.rd is not None
+        write_json(self.rd.genotype, self.genotype.to_dict())
+        logger.info("genotype = %s", self.genotype)
+        logger.info("data: %s, %d / %d / %d tokens, vocabulary %d", cfg.data_dir, corpus.train.numel(),
+                    corpus.valid.numel(), corpus.test.numel(), len(corpus))
+        logger.info("model: %d parameters on %s", count_parameters(self.model), self.device)
+
+    def start(self) -> None:
+        distributed.broadcast_module(self.model)  # the same starting point everywhere
+        log_distributed(self.batch, {"learning rate": self.cfg.learning_rate}, unit="batch (streams)")
+
+    def steps_per_epoch(self) -> int:
+        # Sequence lengths vary around bptt: an estimate, for the progress bar.
+        return max(1, (self.train_data.shape[0] - 2) // self.cfg.bptt)
+
+    def train_epoch(self, epoch: int, ctx: EpochContext) -> dict[str, Any]:
+        cfg, model, optimizer = self.cfg, self.model, self.optimizer
+        model.train()
+        distributed.seed_rank(cfg.seed, epoch)
+        hiddens = [model.init_hidden(self.sbs) for _ in range(self.batch // self.sbs)]
+        loss_sum, n_batches, i = 0.0, 0, 0
+        n_rows = self.train_data.shape[0]
+        while i < n_rows - 2 and ctx.can_step():
+            seq_len = sample_seq_len(cfg.bptt, cfg.max_seq_len_delta)
+            data, targets = get_batch(self.train_data, i, seq_len)
+            # Shorter sequences take proportionally smaller steps (AWD-LSTM).
+            lr = optimizer.param_groups[0]["lr"] * seq_len / cfg.bptt
+            loss = weight_step(model, optimizer, self.params, data, targets, hiddens, lr, cfg.grad_clip, cfg.beta)
+            loss_sum += loss
+            n_batches += 1
+            i += seq_len
+            avg = loss_sum / n_batches
+            ctx.advance(avg, ppl=perplexity(avg))
+        if distributed.is_distributed():
+            loss_sum = distributed.all_reduce_sum([loss_sum])[0] / distributed.world_size()
+        self.train_loss = loss_sum / max(n_batches, 1)
+        return {}
+
+    def end_epoch(self, epoch: int, finished: bool) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        if self.opt_kind == "asgd":
+            # Validate (and keep) the averaged weights, as the authors' NT-ASGD does.
+            current = {k: v.clone() for k, v in model.state_dict().items()}
+            averaged = _averaged_state(model, self.optimizer)
+            model.load_state_dict(averaged)
+            val_loss = evaluate_sharded(model, self.val_data, cfg.bptt, cfg.eval_batches)
+            model.load_state_dict(current)
+            self.weights = averaged
+        else:
+            val_loss = evaluate_sharded(model, self.val_data, cfg.bptt, cfg.eval_batches)
+            self.weights = model.state_dict()
+        self.val_loss = val_loss
+        self.improved = val_loss < self.stored_loss
+        if self.improved:
+            self.stored_loss = val_loss
+        switched = False
+        if self.opt_kind == "sgd":
+            # Non-monotone trigger: worse than the best of all epochs except the last `nonmono`.
+            if len(self.best_val) > cfg.nonmono and val_loss > min(self.best_val[: -cfg.nonmono]):
+                self.opt_kind, switched = "asgd", True
+                self.optimizer = _make_optimizer("asgd", self.params, cfg)
+                logger.info("switching to averaged SGD")
+            self.best_val.append(val_loss)
+        return {"train_loss": self.train_loss, "train_ppl": perplexity(self.train_loss), "valid_loss": val_loss,
+                "valid_ppl": perplexity(val_loss), "lr": cfg.learning_rate, "optimizer": self.opt_kind,
+                "switched": switched, "best": self.improved}
+
+    def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
+        assert self.rd is not None
+        extra = {"epoch": str(record["epoch"]), "valid_loss": repr(self.val_loss)}
+        if self.improved:
+            self._save_weights(self.rd.path / "best.safetensors", extra)
+        if finished:
+            self._save_weights(self.rd.path / "final.safetensors", extra)
+
+    def _save_weights(self, path: Path, extra: dict[str, str]) -> None:
+        # What `dartsnas test ptb` needs to rebuild the model and read the corpus as it was trained.
+        meta = {"model_args": json.dumps(self.model_args), "vocab": json.dumps(self.corpus.vocab), **extra}
+        save_weights(path, self.weights, self.cfg.dataset, self.genotype, to_dict(self.cfg), meta)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "model_args": self.model_args, "genotype": self.genotype.to_dict(),
+                "vocab": self.corpus.vocab, "optimizer": self.optimizer.state_dict(),
+                "optimizer_kind": self.opt_kind, "val_losses": self.best_val, "stored_loss": self.stored_loss}
+
+    def finish(self, resumed_finished: bool) -> TrainResult:
+        assert self.rd is not None
+        cfg, rd = self.cfg, self.rd
+        test_loss = None
+        test_file, best_path = rd.path / "test.json", rd.path / "best.safetensors"
+        if resumed_finished and test_file.is_file():
+            test_loss = read_json(test_file).get("test_loss")
+        # The best weights are on disk, written by the main process: it alone tests them.
+        elif cfg.final_test and distributed.is_main() and best_path.is_file():
+            best = load_weights(best_path)
+            self.model.load_state_dict(best.state_dict)
+            epoch, valid_loss = int(best.meta["epoch"]), float(best.meta["valid_loss"])
+            test_data = batchify(self.corpus.test, cfg.test_batch_size, self.device)
+            chunks = (test_data.shape[0] - 1 + cfg.bptt - 1) // cfg.bptt
+            shown = chunks if cfg.eval_batches is None else min(chunks, cfg.eval_batches)
+            logger.info("testing the best model (epoch %d) on %d of %d test chunks (batch %d)", epoch, shown, chunks,
+                        cfg.test_batch_size)
+            test_loss = evaluate(self.model, test_data, cfg.bptt, cfg.eval_batches)
+            logger.info("best model (epoch %d): valid ppl %.2f | test ppl %.2f", epoch, perplexity(valid_loss),
+                        perplexity(test_loss))
+            write_json(test_file, {"epoch": epoch, "valid_loss": valid_loss, "valid_ppl": perplexity(valid_loss),
+                                   "test_loss": test_loss, "test_ppl": perplexity(test_loss),
+                                   "test_chunks": shown, "test_chunks_total": chunks})
+        logger.info("run directory: %s", rd.path)
+        if cfg.plots and distributed.is_main() and not resumed_finished:
+            write_figures(rd.path)
+        return TrainResult(rd.path, self.genotype, rd.read_metrics(), self.stored_loss, test_loss)
+
+
 def run(config: TrainConfig | None = None, resume: str | Path | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Train a recurrent cell and return the run directory, metrics and best/test losses.
@@ -240,16 +384,7 @@ def run(config: TrainConfig | None = None, resume: str | Path | None = None,
                else resume_config(TrainConfig, COMMAND, resume, {}, RESUMABLE_OVERRIDES))
     else:
         cfg = config if config is not None else TrainConfig()
-    cfg.validate()
-    device = distributed.setup(cfg.device)
-    _rank_batch(cfg)  # fail early when it does not divide
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    genotype = load_genotype(cfg.arch, kind="rnn")
-    rd = open_run_dir(resume if resume is not None else cfg.save, f"train-{cfg.dataset}", resume is not None)
-    cfg = dataclasses.replace(cfg, save=str(rd.path))
-    with run_logging(rd):
-        return _run(cfg, genotype, rd, device, resume is not None, on_epoch_end)
+    return run_job(RNNTraining(cfg), resume, on_epoch_end)
 
 
 def _rank_batch(cfg: TrainConfig) -> int:
@@ -259,155 +394,6 @@ def _rank_batch(cfg: TrainConfig) -> int:
         check(batch % cfg.small_batch_size == 0,
               f"--small_batch_size {cfg.small_batch_size} must divide each process's batch of {batch} streams")
     return batch
-
-
-def _run(cfg: TrainConfig, genotype: RecurrentGenotype, rd: RunDir, device: torch.device, resuming: bool,
-         on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
-    seed_everything(cfg.seed)
-    state = load_checkpoint(rd.checkpoint, COMMAND) if resuming else None
-    corpus = Corpus(cfg.data_dir, vocab=state["vocab"] if state else None)
-    # Several processes: one block of the global batch's columns (streams) per process.
-    batch = _rank_batch(cfg)
-    train_data = distributed.shard_columns(batchify(corpus.train, batch * distributed.world_size(), device))
-    val_data = batchify(corpus.valid, cfg.eval_batch_size, device)
-    sbs = cfg.small_batch_size or batch
-
-    model_args = _model_args(cfg, len(corpus))
-    model = RNNModel(genotype=genotype, packed=cfg.pack_weights, **model_args).to(device)
-    params = list(model.parameters())
-    opt_kind = "sgd"
-    optimizer = _make_optimizer(opt_kind, params, cfg)
-    start_epoch, step, stored_loss = 0, 0, math.inf
-    best_val: list[float] = []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt_kind = state["optimizer_kind"]
-        optimizer = _make_optimizer(opt_kind, params, cfg)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_epoch, step = state["epoch"], state["step"]
-        best_val, stored_loss = list(state["val_losses"]), float(state["stored_loss"])
-        if distributed.is_main():
-            rd.truncate_metrics(start_epoch)
-        logger.info("resuming %s after epoch %d (step %d, %s)", rd.path, start_epoch, step, opt_kind.upper())
-        if state.get("finished"):
-            logger.info("run in %s already finished; nothing to do", rd.path)
-            return TrainResult(rd.path, genotype, rd.read_metrics(), stored_loss, state.get("test_loss"))
-    elif distributed.is_main():
-        rd.write_config(to_dict(cfg), COMMAND)
-        write_json(rd.genotype, genotype.to_dict())
-        logger.info("config %s", to_dict(cfg))
-        logger.info("genotype = %s", genotype)
-        logger.info("data: %s, %d / %d / %d tokens, vocabulary %d", cfg.data_dir, corpus.train.numel(),
-                    corpus.valid.numel(), corpus.test.numel(), len(corpus))
-        logger.info("model: %d parameters on %s", count_parameters(model), device)
-    distributed.broadcast_module(model)  # the same starting point everywhere
-    log_distributed(batch, {"learning rate": cfg.learning_rate}, unit="batch (streams)")
-
-    def checkpoint(path: Path, kind: str, weights: dict[str, Tensor], **extra: Any) -> None:
-        if not distributed.is_main():  # one writer of the run directory
-            return
-        save_checkpoint(path, {"format_version": FORMAT_VERSION, "kind": kind, "model": weights,
-                               "model_args": model_args, "genotype": genotype.to_dict(), "vocab": corpus.vocab,
-                               "config": to_dict(cfg), **extra})
-
-    best_path = rd.path / "checkpoints" / "best.pt"
-    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
-    finished = False
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            model.train()
-            distributed.seed_rank(cfg.seed, epoch)
-            hiddens = [model.init_hidden(sbs) for _ in range(batch // sbs)]
-            loss_sum, n_batches, i = 0.0, 0, 0
-            n_rows = train_data.shape[0]
-            bar = progress(n_rows // cfg.bptt, f"epoch {epoch + 1}")
-            while i < n_rows - 2 and (cfg.max_steps is None or step < cfg.max_steps):
-                seq_len = sample_seq_len(cfg.bptt, cfg.max_seq_len_delta)
-                data, targets = get_batch(train_data, i, seq_len)
-                # Shorter sequences take proportionally smaller steps (AWD-LSTM).
-                lr = optimizer.param_groups[0]["lr"] * seq_len / cfg.bptt
-                loss = weight_step(model, optimizer, params, data, targets, hiddens, lr, cfg.grad_clip, cfg.beta)
-                if not math.isfinite(loss):
-                    raise UserError(f"the training loss became {loss} at step {step + 1}; lower --learning_rate, or "
-                                    f"resume from the last checkpoint with --resume {rd.path}")
-                loss_sum += loss
-                n_batches += 1
-                step += 1
-                i += seq_len
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / n_batches:.3f}")
-                if n_batches % cfg.report_freq == 0:
-                    avg = loss_sum / n_batches
-                    logger.info("epoch %d step %d loss %.4f ppl %.2f", epoch + 1, n_batches, avg, perplexity(avg))
-            bar.close()
-            if distributed.is_distributed():
-                loss_sum = distributed.all_reduce_sum([loss_sum])[0] / distributed.world_size()
-            train_loss = loss_sum / max(n_batches, 1)
-            if opt_kind == "asgd":
-                # Validate (and keep) the averaged weights, as the authors' NT-ASGD does.
-                current = {k: v.clone() for k, v in model.state_dict().items()}
-                averaged = _averaged_state(model, optimizer)
-                model.load_state_dict(averaged)
-                val_loss = evaluate_sharded(model, val_data, cfg.bptt, cfg.eval_batches)
-                model.load_state_dict(current)
-                weights = averaged
-            else:
-                val_loss = evaluate_sharded(model, val_data, cfg.bptt, cfg.eval_batches)
-                weights = model.state_dict()
-            improved = val_loss < stored_loss
-            if improved:
-                stored_loss = val_loss
-                checkpoint(best_path, CHECKPOINT_KIND, weights, epoch=epoch + 1, valid_loss=val_loss)
-            switched = False
-            if opt_kind == "sgd":
-                # Non-monotone trigger: worse than the best of all epochs except the last `nonmono`.
-                if len(best_val) > cfg.nonmono and val_loss > min(best_val[: -cfg.nonmono]):
-                    opt_kind, switched = "asgd", True
-                    optimizer = _make_optimizer("asgd", params, cfg)
-                    logger.info("switching to averaged SGD")
-                best_val.append(val_loss)
-            finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_ppl": perplexity(train_loss),
-                "valid_loss": val_loss, "valid_ppl": perplexity(val_loss), "lr": cfg.learning_rate,
-                "optimizer": opt_kind, "switched": switched, "best": improved, "time": time.perf_counter() - t0,
-            }
-            logger.info("epoch %d train_loss %.4f valid_loss %.4f valid_ppl %.2f%s (%.1f s)", epoch + 1, train_loss,
-                        val_loss, record["valid_ppl"], " *" if improved else "", record["time"])
-            if distributed.is_main():
-                rd.append_metrics(record)
-            checkpoint(rd.checkpoint, COMMAND, model.state_dict(), epoch=epoch + 1, step=step, finished=finished,
-                       optimizer=optimizer.state_dict(), optimizer_kind=opt_kind, val_losses=best_val,
-                       stored_loss=stored_loss, rng=rng_state())
-            if tb is not None:
-                tb.log(record, epoch + 1)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, record)
-            if finished:
-                break
-    finally:
-        if tb is not None:
-            tb.close()
-
-    test_loss = None
-    # The best weights are on disk, written by the main process: it alone tests them.
-    if cfg.final_test and distributed.is_main() and best_path.is_file():
-        best = load_checkpoint(best_path)
-        model.load_state_dict(best["model"])
-        test_data = batchify(corpus.test, cfg.test_batch_size, device)
-        test_loss = evaluate(model, test_data, cfg.bptt)
-        logger.info("best model (epoch %d): valid ppl %.2f | test ppl %.2f", best["epoch"],
-                    perplexity(best["valid_loss"]), perplexity(test_loss))
-        write_json(rd.path / "test.json", {"epoch": best["epoch"], "valid_loss": best["valid_loss"],
-                                           "valid_ppl": perplexity(best["valid_loss"]), "test_loss": test_loss,
-                                           "test_ppl": perplexity(test_loss)})
-    logger.info("run directory: %s", rd.path)
-    if cfg.plots and distributed.is_main():
-        write_figures(rd.path)
-    distributed.barrier()  # the run directory is complete when run() returns in any process
-    return TrainResult(rd.path, genotype, rd.read_metrics(), stored_loss, test_loss)
 
 
 # -- command line ---------------------------------------------------------------------------------

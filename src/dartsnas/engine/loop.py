@@ -1,0 +1,297 @@
+"""The one epoch loop behind every ``search`` and ``train`` command.
+
+A run goes through the same life whatever it trains: checks that need no run directory, the run
+directory and its log, a new start or a resume from ``checkpoints/last.pt``, epochs (steps, a
+progress bar, the interruption hint, an evaluation, a metrics line, a checkpoint, TensorBoard),
+and an end that writes the run's results. :func:`run_job` owns all of that; a :class:`Job` supplies
+only what differs between the four jobs: what it builds, one epoch of steps, one evaluation, what
+its checkpoint holds and what it writes at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .. import distributed
+from ..checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from ..config import to_dict
+from ..errors import UserError
+from ..rundir import RunDir
+from ..utils import is_tty, rng_state, seed_everything, set_rng_state
+from .common import TensorBoard, open_run_dir, run_logging
+
+logger = logging.getLogger("dartsnas")
+
+OnEpochEnd = Callable[[int, dict[str, Any]], None]
+
+
+class EpochContext:
+    """What a job's epoch sees of the loop: the step budget and the one call made after each step.
+
+    ``advance`` counts the step, moves the progress bar, stops the run with one line when the
+    running loss is not finite, and logs a progress line every ``report_freq`` steps.
+    """
+
+    def __init__(self, epoch: int, step: int, limit: int | None, total: int, report_freq: int, nan_hint: str,
+                 bar: tqdm):
+        self.epoch = epoch
+        self.step = step
+        self.limit = limit  # steps this epoch may still take under --max_steps (None: no limit)
+        self.total = total  # steps this epoch is expected to take (the bar's length)
+        self.taken = 0
+        self._report_freq = report_freq
+        self._nan_hint = nan_hint
+        self._bar = bar
+
+    def can_step(self) -> bool:
+        return self.limit is None or self.taken < self.limit
+
+    def advance(self, running_loss: float, **shown: float) -> bool:
+        """Count one step; returns True when this step logged a progress line."""
+        self.step += 1
+        self.taken += 1
+        if not math.isfinite(running_loss):
+            raise UserError(f"the training loss became {running_loss} at step {self.step}; {self._nan_hint}")
+        values = {"loss": running_loss, **shown}
+        self._bar.update(1)
+        self._bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
+        if self.taken % self._report_freq:
+            return False
+        logger.info("epoch %d step %d/%d %s", self.epoch + 1, self.taken, self.total,
+                    " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        return True
+
+
+class Job:
+    """One command's part of a run. Subclasses set ``kind`` and override the hooks they need.
+
+    The loop calls, in order: :meth:`prepare` (before the run directory exists: everything that can
+    fail on bad input), :meth:`build` (data, model, optimisers; restores a checkpoint's state),
+    :meth:`describe` (new runs only), :meth:`start` (both), then per epoch :meth:`train_epoch`,
+    :meth:`end_epoch`, :meth:`write_epoch`, :meth:`state`, and at the end :meth:`finish`.
+    """
+
+    kind: str = ""  # the command stored in config.yaml and in checkpoints ("search-cnn", ...)
+    command_line: str = ""  # how a user starts it ("search cnn"), for the resume hint
+    nan_hint: str = "lower --learning_rate"
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.device = torch.device("cpu")
+        self.rd: RunDir | None = None
+
+    # -- before the run directory ---------------------------------------------------------------
+    def prepare(self, resume: str | Path | None) -> None:
+        """Checks that need no run directory (devices, batch splits, data layout)."""
+
+    def run_name(self) -> str:
+        """The default run directory's prefix."""
+        return self.kind
+
+    # -- the run --------------------------------------------------------------------------------
+    def build(self, state: dict[str, Any] | None) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> None:
+        """Log what a new run trains (data, network)."""
+
+    def start(self) -> None:
+        """Work after building, for new and resumed runs alike (broadcasts, notices)."""
+
+    def steps_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def start_epoch(self, epoch: int) -> dict[str, Any]:
+        """Per-epoch set-up; returns the first entries of the epoch's record."""
+        return {}
+
+    def train_epoch(self, epoch: int, ctx: EpochContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int, finished: bool) -> dict[str, Any]:
+        """Combine processes' statistics, step schedules, evaluate; returns more of the record."""
+        return {}
+
+    def log_epoch(self, record: dict[str, Any], finished: bool) -> None:
+        """Extra log lines after the epoch's summary (a search's genotype)."""
+
+    def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
+        """Files of this epoch besides the metrics line and the checkpoint (main process only)."""
+
+    def state(self) -> dict[str, Any]:
+        """The job's part of the resumable checkpoint."""
+        raise NotImplementedError
+
+    def finish(self, resumed_finished: bool) -> Any:
+        """Write the run's results and return them. ``resumed_finished``: a finished run was resumed,
+        so only results missing from the run directory are computed."""
+        raise NotImplementedError
+
+
+def settings_block(cfg: Any) -> str:
+    """A run's settings as an aligned block, three per line, for the start of its log."""
+    items = [f"{k}={v}" for k, v in to_dict(cfg).items()]
+    width = max((len(s) for s in items), default=0) + 2
+    rows = ["  " + "".join(s.ljust(width) for s in items[i:i + 3]).rstrip() for i in range(0, len(items), 3)]
+    return "settings:\n" + "\n".join(rows)
+
+
+def _eta(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+@contextlib.contextmanager
+def _bar(total: int, desc: str) -> Iterator[tqdm]:
+    """A per-epoch bar on interactive terminals; silent in logs, CI and captured output, and in every
+    process but the main one. Closed however the epoch ends, so that the interruption hint is not
+    glued onto it."""
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not is_tty() or not distributed.is_main())
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
+def _logs_around_bars() -> Iterator[None]:
+    """Route the package's console log lines through tqdm, so they print above a bar, not onto it."""
+    if not is_tty():
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logger]):
+        yield
+
+
+def run_job(job: Job, resume: str | Path | None = None, on_epoch_end: OnEpochEnd | None = None) -> Any:
+    """Run ``job`` from its config (or continue the run directory ``resume``) and return its result."""
+    cfg = job.cfg
+    cfg.validate()
+    job.device = distributed.setup(cfg.device)
+    job.prepare(resume)
+    if getattr(cfg, "tensorboard", False):
+        _require_tensorboard()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    target = resume if resume is not None else cfg.save
+    existed = target is not None and Path(target).exists()
+    rd = open_run_dir(target, job.run_name(), resume is not None)
+    job.rd = rd
+    job.cfg = dataclasses.replace(cfg, save=str(rd.path))
+    started = False
+    try:
+        with run_logging(rd), _logs_around_bars():
+            try:
+                seed_everything(job.cfg.seed)
+                state = load_checkpoint(rd.checkpoint, job.kind) if resume is not None else None
+                job.build(state)
+                started = True
+                return _drive(job, rd, state, on_epoch_end)
+            except KeyboardInterrupt:
+                if rd.checkpoint.exists() and distributed.is_main():
+                    logger.warning("interrupted; continue with: dartsnas %s --resume %s", job.command_line, rd.path)
+                raise
+    except BaseException:
+        # A new run that failed before its first step leaves nothing behind (its log included), unless
+        # the folder was there before: nothing the user made is removed.
+        if not started and resume is None and not existed and distributed.is_main():
+            shutil.rmtree(rd.path, ignore_errors=True)
+        raise
+
+
+def _require_tensorboard() -> None:
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError('--tensorboard needs the tensorboard package: pip install "dartsnas[tensorboard]"') from None
+
+
+def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnEpochEnd | None) -> Any:
+    cfg = job.cfg
+    start_epoch, step = 0, 0
+    if state is not None:
+        set_rng_state(state["rng"])
+        start_epoch, step = state["epoch"], state["step"]
+        if distributed.is_main():
+            rd.truncate_metrics(start_epoch)
+        if state.get("finished"):
+            logger.info("run in %s already finished after epoch %d", rd.path, start_epoch)
+            return job.finish(resumed_finished=True)
+        logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
+    elif distributed.is_main():
+        rd.write_config(to_dict(cfg), job.kind)
+        logger.info("%s", settings_block(cfg))
+        job.describe()
+    job.start()
+
+    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
+    epoch_times: list[float] = []
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            record: dict[str, Any] = {"epoch": epoch + 1, **job.start_epoch(epoch)}
+            limit = None if cfg.max_steps is None else cfg.max_steps - step
+            total = job.steps_per_epoch() if limit is None else min(job.steps_per_epoch(), limit)
+            with _bar(total, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
+                ctx = EpochContext(epoch, step, limit, total, cfg.report_freq, job.nan_hint, bar)
+                record.update(job.train_epoch(epoch, ctx))
+            step = ctx.step
+            finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
+            record.update(job.end_epoch(epoch, finished))
+            record["step"] = step
+            record["time"] = time.perf_counter() - t0
+            epoch_times.append(record["time"])
+            _log_epoch(record, cfg, epoch, step, epoch_times, finished)
+            job.log_epoch(record, finished)
+            if distributed.is_main():
+                job.write_epoch(record, finished)
+                rd.append_metrics(record)
+                save_checkpoint(rd.checkpoint, {
+                    "format_version": FORMAT_VERSION, "kind": job.kind, "epoch": epoch + 1, "step": step,
+                    "finished": finished, "rng": rng_state(), "config": to_dict(cfg), **job.state(),
+                })
+            if tb is not None:
+                tb.log(record, epoch + 1)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+            if finished:
+                break
+    finally:
+        if tb is not None:
+            tb.close()
+    distributed.barrier()  # every epoch's files are written before any process reads them back
+    result = job.finish(resumed_finished=False)
+    distributed.barrier()  # the run directory is complete when run() returns in any process
+    return result
+
+
+def _log_epoch(record: dict[str, Any], cfg: Any, epoch: int, step: int, times: list[float], finished: bool) -> None:
+    """One summary line per epoch: its losses and accuracies, its time and the run's remaining time."""
+    shown = " ".join(f"{k} {v:.4f}" for k, v in record.items()
+                     if k.endswith(("_loss", "_acc", "_ppl")) and isinstance(v, (int, float)))
+    eta = ""
+    if not finished:
+        per_epoch = sum(times) / len(times)
+        epochs_left = cfg.epochs - epoch - 1
+        if cfg.max_steps is not None and step > 0:
+            # Under --max_steps the run ends when the steps run out, possibly before the last epoch.
+            steps_per_epoch = max(step / (epoch + 1), 1.0)
+            epochs_left = min(epochs_left, math.ceil((cfg.max_steps - step) / steps_per_epoch))
+        eta = f", about {_eta(per_epoch * epochs_left)} left"
+    logger.info("epoch %d/%d %s (%.1f s%s)", epoch + 1, cfg.epochs, shown, record["time"], eta)
