@@ -21,8 +21,8 @@ engine's resume, so an interrupted protocol loses at most the epoch in progress.
 The work is split by job: :mod:`.protocol_settings` resolves the settings, :mod:`.protocol_plan`
 lists the stages and their configs, :mod:`.protocol_scheduler` (with :mod:`.protocol_executors`)
 runs them, :mod:`.protocol_summary` selects the cell and writes the summary, and
-:mod:`.protocol_runner` ties these together. This module is the public face (``dartsnas.engine.protocol``
-keeps every name it always had) and the command line.
+:mod:`.protocol_runner` ties these together. This module re-exports their public names, so that
+``dartsnas.engine.protocol`` stays the one import for the Python API, and holds the command line.
 """
 
 from __future__ import annotations
