@@ -78,7 +78,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def explicit_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the user actually gave on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     return {k: v for k, v in vars(args).items() if k in names}
 
 
@@ -112,13 +112,22 @@ def load_yaml_mapping(path: str | os.PathLike[str], example: str = "batch_size: 
     return data, where
 
 
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def field_name(key: Any) -> str:
+    """The field an option name means: YAML keys and flags may spell ``init_channels`` as ``init-channels``."""
+    return str(key).replace("-", "_")
+
+
 def read_yaml_config(path: str | os.PathLike[str], cls: type) -> dict[str, Any]:
     """Read a YAML config file (or a shipped preset by name) and check its keys against ``cls``."""
     data, where = load_yaml_mapping(path)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     out = {}
     for key, value in data.items():
-        norm = str(key).replace("-", "_")
+        norm = field_name(key)
         if norm not in names:
             raise UserError(f"{where}: unknown option {key!r}; see --help for the valid names")
         out[norm] = value
@@ -160,7 +169,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Rebuild a config saved in a run directory, ignoring keys a newer version no longer has."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     return cls(**{k: v for k, v in data.items() if k in names})
 
 

@@ -1,4 +1,4 @@
-"""The protocol's bookkeeping files: ``manifest.json`` (what is done) and ``summary.md``/``summary.json``.
+"""The protocol's results: the selection, and ``summary.md``/``summary.json``.
 
 Every number in the summary is read back from the stage run directories (``metrics.jsonl``,
 ``genotype.json``, ``test.json``), never from values held in memory, so the summary of a protocol
@@ -7,6 +7,7 @@ that was interrupted and resumed is the same as that of one that ran straight th
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -16,44 +17,9 @@ from ..errors import UserError
 from ..genotype import AnyGenotype
 from ..genotype import from_dict as genotype_from_dict
 from ..rundir import RunDir, read_json, write_json, write_text
-
-MANIFEST_VERSION = 1
-
-
-class Manifest:
-    """``PROTOCOL_DIR/manifest.json``: one entry per stage with its status, attempts and wall time.
-
-    Only the protocol's own process writes it (stage processes never do), so there is no
-    concurrent writer; each write replaces the file atomically.
-    """
-
-    def __init__(self, path: Path, data: dict[str, Any]):
-        self.path = path
-        self.data = data
-
-    @classmethod
-    def load_or_create(cls, path: Path, kind: str, config: dict[str, Any]) -> Manifest:
-        if path.is_file():
-            data = read_json(path)
-            if data.get("format_version") != MANIFEST_VERSION or data.get("kind") != kind:
-                raise UserError(f"{path} is not a {kind} protocol manifest of this version; choose another --save")
-            return cls(path, data)
-        return cls(path, {"format_version": MANIFEST_VERSION, "kind": kind, "config": config, "stages": {},
-                          "selection": None})
-
-    @property
-    def stages(self) -> dict[str, dict[str, Any]]:
-        return self.data["stages"]
-
-    def stage(self, name: str) -> dict[str, Any]:
-        return self.stages[name]
-
-    def is_done(self, name: str) -> bool:
-        return name in self.stages and self.stages[name]["status"] == "done"
-
-    def save(self) -> None:
-        write_json(self.path, self.data)
-
+from .protocol_manifest import Manifest
+from .protocol_plan import plan, search_seed
+from .protocol_settings import STAGES, Protocol, Target
 
 # -- reading stage results ------------------------------------------------------------------------
 
@@ -90,7 +56,95 @@ def mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
+# -- the selection and the final numbers ---------------------------------------------------------
+
+
+def selection_score(run_dir: Path, target: Target) -> float:
+    if target.select_reduce == "last":
+        score = last_record(run_dir, target.select_metric)
+    else:
+        score = best_record(run_dir, target.select_metric, target.select_higher_is_better)
+    if score is None:
+        raise UserError(f"{run_dir} reports no {target.select_metric} (the held-out score); the selection training "
+                        f"needs a held-out split (select.valid_size > 0)")
+    return score
+
+
+def select_best(protocol: Protocol, proto_dir: Path) -> dict[str, Any]:
+    """Score every candidate from its selection run directory and pick the best (first on ties)."""
+    tgt = protocol.target
+    best: dict[str, Any] | None = None
+    for stage in plan(protocol):
+        if stage.kind != "select":
+            continue
+        score = selection_score(proto_dir / stage.name, tgt)
+        better = best is None or (score > best["score"] if tgt.select_higher_is_better else score < best["score"])
+        if better:
+            best = {"stage": stage.name, "search": f"search/seed-{search_seed(stage, protocol)}",
+                    "seed": search_seed(stage, protocol), "metric": tgt.select_metric, "score": score}
+    assert best is not None
+    return best
+
+
+def final_test_numbers(run_dir: Path, target: Target) -> tuple[float | None, float | None]:
+    """(test number reported in the summary, test accuracy or None) of a final run."""
+    if target.name == "cnn":
+        acc = last_record(run_dir, "test_acc")
+        return (None if acc is None else 100.0 - acc), acc
+    test = run_dir / "test.json"
+    if not test.is_file():
+        return None, None
+    value = json.loads(test.read_text(encoding="utf-8")).get("test_ppl")
+    return (float(value) if value is not None else None), None
+
+
 # -- summary ------------------------------------------------------------------------------------
+
+
+def build_summary(protocol: Protocol, proto_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    """Everything ``summary.md`` shows, read from the stage run directories."""
+    tgt = protocol.target
+    selection = select_best(protocol, proto_dir)
+    stages = plan(protocol)
+    candidates = []
+    for stage in stages:
+        if stage.kind != "search":
+            continue
+        genotype = read_genotype(proto_dir / stage.name)
+        select_dir = f"select/seed-{stage.seed}"
+        candidates.append({
+            "seed": stage.seed, "search_dir": stage.name, "select_dir": select_dir,
+            "genotype": genotype.to_dict(), "genotype_text": str(genotype),
+            "search_score": last_record(proto_dir / stage.name, tgt.search_metric),
+            "selection_score": selection_score(proto_dir / select_dir, tgt),
+            "selected": stage.name == selection["search"],
+        })
+    runs, tests, accs = [], [], []
+    for stage in stages:
+        if stage.kind != "final":
+            continue
+        test, acc = final_test_numbers(proto_dir / stage.name, tgt)
+        runs.append({"run": stage.index, "seed": stage.seed, "dir": stage.name, "test": test, "test_accuracy": acc})
+        tests.append(test)
+        accs.append(acc)
+    final: dict[str, Any] = {"runs": runs, "test": mean_std(tests)}
+    if tgt.name == "cnn":
+        final["test_accuracy"] = mean_std(accs)
+    compute_stages = {s.name: {"seconds": manifest.stage(s.name)["seconds"],
+                               "attempts": manifest.stage(s.name)["attempts"]} for s in stages}
+    per_kind = {kind: sum(v["seconds"] for k, v in compute_stages.items() if k.startswith(kind + "/"))
+                for kind in STAGES}
+    return {
+        "target": tgt.name, "search_metric": tgt.search_metric, "test_metric": tgt.test_metric,
+        "test_lower_is_better": True,
+        "candidates": candidates,
+        "selection": {**selection, "split": tgt.select_split, "higher_is_better": tgt.select_higher_is_better,
+                      "reduce": tgt.select_reduce},
+        "final": final,
+        "splits": {s.name: manifest.stage(s.name)["splits"] for s in stages},
+        # Kept last and apart: the only entries that differ between two runs of the same protocol.
+        "compute": {"stages": compute_stages, "per_kind": per_kind, "total": sum(per_kind.values())},
+    }
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
