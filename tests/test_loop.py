@@ -46,13 +46,126 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path: Path, capsys):
     assert not save.exists()
 
 
-def test_a_failed_start_keeps_a_folder_the_user_made(tmp_path: Path, capsys):
+def test_a_new_run_refuses_a_folder_that_is_not_its_own(tmp_path: Path, capsys):
     save = tmp_path / "mine"
     save.mkdir()
     (save / "notes.txt").write_text("keep me")
-    rc = main(["search", "cnn", "--data", str(tmp_path / "missing.npz"), "--save", str(save), "--no-plots"])
-    assert rc == 2
+    rc = main(["search", "cnn", "--dataset", "digits", "--save", str(save), "--no-plots"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "is not empty" in err and "--save" in err
+    assert sorted(p.name for p in save.iterdir()) == ["notes.txt"]
     assert (save / "notes.txt").read_text() == "keep me"
+
+
+def test_a_run_directory_is_locked_for_the_life_of_a_run(small_npz: Path, tmp_path: Path, capsys):
+    import os
+
+    from dartsnas.rundir import RunDir
+
+    holder = RunDir(tmp_path / "r")
+    holder.path.mkdir()
+    holder.lock()
+    try:
+        rc = main(["search", "cnn", "--data", str(small_npz), "--save", str(holder.path), "--no-plots"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and f"PID {os.getpid()}" in err
+    finally:
+        holder.unlock()
+    assert not holder.lock_file.exists()
+    search_cnn.run(tiny_search(small_npz, holder.path, epochs=1, max_steps=1))
+    assert not holder.lock_file.exists()  # released at the end of the run
+
+
+def test_a_run_stopped_in_its_first_epoch_restarts_in_place(small_npz: Path, tmp_path: Path):
+    run_dir = tmp_path / "r"
+    full = search_cnn.run(tiny_search(small_npz, tmp_path / "full", epochs=1))
+
+    class Kill(Exception):
+        pass
+
+    def kill(epoch, record):
+        raise Kill
+
+    with pytest.raises(Kill):
+        search_cnn.run(tiny_search(small_npz, run_dir, epochs=1), on_epoch_end=kill)
+    # As if killed after the epoch's records but before its checkpoint, with a half-written file.
+    (run_dir / "checkpoints" / "last.pt").unlink()
+    (run_dir / ".metrics.jsonl.x.tmp").write_text("half")
+    resumed = search_cnn.run(resume=run_dir)
+    assert resumed.genotype == full.genotype
+    assert [m["train_loss"] for m in resumed.metrics] == [m["train_loss"] for m in full.metrics]
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_resume_may_raise_max_steps_and_continues(small_npz: Path, tmp_path: Path):
+    full = search_cnn.run(tiny_search(small_npz, tmp_path / "full", epochs=2))
+    first = search_cnn.run(tiny_search(small_npz, tmp_path / "r", epochs=2, max_steps=2))
+    assert [m["epoch"] for m in first.metrics] == [1]
+    cfg = search_cnn.resume_config(tmp_path / "r", {"max_steps": None})
+    resumed = search_cnn.run(cfg, resume=tmp_path / "r")
+    assert [m["step"] for m in resumed.metrics] == [2, 4]
+    assert resumed.genotype == full.genotype
+
+
+def test_a_non_finite_epoch_is_never_checkpointed_or_recorded(small_npz: Path, tmp_path: Path, monkeypatch):
+    calls = []
+    real = search_cnn._evaluate
+
+    def nan_in_epoch_two(model, stream, max_batches):
+        calls.append(1)
+        loss, acc = real(model, stream, max_batches)
+        return (math.nan if len(calls) == 2 else loss), acc
+
+    monkeypatch.setattr(search_cnn, "_evaluate", nan_in_epoch_two)
+    run_dir = tmp_path / "r"
+    with pytest.raises(UserError, match=r"epoch 2 \(step 4\) produced a non-finite value \(valid_loss\).*epoch 1"):
+        search_cnn.run(tiny_search(small_npz, run_dir, epochs=3))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1]
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_non_finite_state_is_named(tmp_path: Path):
+    from dartsnas.rundir import RunDir
+
+    state = {"model": {"cells.0.bn.running_var": torch.tensor([1.0, math.inf])}, "rng": [1, 2]}
+    with pytest.raises(UserError, match=r"model.cells.0.bn.running_var.*no checkpoint was written"):
+        loop._check_finite({"train_loss": 1.0}, state, 0, 3, RunDir(tmp_path))
+
+
+def test_damaged_checkpoints_and_weights_are_refused(small_npz: Path, tmp_path: Path):
+    from dartsnas.checkpoint import load_checkpoint, save_checkpoint, save_weights
+
+    run_dir = tmp_path / "r"
+    search_cnn.run(tiny_search(small_npz, run_dir, epochs=2, max_steps=2))
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["alphas_normal"][0, 0] += 1.0  # a changed value under the old checksum
+    torch.save(state, ckpt)
+    with pytest.raises(UserError, match="is damaged"):
+        load_checkpoint(ckpt, "search-cnn")
+    ckpt.write_bytes(b"")
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        search_cnn.run(resume=run_dir)
+    # Weights: a changed tensor, and non-finite weights, are both refused by name.
+    model = torch.nn.Linear(2, 2)
+    from dartsnas.genotype import get_genotype
+
+    path = tmp_path / "w.safetensors"
+    save_weights(path, model, "cifar10", get_genotype("DARTS_V2"), {})
+    assert load_weights(path).state_dict.keys() == {"weight", "bias"}
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0x01  # the last byte belongs to the last tensor's data
+    path.write_bytes(bytes(blob))
+    with pytest.raises(UserError, match="is damaged"):
+        load_weights(path)
+    with torch.no_grad():
+        model.weight[0, 0] = math.nan
+    save_weights(path, model, "cifar10", get_genotype("DARTS_V2"), {})
+    with pytest.raises(UserError, match="non-finite weights"):
+        load_weights(path)
+    save_checkpoint(tmp_path / "ok.pt", {"a": torch.ones(2), "b": [1, "x"]})
+    assert load_checkpoint(tmp_path / "ok.pt")["b"] == [1, "x"]
 
 
 def test_tensorboard_without_the_package_fails_before_the_run_directory(tmp_path: Path, monkeypatch):

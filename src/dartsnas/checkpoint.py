@@ -24,6 +24,7 @@ plain containers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -75,12 +76,26 @@ def _tensors_only(state: Mapping[str, Any], path: str) -> dict[str, torch.Tensor
 
 
 def load_weights(path: str | os.PathLike[str]) -> LoadedWeights:
-    """Read weights (and, for our own files, the genotype and config) from ``path``."""
+    """Read weights (and, for our own files, the genotype and config) from ``path``; weights that hold
+    a NaN or an infinity are refused (their accuracy would be meaningless)."""
+    loaded = _read_weights(path)
+    check_finite_weights(loaded.state_dict, loaded.source if os.path.isdir(str(path)) else str(path))
+    return loaded
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UserError(f"{what} holds non-finite weights ({bad} has NaN or infinite entries); it cannot be "
+                        f"evaluated: use an earlier checkpoint of the run")
+
+
+def _read_weights(path: str | os.PathLike[str]) -> LoadedWeights:
     path = str(path)
     if os.path.isdir(path):
         for name in ("final.safetensors", "best.safetensors", os.path.join("checkpoints", "last.pt")):
             if os.path.isfile(os.path.join(path, name)):
-                return load_weights(os.path.join(path, name))
+                return _read_weights(os.path.join(path, name))
         raise UserError(f"{path} holds no final.safetensors, best.safetensors or checkpoints/last.pt; "
                         f"pass a weights file with --model_path")
     if not os.path.isfile(path):
@@ -94,6 +109,7 @@ def load_weights(path: str | os.PathLike[str]) -> LoadedWeights:
         raise UserError(f"cannot read {path} as weights ({first}); only tensors are loaded, never pickled code")
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    verify_checksum(obj, path)
     if "format_version" in obj and isinstance(obj.get("model"), dict):
         genotype = obj.get("genotype")
         return LoadedWeights(_tensors_only(obj["model"], path), "run-checkpoint",
@@ -124,6 +140,8 @@ def _load_safetensors(path: str) -> LoadedWeights:
         tied = json.loads(meta.get("tied") or "{}")
     except json.JSONDecodeError:
         raise UserError(f"{path} has unreadable metadata; pass --arch and the network size explicitly") from None
+    if "sha256" in meta and meta["sha256"] != digest(state):
+        raise UserError(f"{path} is damaged: its tensors do not match the checksum written with them")
     for name, source in tied.items() if isinstance(tied, dict) else ():
         if source in state:
             state[name] = state[source]
@@ -152,13 +170,55 @@ def save_weights(path: str | os.PathLike[str], model: nn.Module | Mapping[str, t
             "config": json.dumps(dict(config))}
     if tied:
         meta["tied"] = json.dumps(tied)
+    meta["sha256"] = digest(state)
     meta.update(extra or {})
     blob = save(state, metadata=meta)
     atomic_write(Path(path), lambda f: f.write(blob))
 
 
+def digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content (tensors by dtype, shape and bytes; keys and plain values by
+    their repr), the same however the file was laid out. Files can rot or be cut short on disk, and
+    PyTorch's zip reader does not check its CRCs, so this is what tells a damaged file from a good one."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().to("cpu").contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def verify_checksum(state: Any, path: str | os.PathLike[str]) -> None:
+    """Check a stored digest (files written before digests existed have none)."""
+    if isinstance(state, dict) and "checksum" in state:
+        stored = state.pop("checksum")
+        if stored != digest(state):
+            raise UserError(f"{path} is damaged: its content does not match the checksum written with it; resume "
+                            f"from a copy or start a new run")
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Write a resumable checkpoint atomically: an interrupted save leaves the previous one intact."""
+    """Write a resumable checkpoint atomically (an interrupted save leaves the previous one intact),
+    with the digest of its content, which :func:`load_checkpoint` verifies."""
+    state = {**state, "checksum": digest(state)}
     atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
@@ -170,7 +230,9 @@ def load_checkpoint(path: str | os.PathLike[str], kind: str | None = None) -> di
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- corrupt file, foreign pickle, ...
-        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load checkpoint {path}: {first}") from None
+    verify_checksum(state, path)
     if kind is not None and (not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION
                              or state.get("kind") != kind):
         raise UserError(f"{path} is not a {kind} checkpoint of this version")

@@ -40,15 +40,30 @@ RNN_FINAL_OPS: tuple[str, ...] = RNN_PRIMITIVES[1:]
 
 Edge = tuple[str, int]
 
+# Limits for text from users: a genotype is a few hundred characters, a few levels deep, with small
+# node indices; anything far past that is refused before it can cost memory or recursion.
+MAX_TEXT = 100_000
+MAX_DEPTH = 6
+MAX_INDEX = 1_000_000
+
+
+def _show(item: Any) -> str:
+    """A short, always printable repr for error messages (huge integers have no repr of their own)."""
+    try:
+        text = repr(item)
+    except ValueError:
+        text = f"<{type(item).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 def _edges(items: Iterable[Any], where: str) -> tuple[Edge, ...]:
     out = []
     for k, item in enumerate(items):
         if not (isinstance(item, (list, tuple)) and len(item) == 2):
-            raise UserError(f"{where}[{k}] is {item!r}; each edge must be an (operation, input) pair")
+            raise UserError(f"{where}[{k}] is {_show(item)}; each edge must be an (operation, input) pair")
         op, idx = item
-        if not isinstance(op, str) or isinstance(idx, bool) or not isinstance(idx, int):
-            raise UserError(f"{where}[{k}] is {item!r}; expected a pair like ('sep_conv_3x3', 0)")
+        if not isinstance(op, str) or isinstance(idx, bool) or not isinstance(idx, int) or abs(idx) > MAX_INDEX:
+            raise UserError(f"{where}[{k}] is {_show(item)}; expected a pair like ('sep_conv_3x3', 0)")
         out.append((op, idx))
     return tuple(out)
 
@@ -56,8 +71,8 @@ def _edges(items: Iterable[Any], where: str) -> tuple[Edge, ...]:
 def _ints(items: Iterable[Any], where: str) -> tuple[int, ...]:
     out = []
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise UserError(f"{where} contains {item!r}; node indices must be integers")
+        if isinstance(item, bool) or not isinstance(item, int) or abs(item) > MAX_INDEX:
+            raise UserError(f"{where} contains {_show(item)}; node indices must be small integers")
         out.append(item)
     return tuple(out)
 
@@ -193,30 +208,35 @@ def from_dict(data: Any) -> AnyGenotype:
     if keys == rnn_keys:
         return RecurrentGenotype(**{k: _as_list(data[k], k) for k in rnn_keys})
     raise UserError(
-        f"genotype has fields {sorted(keys)}; expected {sorted(conv_keys)} (convolutional) "
+        f"genotype has fields {_show(sorted(map(str, keys)))}; expected {sorted(conv_keys)} (convolutional) "
         f"or {sorted(rnn_keys)} (recurrent)"
     )
 
 
 def _as_list(value: Any, key: str) -> list[Any]:
     if not isinstance(value, (list, tuple)):
-        raise UserError(f"genotype field {key!r} must be a list, got {value!r}")
+        raise UserError(f"genotype field {_show(key)} must be a list, got {_show(value)}")
     return list(value)
 
 
 # --- the authors' printed form, parsed without evaluation -------------------------------------
 
 
-def _literal(node: ast.AST, where: str) -> Any:
+def _literal(node: ast.AST, where: str, depth: int = 0) -> Any:
     """Turn a whitelisted literal AST node into a value: str/int constants, lists, tuples, range()."""
+    if depth > MAX_DEPTH:
+        raise UserError(f"{where} is nested too deeply; a genotype is a list of ('op', index) pairs")
     if isinstance(node, ast.Constant) and isinstance(node.value, (str, int)) and not isinstance(node.value, bool):
+        if isinstance(node.value, int) and abs(node.value) > MAX_INDEX:
+            raise UserError(f"{where} contains an integer of {node.end_col_offset - node.col_offset} digits; node "
+                            f"indices are small integers")
         return node.value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
         value = node.operand.value
         if isinstance(value, int) and not isinstance(value, bool):
-            return -value
+            return -_literal(node.operand, where, depth + 1)
     if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(elt, where) for elt in node.elts]
+        return [_literal(elt, where, depth + 1) for elt in node.elts]
     if (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)
@@ -224,10 +244,13 @@ def _literal(node: ast.AST, where: str) -> Any:
         and not node.keywords
         and 1 <= len(node.args) <= 3
     ):
-        args = [_literal(a, where) for a in node.args]
-        if all(isinstance(a, int) for a in args) and all(abs(a) < 1000 for a in args):
+        args = [_literal(a, where, depth + 1) for a in node.args]
+        if all(isinstance(a, int) for a in args) and all(abs(a) < 1000 for a in args) and (len(args) < 3 or args[2]):
             return list(range(*args))
-    snippet = ast.unparse(node)
+    try:
+        snippet = ast.unparse(node)
+    except (ValueError, RecursionError):
+        snippet = type(node).__name__
     if len(snippet) > 60:
         snippet = snippet[:57] + "..."
     raise UserError(f"{where} contains {snippet!r}; only lists of ('op', index) pairs and range(a, b) are allowed")
@@ -239,10 +262,15 @@ def parse_printed(text: str) -> AnyGenotype:
     Only literal lists, tuples, strings, integers and ``range(...)`` are accepted; anything else
     (names, attribute access, other calls) is rejected, so hostile strings never run.
     """
+    if len(text) > MAX_TEXT:
+        raise UserError(f"the genotype string is {len(text):,} characters long; a genotype is a few hundred")
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         raise UserError(f"cannot parse genotype string ({exc.msg}); expected Genotype(normal=[...], ...)") from None
+    except (ValueError, RecursionError, MemoryError) as exc:  # null bytes, absurd nesting
+        raise UserError(f"cannot parse genotype string ({type(exc).__name__}); expected Genotype(normal=[...], "
+                        f"...)") from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "Genotype"):
         raise UserError("a genotype string must look like Genotype(normal=[...], normal_concat=..., ...)")
@@ -406,10 +434,10 @@ def get_genotype(name: str, kind: str | None = None) -> AnyGenotype:
         key = _RNN_ALIASES[name]
     lookup = {k.lower(): k for k in NAMED}
     if key.lower() not in lookup:
-        raise UserError(f"unknown architecture {name!r}; known names: {', '.join(list_genotypes(kind))}")
+        raise UserError(f"unknown architecture {_show(name)}; known names: {', '.join(list_genotypes(kind))}")
     genotype = NAMED[lookup[key.lower()]]
     if kind is not None and genotype.kind != kind:
-        raise UserError(_kind_mismatch(f"architecture {name!r}", genotype.kind, kind))
+        raise UserError(_kind_mismatch(f"architecture {_show(name)}", genotype.kind, kind))
     return genotype
 
 
@@ -432,6 +460,8 @@ def load_genotype(spec: str | os.PathLike[str] | AnyGenotype, kind: str | None =
         genotype: AnyGenotype = spec
     else:
         text = str(spec).strip()
+        if "\x00" in text:
+            raise UserError("the architecture contains a null byte; pass a name, a genotype.json or a Genotype(...)")
         if not text:
             raise UserError("empty architecture; pass a name such as DARTS_V2, a genotype.json or a run directory")
         if text.startswith("Genotype"):
@@ -455,18 +485,31 @@ def load_genotype(spec: str | os.PathLike[str] | AnyGenotype, kind: str | None =
 
 
 def _from_json_text(text: str, where: str) -> AnyGenotype:
+    if len(text) > MAX_TEXT:
+        raise UserError(f"{where} is {len(text):,} characters long; a genotype is a few hundred")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:  # huge integers, absurd nesting
+        raise UserError(f"{where} is not a genotype ({str(exc).splitlines()[0][:80]})") from None
     if isinstance(data, dict) and "genotype" in data and isinstance(data["genotype"], dict):
         data = data["genotype"]
     return from_dict(data)
 
 
 def _read_file(path: str) -> AnyGenotype:
-    with open(path, encoding="utf-8") as f:
-        text = f.read().strip()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TEXT + 1)
+        text = raw.decode("utf-8").strip()
+    except OSError as exc:
+        raise UserError(f"cannot read genotype file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"genotype file {path} is not UTF-8 text; expected genotype.json or a printed "
+                        f"Genotype(...)") from None
+    if len(raw) > MAX_TEXT:
+        raise UserError(f"genotype file {path} is larger than {MAX_TEXT:,} bytes; it is not a genotype")
     if text.startswith("Genotype"):
         return parse_printed(text)
     try:

@@ -41,8 +41,11 @@ logger = logging.getLogger("dartsnas")
 def atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], None]) -> None:
     """Write a file through ``write(fileobj)`` so that readers see the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         # mkstemp creates owner-only files; give the result the permissions of any new file.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -51,9 +54,13 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWrite
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower()):
+            # A full disk or a lost permission: the previous version of the file is untouched.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise UserError(f"cannot write {path}: {reason}; its previous version, if any, is intact") from None
         raise
 
 
@@ -89,6 +96,13 @@ def git_sha() -> str | None:
     return sha if out.returncode == 0 and len(sha) == 40 else None
 
 
+LOCK_NAME = ".lock"
+
+
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
 def default_run_dir(command: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / f"{command}-{stamp}"
@@ -97,6 +111,16 @@ def default_run_dir(command: str) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics line, or None for a damaged line (which a resume drops)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return epoch if isinstance(epoch, int) else None
 
 
 class RunDir:
@@ -126,8 +150,15 @@ class RunDir:
     def checkpoint(self) -> Path:
         return self.path / "checkpoints" / "last.pt"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_NAME
+
     # writers ----------------------------------------------------------------------------------
-    def create(self, resume: bool = False) -> None:
+    def create(self, resume: bool = False, command: str | None = None) -> None:
+        """Create (or reopen) the directory and take its lock; a new run only goes into a new or empty
+        folder, or into one that holds an earlier start of the same command that never finished an
+        epoch (it restarts there). Nothing else in the folder is touched."""
         if not resume and self.checkpoint.exists():
             raise UserError(
                 f"{self.path} already holds a run; pass --resume {self.path} to continue it or choose another --save"
@@ -136,6 +167,74 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create run directory {self.path}: {exc.strerror}") from None
+        self.lock()
+        try:
+            if not resume:
+                self._check_new(command)
+            self._remove_stale_temporaries()
+        except BaseException:
+            self.unlock()
+            raise
+
+    def _check_new(self, command: str | None) -> None:
+        if self.checkpoint.exists():  # started by another process between the first check and the lock
+            raise UserError(f"{self.path} already holds a run; pass --resume {self.path} to continue it or choose "
+                            f"another --save")
+        entries = [p for p in self.path.iterdir() if p.name != LOCK_NAME and not _is_temporary(p)]
+        if not entries:
+            return
+        stored = None
+        if self.config.is_file():
+            with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
+                data = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+                stored = data.get("command") if isinstance(data, dict) else None
+        if command is None or stored != command:
+            raise UserError(f"{self.path} is not empty and does not hold a {command or 'dartsnas'} run; choose a new "
+                            f"or empty folder with --save")
+        # An earlier start of this command that wrote no checkpoint: its epoch records are void.
+        self.truncate_metrics(0)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written files of a killed run (atomic writes never finished): nobody else writes here."""
+        for tmp in [*self.path.glob(".*.tmp"), *self.path.glob("*/.*.tmp")]:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the directory for the life of the run (released by :meth:`unlock`,
+        or by the system when the process dies)."""
+        import fcntl
+
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"{self.path} is in use by another dartsnas process (PID {holder}); wait for it to end "
+                                f"or choose another --save") from None
+            # The previous holder may have removed the file between our open and our lock: lock the file
+            # that is there now.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.lock_file.unlink()
+        os.close(fd)
+        self._lock_fd = None
 
     def write_config(self, config: dict[str, Any], command: str) -> None:
         meta = {"command": command, "dartsnas_version": __version__}
@@ -147,8 +246,13 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         if not self.config.is_file():
             raise UserError(f"{self.path} has no config.yaml; is it a dartsnas run directory?")
-        with open(self.config, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        try:
+            data = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise UserError(f"{self.config} cannot be read ({str(exc).splitlines()[0]}); the run directory is "
+                            f"damaged") from None
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise UserError(f"{self.config} does not hold a run's settings; the run directory is damaged")
         return data
 
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -162,17 +266,27 @@ class RunDir:
         """On resume, forget metrics of epochs after the checkpoint (they will be recomputed)."""
         if not self.metrics.exists():
             return
-        keep = [
-            line
-            for line in self.metrics.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done
-        ]
+        keep = [line for line in self.metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+                if _epoch_of(line) is not None and _epoch_of(line) <= epochs_done]  # type: ignore[operator]
         write_text(self.metrics, "".join(line + "\n" for line in keep))
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The epoch records; a damaged line is skipped with a warning (the checkpoint is the source of truth)."""
         if not self.metrics.exists():
             return []
-        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out = []
+        for n, line in enumerate(self.metrics.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                out.append(record)
+            else:
+                logger.warning("%s line %d is not an epoch record; skipped", self.metrics, n)
+        return out
 
     @contextlib.contextmanager
     def logging(self, level: int = logging.INFO) -> Iterator[logging.Logger]:

@@ -18,17 +18,22 @@ from ..rundir import RunDir, default_run_dir, write_json
 logger = logging.getLogger("dartsnas")
 
 
-def open_run_dir(path: str | Path | None, command: str, resume: bool) -> RunDir:
-    """Create (or reopen, when resuming) the run directory; ``None`` picks ``runs/<command>-<time>``.
+def open_run_dir(path: str | Path | None, name: str, resume: bool, kind: str | None = None) -> RunDir:
+    """Create (or reopen, when resuming) and lock the run directory of a ``kind`` run; ``None`` picks
+    ``runs/<name>-<time>``.
 
-    With several processes only the main one creates it, and every process gets its path (the
-    default name holds a timestamp, which could differ between processes).
+    With several processes only the main one creates and locks it, and every process gets its path
+    (the default name holds a timestamp, which could differ between processes).
     """
+    made: list[RunDir] = []
+
     def create() -> str:
-        rd = RunDir(path if path is not None else default_run_dir(command))
-        rd.create(resume=resume)
+        rd = RunDir(path if path is not None else default_run_dir(name))
+        rd.create(resume=resume, command=kind)
+        made.append(rd)
         return str(rd.path)
-    return RunDir(distributed.on_main(create))
+    where = distributed.on_main(create)
+    return made[0] if made else RunDir(where)
 
 
 def run_logging(rd: RunDir) -> contextlib.AbstractContextManager[Any]:
@@ -91,8 +96,9 @@ def resume_config(cls: type, command: str, run_dir: str | Path, overrides: dict[
     Settings outside ``resumable`` change the mathematics, so they may not differ from the stored run.
     """
     rd = RunDir(run_dir)
-    if not rd.checkpoint.is_file():
-        raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from; start a new run instead")
+    if not rd.checkpoint.is_file() and not rd.config.is_file():
+        raise UserError(f"{run_dir} has neither checkpoints/last.pt nor config.yaml to resume from; start a new run "
+                        f"instead")
     stored = rd.read_config()
     if stored.get("command") != command:
         raise UserError(f"{run_dir} is a {stored.get('command')!r} run, not a {command!r} run; resume it with its "

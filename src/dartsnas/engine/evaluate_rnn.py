@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
-from ..checkpoint import load_into, load_weights
+from ..checkpoint import check_finite_weights, load_into, load_weights, verify_checksum
 from ..config import add_config_arguments, make_config, option
 from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
@@ -250,7 +250,14 @@ def _build(state_dict: dict[str, torch.Tensor], genotype: RecurrentGenotype, dro
 
 
 def load_rnn_model(path: str | Path, arch: str | None = None) -> LoadedRNN:
-    """Load our checkpoint, a run directory, a plain state_dict or the authors' pickled model."""
+    """Load our checkpoint, a run directory, a plain state_dict or the authors' pickled model; a model
+    with non-finite weights is refused."""
+    loaded = _read_rnn_model(path, arch)
+    check_finite_weights(loaded.model.state_dict(), str(path))
+    return loaded
+
+
+def _read_rnn_model(path: str | Path, arch: str | None = None) -> LoadedRNN:
     path = Path(path)
     if path.is_dir():
         for name in ("best.safetensors", "final.safetensors", "checkpoints/best.pt", "checkpoints/last.pt"):
@@ -286,6 +293,7 @@ def load_rnn_model(path: str | Path, arch: str | None = None) -> LoadedRNN:
         }
         model = _build(_module_state(module), genotype, dropouts, path)
         return LoadedRNN(model, genotype, None, "pickled-module", {})
+    verify_checksum(obj, path)
     if isinstance(obj, dict) and obj.get("kind") in (CHECKPOINT_KIND, "train-rnn") and "model" in obj:
         genotype = genotype_from_dict(obj["genotype"])
         if not isinstance(genotype, RecurrentGenotype):

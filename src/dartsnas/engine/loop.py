@@ -191,7 +191,7 @@ def run_job(job: Job, resume: str | Path | None = None, on_epoch_end: OnEpochEnd
         torch.set_num_threads(cfg.threads)
     target = resume if resume is not None else cfg.save
     existed = target is not None and Path(target).exists()
-    rd = open_run_dir(target, job.run_name(), resume is not None)
+    rd = open_run_dir(target, job.run_name(), resume is not None, job.kind)
     job.rd = rd
     job.cfg = dataclasses.replace(cfg, save=str(rd.path))
     started = False
@@ -199,7 +199,8 @@ def run_job(job: Job, resume: str | Path | None = None, on_epoch_end: OnEpochEnd
         with run_logging(rd), _logs_around_bars():
             try:
                 seed_everything(job.cfg.seed)
-                state = load_checkpoint(rd.checkpoint, job.kind) if resume is not None else None
+                # A run directory without a checkpoint (stopped in its first epoch) restarts in place.
+                state = load_checkpoint(rd.checkpoint, job.kind) if rd.checkpoint.exists() else None
                 job.build(state)
                 started = True
                 return _drive(job, rd, state, on_epoch_end)
@@ -211,8 +212,11 @@ def run_job(job: Job, resume: str | Path | None = None, on_epoch_end: OnEpochEnd
         # A new run that failed before its first step leaves nothing behind (its log included), unless
         # the folder was there before: nothing the user made is removed.
         if not started and resume is None and not existed and distributed.is_main():
+            rd.unlock()
             shutil.rmtree(rd.path, ignore_errors=True)
         raise
+    finally:
+        rd.unlock()
 
 
 def _require_tensorboard() -> None:
@@ -230,11 +234,15 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
         start_epoch, step = state["epoch"], state["step"]
         if distributed.is_main():
             rd.truncate_metrics(start_epoch)
-        if state.get("finished"):
-            logger.info("run in %s already finished after epoch %d", rd.path, start_epoch)
+        # Done by the limits in force now: a resume may raise --max_steps (or, where the schedule allows
+        # it, --epochs) and the run goes on from its last epoch.
+        if start_epoch >= cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps):
+            logger.info("run in %s already finished after epoch %d (step %d); completing its results", rd.path,
+                        start_epoch, step)
             return job.finish(resumed_finished=True)
         logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
     elif distributed.is_main():
+        rd.truncate_metrics(0)  # records of an earlier start that never wrote a checkpoint
         rd.write_config(to_dict(cfg), job.kind)
         logger.info("%s", settings_block(cfg))
         job.describe()
@@ -256,16 +264,17 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
             record.update(job.end_epoch(epoch, finished))
             record["step"] = step
             record["time"] = time.perf_counter() - t0
+            state = {"format_version": FORMAT_VERSION, "kind": job.kind, "epoch": epoch + 1, "step": step,
+                     "finished": finished, "rng": rng_state(), "config": to_dict(cfg), **job.state()}
+            # Nothing non-finite is ever reported or checkpointed: the last good checkpoint stays.
+            _check_finite(record, state, epoch, step, rd)
             epoch_times.append(record["time"])
             _log_epoch(record, cfg, epoch, step, epoch_times, finished)
             job.log_epoch(record, finished)
             if distributed.is_main():
                 job.write_epoch(record, finished)
                 rd.append_metrics(record)
-                save_checkpoint(rd.checkpoint, {
-                    "format_version": FORMAT_VERSION, "kind": job.kind, "epoch": epoch + 1, "step": step,
-                    "finished": finished, "rng": rng_state(), "config": to_dict(cfg), **job.state(),
-                })
+                save_checkpoint(rd.checkpoint, state)
             if tb is not None:
                 tb.log(record, epoch + 1)
             if on_epoch_end is not None:
@@ -279,6 +288,36 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
     result = job.finish(resumed_finished=False)
     distributed.barrier()  # the run directory is complete when run() returns in any process
     return result
+
+
+def _non_finite(value: Any, name: str) -> str | None:
+    """The name of the first non-finite number or tensor entry in ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else name
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            return None if bool(torch.isfinite(value).all()) else name
+        return None
+    if isinstance(value, dict):
+        return next((bad for k, v in value.items() if (bad := _non_finite(v, f"{name}.{k}" if name else str(k)))),
+                    None)
+    if isinstance(value, (list, tuple)):
+        return next((bad for i, v in enumerate(value) if (bad := _non_finite(v, f"{name}[{i}]"))), None)
+    return None
+
+
+def _check_finite(record: dict[str, Any], state: dict[str, Any], epoch: int, step: int, rd: RunDir) -> None:
+    """Stop the run with one line when its record or checkpoint would hold a NaN or an infinity
+    (weights, alphas, batch-norm statistics, optimiser state, losses)."""
+    # The ASGD switch's best-of-all comparison may hold inf before any epoch finished; a stored
+    # best loss of inf is a start value, not a result.
+    bad = _non_finite(record, "") or _non_finite({k: v for k, v in state.items() if k != "stored_loss"}, "")
+    if bad is None:
+        return
+    last = (f"the last good checkpoint, {rd.checkpoint} (epoch {epoch}), is kept" if epoch and rd.checkpoint.exists()
+            else "no checkpoint was written")
+    raise UserError(f"epoch {epoch + 1} (step {step}) produced a non-finite value ({bad}); nothing of it was saved, "
+                    f"{last}; lower the learning rates and start again")
 
 
 def _log_epoch(record: dict[str, Any], cfg: Any, epoch: int, step: int, times: list[float], finished: bool) -> None:

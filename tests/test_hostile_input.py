@@ -1,0 +1,95 @@
+"""Hostile and damaged input: every parser answers with the package's own one-line error, never with
+another exception, a huge allocation or a deep recursion."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from dartsnas.errors import UserError
+from dartsnas.genotype import Genotype, RecurrentGenotype, get_genotype, load_genotype, parse_printed
+from dartsnas.rundir import atomic_write, write_text
+
+HOSTILE = [
+    "Genotype(normal=" + "[" * 5000 + "]" * 5000 + ")",
+    "Genotype(normal=[('sep_conv_3x3', " + "9" * 5000 + ")], normal_concat=[2], reduce=[], reduce_concat=[2])",
+    "Genotype(normal=[], normal_concat=range(2, 6, 0), reduce=[], reduce_concat=[2])",
+    "Genotype(normal=[], normal_concat=range(-10**9), reduce=[], reduce_concat=[2])",
+    "Genotype(normal=[('a', 0)]\x00)",
+    "Genotype(**{'normal': []})",
+    "Genotype(normal=__import__('os').system('true'))",
+    "Genotype(" + "x" * 200_000 + ")",
+    '{"normal": [["sep_conv_3x3", ' + "1" * 5000 + ']], "normal_concat": [], "reduce": [], "reduce_concat": []}',
+    '{"recurrent": ' + "[" * 100_000 + "]" * 100_000 + ', "concat": []}',
+    "{" + '"a":' * 10,
+    "DARTS_" + "V" * 10_000,
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_genotype_strings_give_one_short_line(text: str):
+    with pytest.raises(UserError) as info:
+        load_genotype(text)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400
+
+
+def test_genotype_files_that_cannot_be_read(tmp_path: Path):
+    binary = tmp_path / "g.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_genotype(str(binary))
+    big = tmp_path / "big.json"
+    big.write_text("{" + " " * 200_000 + "}")
+    with pytest.raises(UserError, match="larger than"):
+        load_genotype(str(big))
+    if os.geteuid() != 0:  # root reads any file
+        locked = tmp_path / "locked.json"
+        locked.write_text(get_genotype("DARTS_V2").to_json())
+        locked.chmod(0)
+        with pytest.raises(UserError, match="cannot read"):
+            load_genotype(str(locked))
+
+
+def test_genotype_parser_fuzz():
+    hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install -e '.[test]')")
+    from hypothesis import strategies as st
+
+    pieces = st.sampled_from(["Genotype(", "normal=", "reduce=", "normal_concat=", "reduce_concat=", "recurrent=",
+                              "concat=", "[", "]", "(", ")", ",", "'sep_conv_3x3'", "'skip_connect'", "'none'", "0",
+                              "1", "2", "-1", "99999999999999999999", "range(2, 6)", "range(", "{", "}", '"normal":',
+                              ":", "x", "\x00", "\\", "'", '"'])
+    texts = st.one_of(st.text(max_size=200), st.lists(pieces, max_size=40).map("".join))
+
+    @hypothesis.settings(max_examples=400, deadline=None, derandomize=True)
+    @hypothesis.given(texts)
+    def check(text: str) -> None:
+        try:
+            genotype = load_genotype(text)
+        except UserError as exc:
+            assert "\n" not in str(exc)
+            return
+        # Accepted: it round-trips through both of its written forms.
+        assert isinstance(genotype, (Genotype, RecurrentGenotype))
+        assert parse_printed(str(genotype)) == genotype
+        assert load_genotype(genotype.to_json()) == genotype
+
+    check()
+
+
+def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path: Path, monkeypatch):
+    target = tmp_path / "metrics.jsonl"
+    write_text(target, "old\n")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match="No space left on device; its previous version, if any, is intact"):
+        atomic_write(target, lambda f: f.write(b"new\n"))
+    monkeypatch.undo()
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
