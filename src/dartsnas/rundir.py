@@ -180,7 +180,8 @@ class RunDir:
         if self.checkpoint.exists():  # started by another process between the first check and the lock
             raise UserError(f"{self.path} already holds a run; pass --resume {self.path} to continue it or choose "
                             f"another --save")
-        entries = [p for p in self.path.iterdir() if p.name != LOCK_NAME and not _is_temporary(p)]
+        # A start killed before it wrote its settings leaves only its log (which a new start appends to).
+        entries = [p for p in self.path.iterdir() if p.name not in (LOCK_NAME, "log.txt") and not _is_temporary(p)]
         if not entries:
             return
         stored = None
