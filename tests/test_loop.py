@@ -259,3 +259,20 @@ def test_resuming_finished_training_reports_its_test_without_recomputing(tiny_co
                                       test_batch_size=2, **TINY_RNN))
     again = train_rnn.run(resume=save)
     assert again.test_loss == first.test_loss and len(again.metrics) == 1
+
+
+def test_resume_with_data_that_changes_the_network_is_one_line(tiny_corpus: Path, tmp_path: Path, capsys):
+    from dartsnas.engine import search_rnn
+    from dartsnas.engine.search_rnn import RNNSearchConfig
+
+    save = tmp_path / "s"
+    search_rnn.run(RNNSearchConfig(data=str(tiny_corpus), save=str(save), epochs=2, max_steps=1, eval_batches=1,
+                                   **TINY_RNN))
+    other = tmp_path / "other"
+    other.mkdir()
+    for split in ("train", "valid", "test"):
+        (other / f"{split}.txt").write_text(" ".join(f"v{i}" for i in range(40)) + "\n" * 3)
+    capsys.readouterr()
+    assert main(["search", "rnn", "--resume", str(save), "--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not match the network" in err and "resume with the data" in err

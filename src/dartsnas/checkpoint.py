@@ -243,8 +243,10 @@ def _shape(t: torch.Tensor) -> str:
     return "x".join(map(str, t.shape)) or "scalar"
 
 
-def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "the checkpoint") -> None:
-    """Strictly load ``state`` into ``model``, or raise a one-line error naming the first mismatch.
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "the checkpoint",
+              fix: str | None = None) -> None:
+    """Strictly load ``state`` into ``model``, or raise a one-line error naming the first mismatch and
+    ``fix`` (by default: which flags decide a trained network's shape).
 
     BatchNorm ``num_batches_tracked`` buffers may be absent (files written before PyTorch 0.4);
     the model keeps its own values for them (they only matter with ``momentum=None``).
@@ -253,14 +255,14 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "
     for key, value in state.items():
         if key not in own:
             raise UserError(f"{what} does not match the network: it has {key} ({_shape(value)}), which the network "
-                            f"lacks; check --arch, --layers, --init_channels and --auxiliary")
+                            f"lacks; {fix or 'check --arch, --layers, --init_channels and --auxiliary'}")
         if own[key].shape != value.shape:
             raise UserError(f"{what} does not match the network: {key} is {_shape(value)} there but "
-                            f"{_shape(own[key])} here; check --arch, --layers and --init_channels")
+                            f"{_shape(own[key])} here; {fix or 'check --arch, --layers and --init_channels'}")
     for key, value in own.items():
         if key not in state and not key.endswith("num_batches_tracked"):
             raise UserError(f"{what} does not match the network: it lacks {key} ({_shape(value)}); "
-                            f"check --arch, --layers, --init_channels and --auxiliary")
+                            f"{fix or 'check --arch, --layers, --init_channels and --auxiliary'}")
     full = dict(own)
     full.update(state)
     model.load_state_dict(full, strict=True)

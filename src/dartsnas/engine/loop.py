@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed
-from ..checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from ..checkpoint import FORMAT_VERSION, load_checkpoint, load_into, save_checkpoint
 from ..config import to_dict
 from ..errors import UserError
 from ..rundir import RunDir
@@ -102,6 +102,13 @@ class Job:
     # -- the run --------------------------------------------------------------------------------
     def build(self, state: dict[str, Any] | None) -> None:
         raise NotImplementedError
+
+    def restore(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's weights into ``module``, or stop with one line if they do not fit (a
+        damaged run directory, or changed data that changes the network's shape)."""
+        assert self.rd is not None
+        load_into(module, weights, f"the checkpoint {self.rd.checkpoint}",
+                  fix="it belongs to another network: resume with the data the run was started with")
 
     def describe(self) -> None:
         """Log what a new run trains (data, network)."""

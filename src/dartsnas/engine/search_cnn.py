@@ -253,7 +253,7 @@ class CNNSearch(Job):
                             f"{len(valid_idx)} images of the weight / alpha split; use a smaller --batch_size or "
                             f"--global_batch keep")
         if state is not None:
-            model.load_state_dict(state["model"])
+            self.restore(model, state["model"])
             self.w_opt.load_state_dict(state["w_optimizer"])
             self.architect.arch_optimizer.load_state_dict(state["a_optimizer"])  # type: ignore[union-attr]
             self.scheduler.load_state_dict(state["scheduler"])

@@ -229,7 +229,7 @@ class RNNSearch(Job):
         assert self.architect.arch_optimizer is not None
         self.a_opt = self.architect.arch_optimizer
         if state is not None:
-            self.model.load_state_dict(state["model"])
+            self.restore(self.model, state["model"])
             self.w_opt.load_state_dict(state["w_optimizer"])
             self.a_opt.load_state_dict(state["a_optimizer"])
 

@@ -449,7 +449,7 @@ class CNNTraining(Job):
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         self.best_acc = -1.0
         if state is not None:
-            model.load_state_dict(state["model"])
+            self.restore(model, state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state.get("scaler"):

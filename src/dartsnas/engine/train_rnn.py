@@ -248,7 +248,7 @@ class RNNTraining(Job):
         self.best_val: list[float] = []
         self.stored_loss = math.inf
         if state is not None:
-            self.model.load_state_dict(state["model"])
+            self.restore(self.model, state["model"])
             self.opt_kind = state["optimizer_kind"]
             self.optimizer = _make_optimizer(self.opt_kind, self.params, cfg)
             self.optimizer.load_state_dict(state["optimizer"])
