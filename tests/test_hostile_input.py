@@ -93,3 +93,34 @@ def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path: Path, monkeyp
     monkeypatch.undo()
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_image_files_with_impossible_labels_or_sizes(tmp_path: Path):
+    import numpy as np
+
+    from dartsnas.data.images import read_npz
+
+    def npz(name: str, **arrays) -> Path:
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        return path
+
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    cases = {
+        "wrap": (dict(x=x, y=np.array([0, 1, 2, 2**63], np.uint64)), "must be below"),
+        "huge": (dict(x=x, y=np.array([0, 1, 2, 2**40], np.int64)), "must be below"),
+        "tiny": (dict(x=np.zeros((4, 2, 2, 3), np.uint8), y=np.zeros(4, np.int64)), "too small"),
+        "emptytest": (dict(x=x, y=np.zeros(4, np.int64), x_test=x[:0], y_test=np.zeros(0, np.int64)), "no images"),
+    }
+    for name, (arrays, fragment) in cases.items():
+        with pytest.raises(UserError, match=fragment):
+            read_npz(npz(name, **arrays))
+
+
+def test_corpus_that_is_not_utf8(tmp_path: Path):
+    from dartsnas.data.text import Corpus
+
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        Corpus(tmp_path)

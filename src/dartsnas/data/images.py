@@ -74,6 +74,12 @@ def default_data_dir(name: str) -> Path:
     return Path(cache) / "dartsnas" / name
 
 
+# Bounds of what an image file may ask for: class counts far beyond any real data set would size the
+# classifier (and its memory) from a typo; a network halves its input twice.
+MAX_CLASSES = 100_000
+MIN_SIDE = 4
+
+
 def _from_hwc(x: np.ndarray, where: str) -> torch.Tensor:
     if x.dtype != np.uint8:
         raise UserError(f"{where}: images must be uint8, got {x.dtype}")
@@ -81,6 +87,9 @@ def _from_hwc(x: np.ndarray, where: str) -> torch.Tensor:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise UserError(f"{where}: images must have shape (N, H, W, C) with C = 1 or 3, got {tuple(x.shape)}")
+    if min(x.shape[1:3]) < MIN_SIDE:
+        raise UserError(f"{where}: images of {x.shape[1]}x{x.shape[2]} pixels are too small; the networks halve them "
+                        f"twice, so each side needs at least {MIN_SIDE} pixels")
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
@@ -89,8 +98,12 @@ def _labels(y: np.ndarray, n: int, where: str) -> torch.Tensor:
         raise UserError(f"{where}: labels 'y' must have shape ({n},), got {tuple(y.shape)}")
     if not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"{where}: labels must be integers, got {y.dtype}")
+    # Compared in the labels' own type: converting first would wrap uint64 values of 2^63 and more.
     if n and y.min() < 0:
         raise UserError(f"{where}: labels must be >= 0")
+    if n and y.max() >= MAX_CLASSES:
+        raise UserError(f"{where}: labels are class indices 0..C-1 and must be below {MAX_CLASSES:,}; the largest is "
+                        f"{int(y.max())}")
     return torch.from_numpy(y.astype(np.int64))
 
 
@@ -108,6 +121,8 @@ def read_npz(path: str | os.PathLike[str]) -> tuple[ImageSet, ImageSet | None]:
     train = ImageSet(x, _labels(arrays["y"], x.shape[0], where))
     test = None
     if "x_test" in arrays and "y_test" in arrays:
+        if arrays["x_test"].shape[:1] == (0,):
+            raise UserError(f"{where}: x_test holds no images; leave x_test and y_test out of the file instead")
         xt = _from_hwc(arrays["x_test"], where + " (x_test)")
         test = ImageSet(xt, _labels(arrays["y_test"], xt.shape[0], where + " (y_test)"))
     if len(train) == 0:

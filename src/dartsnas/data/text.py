@@ -56,9 +56,15 @@ class Dictionary:
 
 
 def _lines(path: Path) -> Iterable[list[str]]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.split() + [EOS]
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield line.split() + [EOS]
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start} of a line cannot be decoded); convert it, "
+                        f"e.g. iconv -f latin1 -t utf-8") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 class Corpus:

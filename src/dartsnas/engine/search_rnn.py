@@ -267,7 +267,8 @@ class RNNSearch(Job):
         loss_sum, n_batches, i = 0.0, 0, 0
         n_rows = train_data.shape[0]
         while i < n_rows - 2 and ctx.can_step():
-            seq_len = int(cfg.bptt if np.random.random() < 0.95 else cfg.bptt / 2.0)
+            # At least one token: bptt / 2 rounds to 0 for --bptt 1.
+            seq_len = max(1, int(cfg.bptt if np.random.random() < 0.95 else cfg.bptt / 2.0))
             data_v, targets_v = get_batch(search_data, i % (search_data.shape[0] - 1), cfg.bptt)
             data, targets = get_batch(train_data, i, seq_len)
             step_lr = self.lr * seq_len / cfg.bptt
