@@ -124,3 +124,20 @@ def test_corpus_that_is_not_utf8(tmp_path: Path):
         (tmp_path / f"{split}.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     with pytest.raises(UserError, match="not UTF-8"):
         Corpus(tmp_path)
+
+
+class _Expands:
+    def __reduce__(self):
+        return (frozenset, (range(10**9),))
+
+
+def test_a_tiny_pickle_cannot_expand_into_gigabytes(tmp_path: Path):
+    import torch
+
+    from dartsnas.engine.evaluate_rnn import load_rnn_model
+
+    path = tmp_path / "bomb.pt"
+    torch.save({"model": _Expands()}, path)
+    assert path.stat().st_size < 4096
+    with pytest.raises(UserError, match="refusing to load .*range of 1,000,000,000 elements"):
+        load_rnn_model(path)

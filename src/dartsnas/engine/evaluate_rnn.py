@@ -136,10 +136,19 @@ def _no_backend() -> None:
     return None
 
 
+def _small_range(*args: int) -> range:
+    """``range`` as a pickle may call it (a genotype's ``concat=range(1, 9)``), refusing lengths that
+    would let a tiny file expand into gigabytes (``frozenset(range(10**9))``)."""
+    r = range(*args)
+    if len(r) > 10_000:
+        raise RefusedPickle(f"range of {len(r):,} elements")
+    return r
+
+
 _SAFE_GLOBALS: dict[str, Any] = {
     "collections.OrderedDict": collections.OrderedDict,
-    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.range": range, "__builtin__.set": set,
-    "__builtin__.frozenset": frozenset, "__builtin__.xrange": range,
+    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.range": _small_range, "__builtin__.set": set,
+    "__builtin__.frozenset": frozenset, "__builtin__.xrange": _small_range,
     "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
     "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
