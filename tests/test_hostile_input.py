@@ -107,10 +107,11 @@ def test_image_files_with_impossible_labels_or_sizes(tmp_path: Path):
 
     x = np.zeros((4, 8, 8, 3), np.uint8)
     cases = {
-        "wrap": (dict(x=x, y=np.array([0, 1, 2, 2**63], np.uint64)), "must be below"),
-        "huge": (dict(x=x, y=np.array([0, 1, 2, 2**40], np.int64)), "must be below"),
-        "tiny": (dict(x=np.zeros((4, 2, 2, 3), np.uint8), y=np.zeros(4, np.int64)), "too small"),
-        "emptytest": (dict(x=x, y=np.zeros(4, np.int64), x_test=x[:0], y_test=np.zeros(0, np.int64)), "no images"),
+        "wrap": ({"x": x, "y": np.array([0, 1, 2, 2**63], np.uint64)}, "must be below"),
+        "huge": ({"x": x, "y": np.array([0, 1, 2, 2**40], np.int64)}, "must be below"),
+        "tiny": ({"x": np.zeros((4, 2, 2, 3), np.uint8), "y": np.zeros(4, np.int64)}, "too small"),
+        "emptytest": ({"x": x, "y": np.zeros(4, np.int64), "x_test": x[:0], "y_test": np.zeros(0, np.int64)},
+                      "no images"),
     }
     for name, (arrays, fragment) in cases.items():
         with pytest.raises(UserError, match=fragment):

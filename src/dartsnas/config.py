@@ -1,8 +1,17 @@
 """Dataclass configs <-> command-line flags and YAML files.
 
-A config is a dataclass whose fields carry their help text in ``metadata``. The same dataclass
-feeds argparse (``--batch_size`` and ``--batch-size`` both work), YAML presets (``--config``) and
-the Python API; precedence is dataclass default < YAML file < flags given on the command line.
+A config is a dataclass whose fields carry their help text and help section in ``metadata``. The
+same dataclass feeds argparse (``--batch_size``; ``--batch-size`` and aliases such as ``--lr``
+work too but are not listed), YAML presets (``--config``) and the Python API; precedence is
+dataclass default < YAML file < flags given on the command line.
+
+Why argparse and not jsonargparse: the configs are already plain dataclasses with help text, and
+this module turns them into flags in about a hundred lines; jsonargparse would add a dependency
+(and its import time) to every ``dartsnas`` start, whose budget is well under a second. Its error
+messages are multi-line and its own; here every bad flag or value becomes one line we word
+ourselves (``dartsnas: error: ...``). And the saved run directories, the YAML presets and the
+protocol's ``--search.epochs`` flags all read these same dataclasses, so mending the layer kept
+every stored run and preset valid without a translation step.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,12 +32,35 @@ from .errors import UserError
 
 T = TypeVar("T")
 
+# Help sections, in the order --help shows them; a field names one in its ``group``.
+SECTIONS: dict[str, str] = {
+    "data": "data",
+    "network": "network",
+    "optimisation": "optimisation",
+    "regularisation": "regularisation",
+    "search": "architecture search",
+    "evaluation": "evaluation",
+    "speed": "speed and memory",
+    "distributed": "several processes (torchrun)",
+    "runtime": "runtime",
+    "output": "output",
+    "options": "options",
+}
 
-def option(default: Any, help: str, *, choices: typing.Sequence[Any] | None = None, aliases: typing.Sequence[str] = (),
-           cli: bool = True) -> Any:
-    """A config field with its help text (and, optionally, the allowed values and extra flag names)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "aliases": tuple(aliases),
-                                                         "cli": cli})
+
+def option(default: Any, help: str, *, group: str = "options", choices: typing.Sequence[Any] | None = None,
+           aliases: typing.Sequence[str] = (), cli: bool = True) -> Any:
+    """A config field with its help text and help section (and, optionally, the allowed values and
+    extra flag names)."""
+    if group not in SECTIONS:
+        raise ValueError(f"unknown help section {group!r}")
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, "choices": choices,
+                                                         "aliases": tuple(aliases), "cli": cli})
+
+
+def redefault(cls: type, name: str, default: Any) -> Any:
+    """The field ``name`` of ``cls`` with another default: a subclass's settings keep their help."""
+    return dataclasses.field(default=default, metadata=cls.__dataclass_fields__[name].metadata)
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:
@@ -40,6 +73,9 @@ def _base_type(tp: Any) -> tuple[type, bool]:
     return tp, False
 
 
+_KIND_WORDS = {int: "an integer", float: "a number"}
+
+
 def _parse_value(kind: type, optional: bool, name: str) -> Any:
     def parse(text: str) -> Any:
         if optional and text.lower() in ("none", "null", ""):
@@ -47,33 +83,67 @@ def _parse_value(kind: type, optional: bool, name: str) -> Any:
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"--{name} must be {_KIND_WORDS.get(kind, kind.__name__)} "
+                                             f"(got {text!r})") from None
 
     parse.__name__ = kind.__name__
     return parse
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of ``cls``; flags not given stay absent from the namespace."""
+def _default_text(help_text: str, default: Any) -> str:
+    # Help that already says its default ("default: all") keeps its own words; None says nothing.
+    if "default" in help_text or default is None or default is dataclasses.MISSING:
+        return ""
+    if isinstance(default, bool):
+        return " (default: on)" if default else " (default: off)"
+    return f" (default: {default})"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "",
+                         defaults: Mapping[str, Any] | None = None, skip: Iterable[str] = (),
+                         listed: bool = True) -> None:
+    """Add one flag per field of ``cls``, under its help section; flags not given stay absent from
+    the namespace.
+
+    ``prefix`` names the flags ``--PREFIX.NAME`` (also ``--PREFIX-NAME``) with that dest, for
+    settings nested in a larger command; ``defaults`` replaces field defaults in the help;
+    ``skip`` leaves fields out; ``listed=False`` accepts the flags without listing them in --help.
+    """
     hints = typing.get_type_hints(cls)
+    skipped = set(skip)
+    used = {f.metadata.get("group", "options") for f in dataclasses.fields(cls)}
+    # Sections in SECTIONS order, whatever the order of the fields.
+    sections = {name: _section(parser, title) for name, title in SECTIONS.items() if name in used}
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if not meta.get("cli", True):
+        if not meta.get("cli", True) or f.name in skipped:
             continue
         kind, optional = _base_type(hints[f.name])
-        names = [f"--{f.name}"]
-        if "_" in f.name:
-            names.append(f"--{f.name.replace('_', '-')}")
-        names.extend(meta.get("aliases", ()))
-        default_text = "" if f.default is dataclasses.MISSING else f" (default: {f.default})"
-        help_text = (meta.get("help") or "") + default_text
+        dest = f"{prefix}.{f.name}" if prefix else f.name
+        dashed = f.name.replace("_", "-")
+        spellings = [f"--{dest}", f"--{prefix}.{dashed}", f"--{prefix}-{dashed}"] if prefix else [
+            f"--{f.name}", f"--{dashed}", *meta.get("aliases", ())]
+        names = list(dict.fromkeys(spellings))
+        section = meta.get("group", "options")
+        default = (defaults or {}).get(f.name, f.default)
+        help_text = ((meta.get("help") or "") + _default_text(meta.get("help") or "", default)).replace("%", "%%")
+        common = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text if listed else argparse.SUPPRESS}
         if kind is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            action = sections[section].add_argument(*names, action=argparse.BooleanOptionalAction, **common)
         else:
-            parser.add_argument(*names, dest=f.name, type=_parse_value(kind, optional, f.name),
-                                choices=meta.get("choices"), default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=help_text)
+            choices = meta.get("choices")
+            action = sections[section].add_argument(*names, type=_parse_value(kind, optional, dest), choices=choices,
+                                                    metavar=None if choices else f.name.upper(), **common)
+        # --help lists the first spelling only; the others are accepted all the same.
+        action.listed_names = names[:1]  # type: ignore[attr-defined]
+
+
+def _section(parser: argparse.ArgumentParser, title: str) -> Any:
+    """The parser's argument group called ``title`` (created on first use, so sections stay unique)."""
+    for group in parser._action_groups:
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title)
 
 
 def explicit_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -151,10 +221,11 @@ def coerce(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def make_config(cls: type[T], args: argparse.Namespace | None = None, config_file: str | None = None,
-                **overrides: Any) -> T:
-    """Build ``cls`` from defaults, then a YAML file, then command-line flags, then ``overrides``."""
-    values: dict[str, Any] = {}
+def make_config(cls: type[T], args: argparse.Namespace | None = None, config_file: str | None = None, *,
+                base: Mapping[str, Any] | None = None, **overrides: Any) -> T:
+    """Build ``cls`` from defaults, then ``base`` (a command's own starting values), then a YAML file,
+    then command-line flags, then ``overrides``."""
+    values: dict[str, Any] = dict(base or {})
     if config_file:
         values.update(coerce(cls, read_yaml_config(config_file, cls), str(config_file)))
     if args is not None:

@@ -32,12 +32,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import UserError
+from .settings.choices import GLOBAL_BATCH_CHOICES
 from .utils import resolve_device
 
 T = TypeVar("T")
-
-GLOBAL_BATCH_CHOICES = ("scale", "keep")
-
 
 def env_world_size() -> int:
     """The number of processes torchrun started (1 when not launched by torchrun)."""

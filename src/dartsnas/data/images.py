@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..settings.choices import DATASETS
 
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
-DATASETS = ("cifar10", "npz", "digits")
 
 
 @dataclass

@@ -8,7 +8,6 @@ metadata, or ``--arch``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import time
@@ -21,18 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import LoadedWeights, load_into, load_weights
-from ..config import add_config_arguments, check, make_config, option
 from ..data.images import CIFAR10_MEAN, CIFAR10_STD, BatchStream, ImageSet, Normalizer, load_image_data, read_npz
 from ..errors import UserError
 from ..genotype import Genotype, load_genotype
-from ..models.cnn import NETWORK_DEFAULTS, build_network, count_network_parameters, multiply_adds
+from ..models.cnn import build_network, count_network_parameters, multiply_adds
 from ..ops.cnn import narrow_strided_pointwise
+from ..settings.choices import AMP_CHOICES, NETWORK_DEFAULTS  # noqa: F401 -- AMP_CHOICES: still importable here
+from ..settings.evaluate_cnn import InfoConfig, TestConfig
 from ..utils import AverageMeter, accuracy, resolve_device
 
 logger = logging.getLogger("dartsnas")
 
 NETWORK_NAMES = {"cifar10": "CIFAR-10", "imagenet": "ImageNet"}
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
 # -- runtime settings shared with training ------------------------------------------------------
@@ -219,45 +218,6 @@ def resolve_genotype(arch: str | None, loaded: LoadedWeights) -> tuple[Genotype,
 
 
 @dataclass
-class TestConfig:
-    """Settings of ``dartsnas test cifar10|imagenet``."""
-
-    __test__ = False  # not a pytest test class, despite the name
-
-    model_path: str | None = option(None, "weights to evaluate: final.safetensors/best.safetensors of a run, a run "
-                                          "directory, its checkpoints/last.pt, or the authors' cifar10_model.pt / "
-                                          "imagenet_model.pt")
-    arch: str | None = option(None, "architecture (default: from the weights' metadata, else DARTS): a name, "
-                                    "genotype.json, search run directory or printed Genotype(...)")
-    data: str | None = option(None, "CIFAR-10 folder or .npz, or ImageNet folder with val/ (default: the data "
-                                    "of the training run when the weights name it)")
-    test_data: str | None = option(None, "CIFAR-10 only: .npz file of test images (default: found from --data)")
-    init_channels: int | None = option(None, "initial channels C (default: read off the weights)")
-    layers: int | None = option(None, "number of cells (default: read off the weights)")
-    auxiliary: bool | None = option(None, "whether the weights include the auxiliary head (default: read off "
-                                          "the weights; the head is never used for testing)")
-    batch_size: int | None = option(None, "evaluation batch size (default: the training run's, else 96 for "
-                                          "CIFAR-10 and 128 for ImageNet)")
-    image_size: int | None = option(None, "ImageNet only: crop size (default: the training run's, else 224)")
-    eval_batches: int | None = option(None, "evaluate only this many batches (a quick check; default: all)")
-    device: str = option("auto", "auto, cpu or cuda")
-    workers: int = option(4, "ImageNet only: data-loading worker processes")
-    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
-    amp: str = option("auto", "mixed precision on CUDA: auto (bf16 where supported, else fp16), bf16, fp16 or off; "
-                              "always float32 on the CPU", choices=AMP_CHOICES)
-    channels_last: str = option("auto", "channels-last memory format: auto (CPU, or CUDA with mixed precision), "
-                                        "on or off", choices=("auto", "on", "off"))
-    download: bool = option(True, "download CIFAR-10 when no --data is given and it is missing")
-
-    def validate(self) -> None:
-        check(bool(self.model_path), "pass the weights to evaluate with --model_path FILE")
-        for name in ("init_channels", "layers", "batch_size", "image_size", "eval_batches", "threads"):
-            value = getattr(self, name)
-            check(value is None or value >= 1, f"--{name} must be at least 1, got {value}")
-        check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-
-
-@dataclass
 class TestResult:
     network: str
     loss: float
@@ -335,41 +295,7 @@ def run_test(cfg: TestConfig, network: str) -> TestResult:
                       description)
 
 
-def _test_cli(network: str):
-    def handler(args: argparse.Namespace) -> int:
-        if args.gpu is not None:
-            args.device = f"cuda:{args.gpu}"
-        result = run_test(make_config(TestConfig, args), network)
-        print(f"network: {result.description}")
-        print(f"test images: {result.images} ({result.source})")
-        if network == "imagenet":
-            print(f"test error: top-1 {result.error:.2f}%  top-5 {result.error_top5:.2f}%  "
-                  f"(accuracy {result.top1:.2f}% / {result.top5:.2f}%)")
-        else:
-            print(f"test error: {result.error:.2f}%  (accuracy {result.top1:.2f}%)")
-        print(f"test loss: {result.loss:.4f}")
-        print(f"parameters: {result.parameters:,} ({result.parameters / 1e6:.2f}M, without the auxiliary head)")
-        print(f"speed: {result.images_per_s:.1f} images/s")
-        return 0
-    return handler
-
-
 # -- dartsnas info ------------------------------------------------------------------------------
-
-
-# Recurrent evaluation networks of the paper (facts section 5): (units, vocabulary).
-_RNN_INFO = {"ptb": (850, 10000), "wt2": (700, 33278)}
-
-
-@dataclass
-class InfoConfig:
-    dataset: str = option("cifar10", "which evaluation network", choices=tuple(NETWORK_DEFAULTS) + tuple(_RNN_INFO))
-    init_channels: int | None = option(None, "initial channels C (default: 36 for CIFAR-10, 48 for ImageNet)")
-    layers: int | None = option(None, "number of cells (default: 20 for CIFAR-10, 14 for ImageNet)")
-    num_classes: int | None = option(None, "number of classes (default: 10 / 1000)")
-    image_size: int | None = option(None, "input size for the multiply-adds (default: 32 / 224)")
-    units: int | None = option(None, "recurrent networks: embedding and hidden units (default: 850 PTB, 700 WT2)")
-    vocab: int | None = option(None, "recurrent networks: vocabulary size (default: 10,000 PTB, 33,278 WT2)")
 
 
 @dataclass
@@ -394,52 +320,3 @@ def network_info(arch: str | Genotype, cfg: InfoConfig) -> NetworkInfo:
         raise UserError(f"cannot build the network: {exc}") from None
     return NetworkInfo(count_network_parameters(model), count_network_parameters(model, auxiliary=True),
                        multiply_adds(model, size), size)
-
-
-def _info_cli(args: argparse.Namespace) -> int:
-    cfg = make_config(InfoConfig, args)
-    if cfg.dataset in _RNN_INFO:
-        from .evaluate_rnn import rnn_info
-
-        units, vocab = _RNN_INFO[cfg.dataset]
-        units, vocab = cfg.units or units, cfg.vocab or vocab
-        n = rnn_info(args.arch, ntoken=vocab, emsize=units)
-        print(f"network: recurrent language model, {units} units, vocabulary {vocab:,}")
-        print(f"parameters: {n:,} ({n / 1e6:.2f}M), tied embedding and decoder counted once")
-        return 0
-    info = network_info(args.arch, cfg)
-    defaults = NETWORK_DEFAULTS[cfg.dataset]
-    print(f"network: {NETWORK_NAMES[cfg.dataset]}, {cfg.layers or defaults['layers']} cells, "
-          f"C={cfg.init_channels or defaults['init_channels']}")
-    print(f"parameters: {info.parameters:,} ({info.parameters / 1e6:.2f}M) without the auxiliary head, "
-          f"{info.parameters_with_auxiliary:,} with it")
-    print(f"multiply-adds: {info.multiply_adds / 1e6:.1f}M per {info.image_size}x{info.image_size} image "
-          f"(convolutions and linear layers)")
-    return 0
-
-
-def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
-    for network in ("cifar10", "imagenet"):
-        name = NETWORK_NAMES[network]
-        p = groups["test"].add_parser(
-            network, help=f"test error of a trained {name} network",
-            description=f"Print the test error, loss, parameter count and speed of a trained {name} network. "
-                        f"Weights may be a dartsnas run's safetensors/checkpoint or the authors' released "
-                        f"model file; nothing pickled is ever executed.",
-        )
-        add_config_arguments(p, TestConfig)
-        p.add_argument("--gpu", type=int, metavar="N", help="GPU index, as in the authors' code (= --device cuda:N)")
-        # Accepted for commands copied from the authors' test scripts; they do not affect testing.
-        for flag, kind in (("--seed", int), ("--cutout_length", int), ("--drop_path_prob", float),
-                           ("--report_freq", float)):
-            p.add_argument(flag, type=kind, help=argparse.SUPPRESS)
-        p.add_argument("--cutout", action="store_true", help=argparse.SUPPRESS)
-        p.set_defaults(handler=_test_cli(network))
-    p = commands.add_parser(
-        "info", help="parameters and multiply-adds of an architecture",
-        description="Print the parameter count (and, for CNNs, the multiply-adds) of the CIFAR-10, ImageNet, "
-                    "PTB or WikiText-2 evaluation network built from an architecture.",
-    )
-    p.add_argument("arch", metavar="ARCH", help="a name (DARTS_V2), genotype.json, run directory or 'Genotype(...)'")
-    add_config_arguments(p, InfoConfig)
-    p.set_defaults(handler=_info_cli)

@@ -14,7 +14,6 @@ refused.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -30,12 +29,12 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..checkpoint import check_finite_weights, load_into, load_weights, verify_checksum
-from ..config import add_config_arguments, make_config, option
 from ..data.text import Corpus, batchify, get_batch
 from ..errors import UserError
 from ..genotype import RecurrentGenotype, load_genotype
 from ..genotype import from_dict as genotype_from_dict
 from ..models.rnn import RNNModel, count_parameters
+from ..settings.evaluate_rnn import TestConfig
 from ..utils import resolve_device
 
 CHECKPOINT_KIND = "rnn-model"
@@ -346,19 +345,6 @@ def rnn_info(arch: str | RecurrentGenotype = "DARTS", ntoken: int = 10000, emsiz
 
 
 @dataclass
-class TestConfig:
-    model_path: str = option("", "model file (ours or the authors' ptb_model.pt) or training run directory")
-    data: str | None = option(None, "corpus folder with train.txt, valid.txt, test.txt (default: the one the "
-                                    "model was trained on, else data/penn or data/wikitext-2)")
-    arch: str | None = option(None, "architecture for files that do not name one (a plain state_dict)")
-    bptt: int = option(35, "evaluation chunk length")
-    eval_batch_size: int = option(10, "batch size of the validation pass")
-    test_batch_size: int = option(1, "batch size of the test pass (the paper's 1)")
-    device: str = option("auto", "auto, cpu or cuda")
-    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
-
-
-@dataclass
 class TestResult:
     valid_loss: float
     test_loss: float
@@ -374,11 +360,7 @@ class TestResult:
 
 
 def run_test(cfg: TestConfig, default_data: str = "data/penn") -> TestResult:
-    if not cfg.model_path:
-        raise UserError("pass --model-path FILE (a trained model or the authors' ptb_model.pt)")
-    for name in ("bptt", "eval_batch_size", "test_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    cfg.validate()
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -392,26 +374,3 @@ def run_test(cfg: TestConfig, default_data: str = "data/penn") -> TestResult:
     valid = evaluate(model, batchify(corpus.valid, cfg.eval_batch_size, device), cfg.bptt)
     test = evaluate(model, batchify(corpus.test, cfg.test_batch_size, device), cfg.bptt)
     return TestResult(valid, test, count_parameters(model))
-
-
-def _cli(default_data: str):
-    def handler(args: argparse.Namespace) -> int:
-        cfg = make_config(TestConfig, args)
-        result = run_test(cfg, default_data)
-        print(f"parameters {result.parameters:,}")
-        print(f"valid loss {result.valid_loss:.4f} | valid ppl {result.valid_ppl:.2f}")
-        print(f"test loss {result.test_loss:.4f} | test ppl {result.test_ppl:.2f}")
-        return 0
-    return handler
-
-
-def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
-    for target, corpus, default in (("ptb", "Penn Treebank", "data/penn"), ("wt2", "WikiText-2", "data/wikitext-2")):
-        p = groups["test"].add_parser(
-            target, help=f"validation and test perplexity of a recurrent model on {corpus}",
-            description=f"Print the validation and test perplexity of a trained recurrent model on {corpus}. "
-                        f"The model may be a dartsnas checkpoint or the authors' released whole-module file; "
-                        f"pickled modules are read without executing any code.",
-        )
-        add_config_arguments(p, TestConfig)
-        p.set_defaults(handler=_cli(default))

@@ -76,31 +76,14 @@ __all__ = [
 
 
 def _stage_flags(parser: argparse.ArgumentParser, target: Target) -> None:
-    """``--search.epochs`` (also ``--search-epochs``) for every setting of every stage kind."""
+    """``--search.epochs`` (also ``--search-epochs``) for every setting of every stage kind.
+
+    They are accepted without being listed one by one: each stage takes the options of its own
+    command, whose --help lists them, so the protocol's help sums each stage up in one line.
+    """
     for stage in STAGES:
-        cls = target.config_class(stage)
-        group = parser.add_argument_group(f"{stage} stage", {
-            "search": "settings of every search",
-            "select": "settings of every selection training (short, scored on held-out training data)",
-            "final": "settings of every final training of the selected cell",
-        }[stage])
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in target.fixed[stage] or not f.metadata.get("cli", True):
-                continue
-            kind, optional = _base_type(hints[f.name])
-            dashed = f.name.replace("_", "-")
-            names = list(dict.fromkeys([f"--{stage}.{f.name}", f"--{stage}.{dashed}", f"--{stage}-{dashed}"]))
-            default = target.defaults.get(stage, {}).get(f.name, f.default)
-            help_text = f"{f.metadata.get('help', '')} (default: {default})"
-            dest = f"{stage}.{f.name}"
-            if kind is bool:
-                group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_text)
-            else:
-                group.add_argument(*names, dest=dest, type=_parse_value(kind, optional, f"{stage}.{f.name}"),
-                                   choices=f.metadata.get("choices"), default=argparse.SUPPRESS,
-                                   metavar=f.name.upper(), help=help_text)
+        add_config_arguments(parser, target.config_class(stage), prefix=stage, defaults=target.defaults.get(stage),
+                             skip=target.fixed[stage], listed=False)
 
 
 def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,47 +93,23 @@ def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def _cli(target: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        given = cli_settings(args)
-        if args.resume:
-            stage_given = sorted(k for k in given if "." in k or k not in RUNTIME_OPTIONS)
-            if args.config or stage_given:
-                raise UserError("--resume keeps the protocol's stored settings; only --jobs, --device and --threads "
-                                "may be given with it")
-            protocol = load_protocol(args.resume, given, target)
-        else:
-            protocol = make_protocol(target, given, args.config)
-        result = run(protocol)
-        final = result.summary["final"]["test"]
-        sel = result.summary["selection"]
-        print(f"selected: the cell of search seed {sel['seed']} ({sel['metric']} {sel['score']:.4f})")
-        if final["mean"] is not None:
-            spread = f" +- {final['std']:.2f}" if final["std"] is not None else ""
-            print(f"test {result.summary['test_metric']}: {final['mean']:.2f}{spread} over {final['n']} runs")
-        print(f"summary: {result.run_dir / 'summary.md'}")
-        return 0
-    return handler
+# The command whose options each stage takes, per target.
+_STAGE_COMMANDS = {"cnn": {"search": "search cnn", "select": "train cifar10", "final": "train cifar10"},
+                   "rnn": {"search": "search rnn", "select": "train ptb", "final": "train ptb"}}
+_STAGE_ROLES = {"search": "every search", "select": "every selection training (short, scored on held-out data)",
+                "final": "every final training of the selected cell"}
 
 
-def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "protocol", help="search with several seeds, select the best cell, train it several times",
-        description="The paper's evaluation protocol in one resumable command: a search per seed, a short training "
-                    "of each derived cell scored on held-out training data, then several full trainings of the "
-                    "best cell, reported as mean +- std.")
-    targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)
-    for name, help_text in (("cnn", "convolutional cells on CIFAR-10"), ("rnn", "recurrent cells on PTB")):
-        sub = targets.add_parser(
-            name, help=help_text,
-            usage=f"dartsnas protocol {name} [--budget tiny] [--seeds N] [--final-runs N] [--jobs N] [--data PATH] "
-                  f"[--search.NAME VALUE] [--select.NAME VALUE] [--final.NAME VALUE] [--config FILE] [...]",
-            description=f"DARTS protocol for {help_text}. Stage settings: --search.NAME, --select.NAME, "
-                        f"--final.NAME (or a YAML file with search:, select:, final: sections). Running the same "
-                        f"command again resumes it.")
-        sub.add_argument("--config", metavar="FILE", help="YAML file (or shipped preset) of protocol and stage "
-                                                          "settings; flags win")
-        sub.add_argument("--resume", metavar="PROTOCOL_DIR", help="continue a protocol with its stored settings")
-        add_config_arguments(sub, ProtocolOptions)
-        _stage_flags(sub, TARGETS[name])
-        sub.set_defaults(handler=_cli(name))
+def add_cli(parser: argparse.ArgumentParser, target_name: str) -> None:
+    """The stage flags of ``dartsnas protocol TARGET`` and the help section that sums them up."""
+    target = TARGETS[target_name]
+    _stage_flags(parser, target)
+    lines = []
+    for stage in STAGES:
+        changed = ", ".join(f"{k} {v}" for k, v in target.defaults.get(stage, {}).items())
+        lines.append(f"--{stage}.NAME VALUE: {_STAGE_ROLES[stage]}; NAME is any option of 'dartsnas "
+                     f"{_STAGE_COMMANDS[target_name][stage]}' except {', '.join(sorted(target.fixed[stage]))}"
+                     + (f" (protocol defaults: {changed})" if changed else ""))
+    lines.append(f"Switches: --no-{STAGES[0]}.NAME. A --config YAML file may hold {', '.join(s + ':' for s in STAGES)} "
+                 f"sections.")
+    parser.add_argument_group("stage settings", "\n".join(lines))

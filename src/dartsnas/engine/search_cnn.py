@@ -1,13 +1,12 @@
 """``dartsnas search cnn``: the convolutional cell search of paper section 3.1.1.
 
-``run(SearchConfig(...))`` is the whole job; the command line and the tests call it too.
+``run(SearchConfig(...))`` is the whole job (the settings live in :mod:`dartsnas.settings.search_cnn`);
+the command line and the tests call it too.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,14 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .. import distributed
-from ..config import add_config_arguments, check, explicit_args, make_config, option
-from ..data.images import DATASETS, BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
+from ..data.images import BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
 from ..errors import UserError
 from ..genotype import Genotype
 from ..ops import fastconv
 from ..ops.cnn import narrow_strided_pointwise
 from ..search.architect import Architect, VirtualStep
 from ..search.cnn import SearchNetwork
+from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
 from . import common
 from .common import finish_search, log_distributed, write_search_epoch
@@ -34,97 +33,6 @@ from .loop import EpochContext, Job, run_job
 logger = logging.getLogger("dartsnas")
 
 COMMAND = "search-cnn"
-
-
-@dataclass
-class SearchConfig:
-    """Settings of a CNN search; the defaults are the paper's (facts section 2)."""
-
-    dataset: str = option("cifar10", "data source: cifar10 (folder or .npz), npz (any image set) or digits "
-                                     "(bundled, offline)", choices=DATASETS)
-    data: str | None = option(None, "CIFAR-10 folder or .npz file (default: a per-user cache folder)")
-    batch_size: int = option(64, "batch size of both the weight and the alpha stream")
-    learning_rate: float = option(0.025, "initial weight learning rate (cosine-annealed)")
-    learning_rate_min: float = option(0.001, "final weight learning rate")
-    momentum: float = option(0.9, "weight SGD momentum")
-    weight_decay: float = option(3e-4, "weight decay of the weights")
-    arch_learning_rate: float = option(3e-4, "Adam learning rate of alpha")
-    arch_weight_decay: float = option(1e-3, "weight decay of alpha")
-    init_channels: int = option(16, "channels of the first cell (C)")
-    layers: int = option(8, "number of cells")
-    nodes: int = option(4, "intermediate nodes per cell")
-    epochs: int = option(50, "search epochs")
-    train_portion: float = option(0.5, "fraction of the training set used for the weights; the rest trains alpha")
-    unrolled: bool = option(False, "second-order approximation (paper eq. 7) instead of first order")
-    hvp: str = option("fd", "Hessian-vector product of the second-order step: fd (the paper's finite "
-                            "difference) or exact (double backward)", choices=("fd", "exact"))
-    hvp_r: float = option(0.01, "finite-difference step: eps = hvp_r / ||v||")
-    hvp_check: bool = option(False, "once per epoch, log the cosine between the finite-difference and the "
-                                    "exact Hessian-vector product on one batch")
-    grad_clip: float = option(5.0, "gradient-norm clip of the weight step")
-    seed: int = option(2, "random seed")
-    save: str | None = option(None, "run directory (default: runs/search-cnn-<timestamp>)")
-    device: str = option("auto", "auto, cpu or cuda")
-    workers: int = option(0, "data-loading worker processes (images are kept in memory and augmented on the "
-                             "device, so 0 is best for these data sets)")
-    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
-    max_steps: int | None = option(None, "stop after this many steps in total, writing everything a finished "
-                                         "run writes (smoke tests, timing)")
-    eval_batches: int | None = option(None, "validate on at most this many batches per epoch (default: all)")
-    report_freq: int = option(50, "log training progress every this many steps")
-    channels_last: str = option("auto", "channels-last memory format: auto (on for CPU, where depthwise and "
-                                        "pointwise convolutions run several times faster), on or off",
-                                choices=("auto", "on", "off"))
-    checkpoint_cells: bool = option(False, "recompute each cell's activations in the backward instead of keeping "
-                                           "them: much less memory, slower steps (same results)")
-    flip_conv_backward: bool = option(True, "input gradient of size-keeping depthwise convolutions (5x5, dilated) by a "
-                                            "convolution with the flipped kernel, several times faster than PyTorch's "
-                                            "backward on the CPU, same results (--no-flip_conv_backward: PyTorch's)")
-    lean_memory: bool = option(True, "batch norms that end an operation keep their output instead of their input "
-                                     "for the backward, max pooling finds its argmax again: about a quarter less "
-                                     "memory, same results (--no-lean_memory: PyTorch's plain operations)")
-    tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
-    plots: bool = option(True, "draw figures into the run directory at the end")
-    download: bool = option(True, "download CIFAR-10 when it is missing and the network allows")
-    global_batch: str = option("scale", "with several processes (torchrun): scale (each process takes --batch_size, "
-                                        "the global batch grows) or keep (the global batch stays --batch_size, split "
-                                        "over the processes)", choices=distributed.GLOBAL_BATCH_CHOICES)
-    sync_bn: bool = option(False, "with several processes on CUDA: batch norm over the global batch (SyncBatchNorm) "
-                                  "instead of each process's slice")
-
-    def validate(self) -> None:
-        check(not (self.sync_bn and (self.hvp_check or (self.unrolled and self.hvp == "exact"))),
-              "--sync_bn cannot be combined with --hvp exact or --hvp_check (SyncBatchNorm has no double backward); "
-              "use --hvp fd")
-        check(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
-        check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
-        check(0.0 < self.train_portion < 1.0,
-              f"--train_portion must be between 0 and 1 (exclusive), got {self.train_portion}")
-        for name in ("learning_rate", "arch_learning_rate", "hvp_r", "grad_clip"):
-            value = getattr(self, name)
-            check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
-        for name in ("learning_rate_min", "weight_decay", "arch_weight_decay", "momentum"):
-            value = getattr(self, name)
-            check(value >= 0 and math.isfinite(value), f"--{name} must be >= 0, got {value}")
-        check(self.learning_rate_min <= self.learning_rate,
-              f"--learning_rate_min ({self.learning_rate_min}) must not exceed --learning_rate ({self.learning_rate})")
-        check(self.init_channels >= 1, f"--init_channels must be at least 1, got {self.init_channels}")
-        check(self.layers >= 3, f"--layers must be at least 3 (the search network has two reduction cells), "
-                                f"got {self.layers}")
-        check(self.nodes >= 2, f"--nodes must be at least 2, got {self.nodes}")
-        check(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be at least 1, got {self.max_steps}")
-        check(self.eval_batches is None or self.eval_batches >= 1,
-              f"--eval_batches must be at least 1, got {self.eval_batches}")
-        check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-        check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
-        check(self.report_freq >= 1, f"--report_freq must be at least 1, got {self.report_freq}")
-        if self.dataset == "npz":
-            check(bool(self.data), "--dataset npz needs --data FILE.npz")
-
-
-# Settings that may differ when a run is resumed: they do not change the mathematics.
-RESUMABLE_OVERRIDES = {"device", "channels_last", "checkpoint_cells", "lean_memory", "flip_conv_backward", "workers",
-                       "threads", "max_steps", "tensorboard", "plots", "report_freq", "download", "data", "sync_bn"}
 
 
 @dataclass
@@ -365,32 +273,3 @@ def _hvp_check(architect: Architect, train_stream: BatchStream, alpha_stream: Ba
     logger.info("hvp check: cosine(finite difference, exact) = %.4f, implicit term = %.1f%% of the gradient norm",
                 stats["hvp_cosine"], 100 * stats["implicit_ratio"])
     return stats
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def _cli(args: argparse.Namespace) -> int:
-    given = explicit_args(SearchConfig, args)
-    if args.resume:
-        if args.config:
-            raise UserError("--config cannot be combined with --resume (the run keeps its stored settings)")
-        cfg = resume_config(args.resume, given)
-        result = run(cfg, resume=args.resume)
-    else:
-        result = run(make_config(SearchConfig, args, args.config))
-    print(f"genotype = {result.genotype}")
-    print(f"run directory: {result.run_dir}")
-    return 0
-
-
-def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
-    p = groups["search"].add_parser(
-        "cnn", help="search a convolutional cell (CIFAR-10 by default)",
-        description="Search a convolutional cell with DARTS. Defaults are the paper's first-order setting; "
-                    "add --unrolled for second order.",
-    )
-    p.add_argument("--config", metavar="FILE", help="YAML file (or shipped preset name) of settings; flags win")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search from its last checkpoint")
-    add_config_arguments(p, SearchConfig)
-    p.set_defaults(handler=_cli)

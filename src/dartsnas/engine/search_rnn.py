@@ -12,9 +12,7 @@ training gradient clipped to 0.25 (see :class:`~dartsnas.search.architect.Virtua
 
 from __future__ import annotations
 
-import argparse
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +24,19 @@ from torch import Tensor
 from torch.func import functional_call
 
 from .. import distributed
-from ..config import add_config_arguments, check, explicit_args, make_config, option
+from ..config import check
 from ..data.text import Corpus, batchify, get_batch
-from ..errors import UserError
 from ..genotype import RecurrentGenotype
 from ..ops.loss import cross_entropy
 from ..search.architect import Architect, VirtualStep
-from ..search.rnn import STEPS, RNNSearchModel
-from .common import finish_search, log_distributed, resume_config, write_search_epoch
+from ..search.rnn import RNNSearchModel
+from ..settings.search_rnn import RESUMABLE_OVERRIDES, RNNSearchConfig
+from .common import (
+    finish_search,
+    log_distributed,
+    resume_config,
+    write_search_epoch,
+)
 from .evaluate_rnn import evaluate_sharded, perplexity
 from .loop import EpochContext, Job, run_job
 from .train_rnn import weight_step
@@ -41,88 +44,6 @@ from .train_rnn import weight_step
 logger = logging.getLogger("dartsnas")
 
 COMMAND = "search-rnn"
-
-
-@dataclass
-class RNNSearchConfig:
-    """Settings of a recurrent search; the defaults are the paper's (facts section 4)."""
-
-    data: str = option("data/penn", "corpus folder with train.txt, valid.txt, test.txt")
-    emsize: int = option(300, "embedding size")
-    nhid: int = option(300, "hidden units of the cell")
-    nhidlast: int = option(300, "hidden units of the last layer (equal to nhid: tied weights)")
-    nodes: int = option(STEPS, "intermediate nodes of the cell")
-    learning_rate: float = option(20.0, "weight learning rate", aliases=("--lr",))
-    grad_clip: float = option(0.25, "gradient-norm clip of the weight step (and of the virtual step)",
-                              aliases=("--clip",))
-    weight_decay: float = option(5e-7, "weight decay of the weights", aliases=("--wdecay",))
-    arch_learning_rate: float = option(3e-3, "Adam learning rate of alpha", aliases=("--arch_lr",))
-    arch_weight_decay: float = option(1e-3, "weight decay of alpha", aliases=("--arch_wdecay",))
-    epochs: int = option(50, "search epochs")
-    batch_size: int = option(256, "batch size of both the weight and the alpha stream")
-    bptt: int = option(35, "sequence length")
-    dropout: float = option(0.75, "locked dropout on the cell outputs")
-    dropouth: float = option(0.25, "dropout on h inside the cell")
-    dropoutx: float = option(0.75, "dropout on x inside the cell")
-    dropouti: float = option(0.2, "locked dropout on the embeddings")
-    dropoute: float = option(0.0, "embedding dropout (whole words)")
-    beta: float = option(1e-3, "temporal activation regularisation (slowness) coefficient")
-    unrolled: bool = option(False, "second-order approximation (paper eq. 7) instead of first order")
-    hvp: str = option("fd", "Hessian-vector product of the second-order step: fd (the paper's finite "
-                            "difference) or exact (double backward)", choices=("fd", "exact"))
-    hvp_r: float = option(0.01, "finite-difference step: eps = hvp_r / ||v||")
-    hvp_check: bool = option(False, "once per epoch, log the cosine between the finite-difference and the "
-                                    "exact Hessian-vector product on one batch")
-    eval_batch_size: int = option(10, "validation batch size")
-    seed: int = option(3, "random seed")
-    save: str | None = option(None, "run directory (default: runs/search-rnn-<timestamp>)")
-    device: str = option("auto", "auto, cpu or cuda")
-    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
-    max_steps: int | None = option(None, "stop after this many steps in total, writing everything a finished "
-                                         "run writes (smoke tests, timing)")
-    eval_batches: int | None = option(None, "validate on at most this many chunks per epoch (default: all)")
-    report_freq: int = option(50, "log training progress every this many steps")
-    tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
-    plots: bool = option(True, "draw figures into the run directory at the end")
-    global_batch: str = option("scale", "with several processes (torchrun): scale (each process takes --batch_size "
-                                        "streams, the global batch grows) or keep (the global batch stays "
-                                        "--batch_size, split over the processes)",
-                               choices=distributed.GLOBAL_BATCH_CHOICES)
-    sync_bn: bool = option(False, "with several processes on CUDA: the search cell's batch norm over the global "
-                                  "batch (SyncBatchNorm) instead of each process's streams")
-    compile: bool = option(False, "fuse the search cell's node computations with torch.compile (needs a C++ "
-                                  "compiler on the CPU, Triton on CUDA): the first steps take about 20 s longer, "
-                                  "later ones run faster; same results within float rounding; falls back to "
-                                  "plain PyTorch with a warning if compiling fails")
-
-    def validate(self) -> None:
-        check(not (self.sync_bn and (self.hvp_check or (self.unrolled and self.hvp == "exact"))),
-              "--sync_bn cannot be combined with --hvp exact or --hvp_check (SyncBatchNorm has no double backward); "
-              "use --hvp fd")
-        for name in ("emsize", "nhid", "nhidlast", "nodes", "epochs", "batch_size", "bptt", "eval_batch_size",
-                     "report_freq"):
-            check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
-        check(self.batch_size >= 2, "--batch_size must be at least 2 (the search cell normalises node states over "
-                                    "the batch)")
-        check(self.emsize == self.nhid == self.nhidlast,
-              f"--emsize, --nhid and --nhidlast must be equal (the decoder is tied to the embedding), got "
-              f"{self.emsize}, {self.nhid}, {self.nhidlast}")
-        for name in ("learning_rate", "grad_clip", "arch_learning_rate", "hvp_r"):
-            value = getattr(self, name)
-            check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
-        for name in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute"):
-            value = getattr(self, name)
-            check(0.0 <= value < 1.0, f"--{name} must be in [0, 1), got {value}")
-        check(self.beta >= 0 and self.weight_decay >= 0 and self.arch_weight_decay >= 0,
-              "--beta, --weight_decay and --arch_weight_decay must be >= 0")
-        check(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be at least 1, got {self.max_steps}")
-        check(self.eval_batches is None or self.eval_batches >= 1,
-              f"--eval_batches must be at least 1, got {self.eval_batches}")
-        check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
-
-
-RESUMABLE_OVERRIDES = {"device", "threads", "max_steps", "tensorboard", "plots", "report_freq", "data",
-                       "eval_batches", "sync_bn", "compile"}
 
 
 @dataclass
@@ -351,32 +272,3 @@ def _hvp_check(model: RNNSearchModel, architect: Architect, train_data: Tensor, 
     logger.info("hvp check: cosine(finite difference, exact) = %.4f, implicit term = %.1f%% of the gradient norm",
                 stats["hvp_cosine"], 100 * stats["implicit_ratio"])
     return stats
-
-
-# -- command line ---------------------------------------------------------------------------------
-
-
-def _cli(args: argparse.Namespace) -> int:
-    given = explicit_args(RNNSearchConfig, args)
-    if args.resume:
-        if args.config:
-            raise UserError("--config cannot be combined with --resume (the run keeps its stored settings)")
-        cfg = resume_config(RNNSearchConfig, COMMAND, args.resume, given, RESUMABLE_OVERRIDES)
-        result = run(cfg, resume=args.resume)
-    else:
-        result = run(make_config(RNNSearchConfig, args, args.config))
-    print(f"genotype = {result.genotype}")
-    print(f"run directory: {result.run_dir}")
-    return 0
-
-
-def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
-    p = groups["search"].add_parser(
-        "rnn", help="search a recurrent cell (Penn Treebank by default)",
-        description="Search a recurrent cell with DARTS on a word-level corpus. Defaults are the paper's "
-                    "first-order setting; add --unrolled for second order.",
-    )
-    p.add_argument("--config", metavar="FILE", help="YAML file (or shipped preset name) of settings; flags win")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search from its last checkpoint")
-    add_config_arguments(p, RNNSearchConfig)
-    p.set_defaults(handler=_cli)

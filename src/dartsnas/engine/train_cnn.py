@@ -11,7 +11,6 @@ epoch; it never influences training.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -26,19 +25,19 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..checkpoint import save_weights
-from ..config import add_config_arguments, check, explicit_args, make_config, option, to_dict
+from ..config import check, to_dict
 from ..data.cutout import cutout
 from ..data.images import CIFAR10_MEAN, CIFAR10_STD, BatchStream, ImageSet, Normalizer, epoch_generator, load_image_data
 from ..errors import UserError
 from ..genotype import Genotype, load_genotype
-from ..models.cnn import NETWORK_DEFAULTS, NETWORKS, aux_feature_size, build_network, count_network_parameters
+from ..models.cnn import NETWORKS, aux_feature_size, build_network, count_network_parameters
 from ..ops import fastconv
 from ..rundir import RunDir, write_json
+from ..settings.train_cnn import CONFIGS, RESUMABLE_OVERRIDES, CifarTrainConfig, ImageNetTrainConfig, TrainConfig
 from ..utils import AverageMeter, accuracy
 from . import common
 from .common import log_distributed, write_figures
 from .evaluate_cnn import (
-    AMP_CHOICES,
     EvalResult,
     autocast,
     cifar_batches,
@@ -50,142 +49,6 @@ from .evaluate_cnn import (
 from .loop import EpochContext, Job, run_job
 
 logger = logging.getLogger("dartsnas")
-
-_CIFAR = NETWORK_DEFAULTS["cifar10"]
-_IMAGENET = NETWORK_DEFAULTS["imagenet"]
-
-
-@dataclass
-class TrainConfig:
-    """Settings shared by both networks; defaults are the CIFAR-10 ones (facts section 3)."""
-
-    arch: str = option("DARTS", "architecture: a name (DARTS = DARTS_V2, DARTS_V1, NASNet, AmoebaNet), a "
-                                "genotype.json, a search run directory or a printed Genotype(...) string")
-    data: str | None = option(None, "data: CIFAR-10 folder or .npz file / ImageNet folder with train/ and val/")
-    batch_size: int = option(96, "batch size")
-    learning_rate: float = option(0.025, "initial learning rate")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(3e-4, "weight decay")
-    epochs: int = option(600, "training epochs")
-    init_channels: int = option(_CIFAR["init_channels"], "initial channels C")
-    layers: int = option(_CIFAR["layers"], "number of cells")
-    auxiliary: bool = option(True, "auxiliary classifier after cell 2*layers//3 (--no-auxiliary to drop it)")
-    auxiliary_weight: float = option(0.4, "weight of the auxiliary loss")
-    drop_path_prob: float = option(0.2, "final drop-path probability (scaled linearly from 0 over the epochs)")
-    grad_clip: float = option(5.0, "gradient-norm clip")
-    valid_size: int = option(0, "hold out this many training images, evaluated each epoch to pick "
-                                "best.safetensors (0: train on all of them, as the paper does)")
-    seed: int = option(0, "random seed")
-    save: str | None = option(None, "run directory (default: runs/train-<dataset>-<timestamp>)")
-    device: str = option("auto", "auto, cpu or cuda")
-    workers: int | None = option(None, "data-loading worker processes (ImageNet; default: up to 8; CIFAR-10 is "
-                                       "kept in memory and needs none)")
-    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
-    amp: str = option("auto", "mixed precision on CUDA: auto (bf16 where supported, else fp16), bf16, fp16 or off; "
-                              "always float32 on the CPU", choices=AMP_CHOICES)
-    channels_last: str = option("auto", "channels-last memory format: auto (CPU, or CUDA with mixed precision), "
-                                        "on or off", choices=("auto", "on", "off"))
-    flip_conv_backward: bool = option(True, "input gradient of size-keeping depthwise convolutions (5x5, dilated) by a "
-                                            "convolution with the flipped kernel, several times faster than PyTorch's "
-                                            "backward on the CPU, same results (--no-flip_conv_backward: PyTorch's)")
-    deterministic: bool = option(False, "deterministic algorithms only (slower on CUDA; CPU runs are "
-                                        "deterministic anyway)")
-    max_steps: int | None = option(None, "stop after this many steps in total, writing everything a finished run "
-                                         "writes (smoke tests, timing)")
-    eval_batches: int | None = option(None, "evaluate at most this many batches of each split (default: all)")
-    report_freq: int = option(50, "log training progress every this many steps")
-    tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
-    plots: bool = option(True, "draw figures into the run directory at the end")
-    global_batch: str = option("scale", "with several processes (torchrun): scale (each process takes --batch_size, "
-                                        "the global batch grows) or keep (the global batch stays --batch_size, split "
-                                        "over the processes)", choices=distributed.GLOBAL_BATCH_CHOICES)
-    sync_bn: bool = option(False, "with several processes on CUDA: batch norm over the global batch (SyncBatchNorm) "
-                                  "instead of each process's slice")
-
-    network = "cifar10"
-
-    @property
-    def command(self) -> str:
-        return f"train-{self.network}"
-
-    def validate(self) -> None:
-        check(self.batch_size >= 2, f"--batch_size must be at least 2 (batch norm needs two images), "
-                                    f"got {self.batch_size}")
-        check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
-        for name in ("learning_rate", "grad_clip"):
-            value = getattr(self, name)
-            check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
-        for name in ("momentum", "weight_decay", "auxiliary_weight"):
-            value = getattr(self, name)
-            check(value >= 0 and math.isfinite(value), f"--{name} must be >= 0, got {value}")
-        check(0.0 <= self.drop_path_prob < 1.0, f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}")
-        check(self.init_channels >= 1, f"--init_channels must be at least 1, got {self.init_channels}")
-        check(self.layers >= 3, f"--layers must be at least 3 (two of the cells are reduction cells), "
-                                f"got {self.layers}")
-        check(self.valid_size >= 0, f"--valid_size must be >= 0, got {self.valid_size}")
-        check(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be at least 1, got {self.max_steps}")
-        check(self.eval_batches is None or self.eval_batches >= 1,
-              f"--eval_batches must be at least 1, got {self.eval_batches}")
-        check(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-        check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
-        check(self.report_freq >= 1, f"--report_freq must be at least 1, got {self.report_freq}")
-
-
-@dataclass
-class CifarTrainConfig(TrainConfig):
-    """``dartsnas train cifar10``: 20 cells, C = 36, 600 epochs, cosine schedule, cutout (facts section 3)."""
-
-    test_data: str | None = option(None, ".npz file of CIFAR-10 test images for the final evaluation (default: the "
-                                         "folder's test batch, the file's x_test, or the single *test*.npz next to "
-                                         "--data)")
-    learning_rate_min: float = option(0.0, "final learning rate of the cosine schedule")
-    cutout: bool = option(True, "cutout augmentation (--no-cutout to disable)")
-    cutout_length: int = option(16, "side of the cutout square")
-    download: bool = option(True, "download CIFAR-10 when it is missing and the network allows")
-
-    network = "cifar10"
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.learning_rate_min >= 0, f"--learning_rate_min must be >= 0, got {self.learning_rate_min}")
-        check(self.cutout_length >= 1, f"--cutout_length must be at least 1, got {self.cutout_length}")
-
-
-@dataclass
-class ImageNetTrainConfig(TrainConfig):
-    """``dartsnas train imagenet``: mobile setting, 14 cells, C = 48, 250 epochs (facts section 3)."""
-
-    batch_size: int = option(128, "batch size")
-    learning_rate: float = option(0.1, "initial learning rate")
-    weight_decay: float = option(3e-5, "weight decay")
-    epochs: int = option(250, "training epochs")
-    init_channels: int = option(_IMAGENET["init_channels"], "initial channels C")
-    layers: int = option(_IMAGENET["layers"], "number of cells")
-    drop_path_prob: float = option(0.0, "final drop-path probability (scaled linearly from 0 over the epochs)")
-    label_smooth: float = option(0.1, "label smoothing of the training loss")
-    gamma: float = option(0.97, "learning-rate decay factor")
-    decay_period: int = option(1, "epochs between two learning-rate decays")
-    image_size: int = option(224, "training crop size (evaluation resizes to 256/224 of it, then centre-crops)")
-
-    network = "imagenet"
-
-    def validate(self) -> None:
-        super().validate()
-        check(0.0 <= self.label_smooth < 1.0, f"--label_smooth must be in [0, 1), got {self.label_smooth}")
-        check(0.0 < self.gamma <= 1.0, f"--gamma must be in (0, 1], got {self.gamma}")
-        check(self.decay_period >= 1, f"--decay_period must be at least 1, got {self.decay_period}")
-        check(self.image_size >= 8, f"--image_size must be at least 8, got {self.image_size}")
-        check(self.init_channels % 2 == 0, f"--init_channels must be even for ImageNet (the stem halves it), "
-                                           f"got {self.init_channels}")
-        check(bool(self.data), "train imagenet needs --data DIR (with train/ and val/ class folders)")
-
-
-CONFIGS: dict[str, type[TrainConfig]] = {"cifar10": CifarTrainConfig, "imagenet": ImageNetTrainConfig}
-# Settings that may change when a run is resumed: they do not change what is being trained.
-RESUMABLE_OVERRIDES = {"device", "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download",
-                       "data", "test_data", "amp", "channels_last", "flip_conv_backward", "deterministic",
-                       "eval_batches", "sync_bn"}
-
 
 @dataclass
 class TrainResult:
@@ -597,48 +460,3 @@ def run(config: TrainConfig | None = None, resume: str | Path | None = None,
     else:
         cfg = config if config is not None else CifarTrainConfig()
     return run_job(CNNTraining(cfg), resume, on_epoch_end)
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def _cli(network: str):
-    cls = CONFIGS[network]
-
-    def handler(args: argparse.Namespace) -> int:
-        if args.gpu is not None:
-            args.device = f"cuda:{args.gpu}"
-        given = explicit_args(cls, args)
-        if args.resume:
-            if args.config:
-                raise UserError("--config cannot be combined with --resume (the run keeps its stored settings)")
-            cfg = resume_config(args.resume, given)
-            if cfg.network != network:
-                raise UserError(f"{args.resume} is a {cfg.network} run; resume it with dartsnas train {cfg.network}")
-            result = run(cfg, resume=args.resume)
-        else:
-            result = run(make_config(cls, args, args.config))
-        if result.test is not None:
-            print(f"test error: {100 - result.test.top1:.2f}% (accuracy {result.test.top1:.2f}%) on "
-                  f"{result.test.images} images")
-        print(f"run directory: {result.run_dir}")
-        return 0
-    return handler
-
-
-def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
-    for network, help_text, description in (
-        ("cifar10", "train an architecture on CIFAR-10 from scratch",
-         ("Train a searched cell on CIFAR-10 from scratch. Defaults are the paper's: 20 cells, C=36, 600 epochs, "
-          "batch 96, cosine learning rate from 0.025, auxiliary head, cutout, drop path 0.2.")),
-        ("imagenet", "train an architecture on ImageNet (mobile setting)",
-         ("Train a searched cell on ImageNet (an ImageFolder tree with train/ and val/). Defaults are the paper's: "
-          "14 cells, C=48, 250 epochs, batch 128, learning rate 0.1 decayed by 0.97 per epoch, label smoothing "
-          "0.1, auxiliary head.")),
-    ):
-        p = groups["train"].add_parser(network, help=help_text, description=description)
-        p.add_argument("--config", metavar="FILE", help="YAML file (or shipped preset name) of settings; flags win")
-        p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-        p.add_argument("--gpu", type=int, metavar="N", help="GPU index, as in the authors' code (= --device cuda:N)")
-        add_config_arguments(p, CONFIGS[network])
-        p.set_defaults(handler=_cli(network))

@@ -11,7 +11,6 @@ epochs). With ASGD active, validation and the saved best model use the averaged 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -26,112 +25,30 @@ from torch import Tensor
 
 from .. import distributed
 from ..checkpoint import load_weights, save_weights
-from ..config import add_config_arguments, check, coerce, explicit_args, option, read_yaml_config, to_dict
+from ..config import check, to_dict
 from ..data.text import Corpus, batchify, get_batch
-from ..errors import UserError
 from ..genotype import RecurrentGenotype, load_genotype
 from ..models.rnn import RNNModel, count_parameters
 from ..ops.loss import cross_entropy
 from ..rundir import read_json, write_json
-from .common import log_distributed, resume_config, write_figures
+from ..settings.train_rnn import (  # noqa: F401 -- the settings' names stay importable from here
+    DEFAULT_DATA,
+    RESUMABLE_OVERRIDES,
+    WT2_DEFAULTS,
+    TrainConfig,
+    config_from_args,
+)
+from .common import (
+    log_distributed,
+    resume_config,
+    write_figures,
+)
 from .evaluate_rnn import evaluate, evaluate_sharded, perplexity
 from .loop import EpochContext, Job, run_job
 
 logger = logging.getLogger("dartsnas")
 
 COMMAND = "train-rnn"
-DEFAULT_DATA = {"ptb": "data/penn", "wt2": "data/wikitext-2"}
-# WikiText-2 transfers the PTB cell with these changes (facts section 5); `train wt2` starts from them.
-WT2_DEFAULTS: dict[str, Any] = {"dataset": "wt2", "emsize": 700, "nhid": 700, "nhidlast": 700, "dropouth": 0.15,
-                                "weight_decay": 5e-7}
-
-
-@dataclass
-class TrainConfig:
-    """Settings of a recurrent training run; the defaults are the paper's PTB settings (facts section 5)."""
-
-    arch: str = option("DARTS", "architecture: a name (DARTS = DARTS_V2, DARTS_V1, ENAS), genotype.json, search "
-                                "run directory or printed Genotype(recurrent=..., concat=...)")
-    dataset: str = option("ptb", "which corpus the run trains on (set by the command)", choices=("ptb", "wt2"),
-                          cli=False)
-    data: str | None = option(None, "corpus folder with train.txt, valid.txt, test.txt (default: data/penn or "
-                                    "data/wikitext-2)")
-    emsize: int = option(850, "embedding size")
-    nhid: int = option(850, "hidden units of the cell")
-    nhidlast: int = option(850, "hidden units of the last layer (equal to nhid: tied weights)")
-    learning_rate: float = option(20.0, "initial learning rate", aliases=("--lr",))
-    grad_clip: float = option(0.25, "gradient-norm clip", aliases=("--clip",))
-    epochs: int = option(8000, "upper epoch limit (the authors train until convergence)")
-    batch_size: int = option(64, "batch size")
-    small_batch_size: int | None = option(None, "compute the gradient in chunks of this many sequences and "
-                                                "accumulate them (same update, less memory); must divide --batch_size")
-    bptt: int = option(35, "mean back-propagation-through-time length")
-    max_seq_len_delta: int = option(20, "longest sequence: bptt + this")
-    dropout: float = option(0.75, "locked dropout on the cell outputs")
-    dropouth: float = option(0.25, "dropout on h inside the cell")
-    dropoutx: float = option(0.75, "dropout on x inside the cell")
-    dropouti: float = option(0.2, "locked dropout on the embeddings")
-    dropoute: float = option(0.1, "embedding dropout (whole words)")
-    beta: float = option(1e-3, "temporal activation regularisation (slowness) coefficient")
-    weight_decay: float = option(8e-7, "weight decay", aliases=("--wdecay",))
-    nonmono: int = option(5, "switch to averaged SGD when validation is worse than the best of all but the last "
-                             "this many epochs")
-    eval_batch_size: int = option(10, "validation batch size")
-    test_batch_size: int = option(1, "test batch size")
-    seed: int = option(1267, "random seed")
-    save: str | None = option(None, "run directory (default: runs/train-<dataset>-<timestamp>)")
-    device: str = option("auto", "auto, cpu or cuda")
-    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
-    max_steps: int | None = option(None, "stop after this many steps in total, writing everything a finished "
-                                         "run writes (smoke tests, timing)")
-    eval_batches: int | None = option(None, "validate on at most this many chunks per epoch (default: all)")
-    final_test: bool = option(True, "at the end, report the best model's test perplexity (batch --test_batch_size)")
-    report_freq: int = option(200, "log training progress every this many steps")
-    tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)")
-    plots: bool = option(True, "draw figures into the run directory at the end")
-    global_batch: str = option("scale", "with several processes (torchrun): scale (each process takes --batch_size "
-                                        "streams, the global batch grows) or keep (the global batch stays "
-                                        "--batch_size, split over the processes)",
-                               choices=distributed.GLOBAL_BATCH_CHOICES)
-    pack_weights: bool = option(True, "the cell's weights are packed once per sequence for its products (oneDNN, "
-                                      "float32 on the CPU) and their gradient is one product over the whole "
-                                      "sequence instead of one per time step: same results within float rounding "
-                                      "(--no-pack_weights: one PyTorch product per time step)")
-
-    def validate(self) -> None:
-        for name in ("emsize", "nhid", "nhidlast", "epochs", "batch_size", "bptt", "eval_batch_size",
-                     "test_batch_size", "report_freq"):
-            check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
-        check(self.emsize == self.nhid == self.nhidlast,
-              f"--emsize, --nhid and --nhidlast must be equal (the decoder is tied to the embedding), got "
-              f"{self.emsize}, {self.nhid}, {self.nhidlast}")
-        for name in ("learning_rate", "grad_clip"):
-            value = getattr(self, name)
-            check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
-        for name in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute"):
-            value = getattr(self, name)
-            check(0.0 <= value < 1.0, f"--{name} must be in [0, 1), got {value}")
-        check(self.beta >= 0 and self.weight_decay >= 0, "--beta and --weight_decay must be >= 0")
-        check(self.max_seq_len_delta >= 0, f"--max_seq_len_delta must be >= 0, got {self.max_seq_len_delta}")
-        check(self.nonmono >= 1, f"--nonmono must be at least 1, got {self.nonmono}")
-        if self.small_batch_size is not None:
-            check(self.small_batch_size >= 1 and self.batch_size % self.small_batch_size == 0,
-                  f"--small_batch_size {self.small_batch_size} must divide --batch_size {self.batch_size}")
-        check(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be at least 1, got {self.max_steps}")
-        check(self.eval_batches is None or self.eval_batches >= 1,
-              f"--eval_batches must be at least 1, got {self.eval_batches}")
-        check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
-
-    @property
-    def data_dir(self) -> str:
-        return self.data or DEFAULT_DATA[self.dataset]
-
-
-# Settings that may differ when a run is resumed: they do not change the mathematics of past epochs.
-RESUMABLE_OVERRIDES = {"device", "threads", "max_steps", "tensorboard", "plots", "report_freq", "data", "epochs",
-                       "final_test", "eval_batches", "pack_weights"}
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -396,50 +313,3 @@ def _rank_batch(cfg: TrainConfig) -> int:
     return batch
 
 
-# -- command line ---------------------------------------------------------------------------------
-
-
-def config_from_args(args: argparse.Namespace, dataset: str) -> TrainConfig:
-    """Defaults < dataset defaults (WikiText-2) < YAML file < flags."""
-    values: dict[str, Any] = {"dataset": dataset}
-    if dataset == "wt2":
-        values.update(WT2_DEFAULTS)
-    if args.config:
-        values.update(coerce(TrainConfig, read_yaml_config(args.config, TrainConfig), str(args.config)))
-    values.update(explicit_args(TrainConfig, args))
-    values["dataset"] = dataset
-    return TrainConfig(**values)
-
-
-def _cli(dataset: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        if args.resume:
-            if args.config:
-                raise UserError("--config cannot be combined with --resume (the run keeps its stored settings)")
-            cfg = resume_config(TrainConfig, COMMAND, args.resume, explicit_args(TrainConfig, args),
-                                RESUMABLE_OVERRIDES)
-            result = run(cfg, resume=args.resume)
-        else:
-            result = run(config_from_args(args, dataset))
-        print(f"best valid ppl {perplexity(result.best_valid_loss):.2f}")
-        if result.test_loss is not None:
-            print(f"test ppl {perplexity(result.test_loss):.2f}")
-        print(f"run directory: {result.run_dir}")
-        return 0
-    return handler
-
-
-def add_cli(groups: dict[str, argparse._SubParsersAction], commands: argparse._SubParsersAction) -> None:
-    for target, corpus, note in (
-        ("ptb", "Penn Treebank", "Defaults are the paper's PTB settings (850 units)."),
-        ("wt2", "WikiText-2", ("Defaults are the paper's WikiText-2 settings (700 units, dropouth 0.15, weight decay "
-                               "5e-7).")),
-    ):
-        p = groups["train"].add_parser(
-            target, help=f"train a recurrent cell on {corpus}",
-            description=f"Train a recurrent cell from scratch on {corpus} with NT-ASGD. {note}",
-        )
-        p.add_argument("--config", metavar="FILE", help="YAML file (or shipped preset name) of settings; flags win")
-        p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-        add_config_arguments(p, TrainConfig)
-        p.set_defaults(handler=_cli(target))

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..genotype import Edge, Genotype
 from ..ops.cnn import OPS, FactorizedReduce, ReLUConvBN
+from ..settings.choices import NETWORK_DEFAULTS  # noqa: F401 -- the paper's sizes, still importable from here
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -255,11 +256,6 @@ def aux_feature_size(dataset: str, image_size: int) -> int:
 
 
 NETWORKS: dict[str, type[_Network]] = {"cifar10": NetworkCIFAR, "imagenet": NetworkImageNet}
-# The paper's sizes (facts section 3): what `train`, `test` and `info` use unless told otherwise.
-NETWORK_DEFAULTS: dict[str, dict[str, int]] = {
-    "cifar10": {"init_channels": 36, "layers": 20, "num_classes": 10, "image_size": 32},
-    "imagenet": {"init_channels": 48, "layers": 14, "num_classes": 1000, "image_size": 224},
-}
 
 
 def build_network(dataset: str, genotype: Genotype, init_channels: int, layers: int, auxiliary: bool,

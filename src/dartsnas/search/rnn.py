@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from ..genotype import RNN_PRIMITIVES, RecurrentGenotype, derive_rnn_cell
 from ..models.rnn import ACTIVATIONS, DARTSCell, RNNModel
 from ..ops.compiled import Kernel
-
-STEPS = 8
+from ..settings.choices import RNN_STEPS as STEPS  # the cell size lives with the settings
 
 
 def _derivative(name: str, h: Tensor, act: Tensor) -> Tensor:

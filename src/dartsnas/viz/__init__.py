@@ -1,6 +1,6 @@
 """Pictures of architectures and runs: cell diagrams, search animations, learning curves, HTML report.
 
-Importing this package is cheap: matplotlib, Pillow and graphviz are imported inside the functions
+Importing this package is cheap: matplotlib and Pillow are imported inside the functions
 that draw, so that ``import dartsnas`` and the command line stay fast and work without them.
 
 Engines call :func:`finalize_run` at the end of a run; it never raises.

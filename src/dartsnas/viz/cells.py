@@ -1,14 +1,15 @@
 """Cell diagrams in the paper's style (figures 4-6): Graphviz DOT text, rendered by ``dot``.
 
 The DOT text is built here by hand, so it is deterministic and testable without Graphviz; the
-``dot`` program only turns it into SVG/PNG/PDF. Without ``dot`` the ``.dot`` source is written
-instead and the caller tells the user how to install Graphviz.
+``dot`` program, run directly (no Python binding needed), only turns it into SVG/PNG/PDF. Without
+``dot`` the ``.dot`` source is written instead and the caller tells the user how to install Graphviz.
 """
 
 from __future__ import annotations
 
 import html
 import shutil
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,21 +164,25 @@ def to_dot(graph: CellGraph, *, title: str | None = None, layout_edges: Sequence
 
 def dot_problem() -> str | None:
     """Why diagrams cannot be rendered here, or ``None`` when they can."""
-    try:
-        import graphviz  # noqa: F401
-    except ImportError:
-        return "the graphviz Python package is not installed (pip install graphviz)"
     if shutil.which("dot") is None:
         return "the Graphviz 'dot' program was not found"
     return None
 
 
 def render_bytes(source: str, fmt: str) -> bytes:
-    """Render DOT source with ``dot``; raises when Graphviz is unavailable (see :func:`dot_problem`)."""
-    import graphviz
+    """Render DOT source with the ``dot`` program; raises when Graphviz is unavailable (see :func:`dot_problem`).
 
-    # quiet: the fixed-size labels make dot warn about text that merely fills its cell.
-    return graphviz.Source(source, engine="dot").pipe(format=fmt, quiet=True)
+    The program is run directly: the graphviz Python package would only wrap this same call.
+    """
+    dot = shutil.which("dot")
+    if dot is None:
+        raise UserError(f"{dot_problem()}; {INSTALL_GRAPHVIZ}")
+    # -q: the fixed-size labels make dot warn about text that merely fills its cell.
+    done = subprocess.run([dot, f"-T{fmt}", "-q"], input=source.encode(), capture_output=True, check=False)
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip().splitlines()
+        raise UserError(f"dot could not render the diagram: {message[0] if message else f'exit status {done.returncode}'}")
+    return done.stdout
 
 
 def render_dot(source: str, path: str | Path) -> Path:

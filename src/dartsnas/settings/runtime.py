@@ -1,0 +1,48 @@
+"""The options every job shares: where it runs, and what it writes while it runs.
+
+``RuntimeOptions`` (device, threads) is the base of every config, the test commands' included;
+``RunOptions`` adds what a search or training run writes and how it may be cut short. Their
+checks live here once; a job's own ``validate`` adds its checks and calls ``super().validate()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import check, option
+from .choices import GLOBAL_BATCH_CHOICES
+
+
+@dataclass
+class RuntimeOptions:
+    device: str = option("auto", "auto, cpu or cuda (cuda:N for one GPU)", group="runtime")
+    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)", group="runtime")
+
+    def validate(self) -> None:
+        check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
+        # Jobs declare ``workers`` themselves: in-memory images want none, image folders several.
+        workers = getattr(self, "workers", None)
+        check(workers is None or workers >= 0, f"--workers must be >= 0, got {workers}")
+
+
+@dataclass
+class RunOptions(RuntimeOptions):
+    save: str | None = option(None, "run directory (default: runs/<command>-<timestamp>)", group="output")
+    max_steps: int | None = option(None, "stop after this many steps in total, writing everything a finished run "
+                                         "writes (smoke tests, timing)", group="runtime")
+    eval_batches: int | None = option(None, "evaluate at most this many batches each time (default: all)",
+                                      group="runtime")
+    report_freq: int = option(50, "log training progress every this many steps", group="output")
+    tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)",
+                               group="output")
+    plots: bool = option(True, "draw figures into the run directory at the end", group="output")
+    global_batch: str = option("scale", "scale (each process takes --batch_size, the global batch grows) or keep "
+                                        "(the global batch stays --batch_size, split over the processes)",
+                               group="distributed", choices=GLOBAL_BATCH_CHOICES)
+
+    def validate(self) -> None:
+        check(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be at least 1, got {self.max_steps}")
+        check(self.eval_batches is None or self.eval_batches >= 1,
+              f"--eval_batches must be at least 1, got {self.eval_batches}")
+        check(self.report_freq >= 1, f"--report_freq must be at least 1, got {self.report_freq}")
+        super().validate()

@@ -1,0 +1,86 @@
+"""Settings of ``dartsnas search cnn``; the defaults are the paper's (facts section 2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import check, option
+from .choices import DATASETS
+from .runtime import RunOptions
+
+
+@dataclass
+class SearchConfig(RunOptions):
+    """Settings of a CNN search; the defaults are the paper's (facts section 2)."""
+
+    dataset: str = option("cifar10", "data source: cifar10 (folder or .npz), npz (any image set) or digits "
+                                     "(bundled, offline)", group="data", choices=DATASETS)
+    data: str | None = option(None, "CIFAR-10 folder or .npz file (default: a per-user cache folder)", group="data")
+    batch_size: int = option(64, "batch size of both the weight and the alpha stream", group="optimisation")
+    learning_rate: float = option(0.025, "initial weight learning rate (cosine-annealed)", group="optimisation",
+                                  aliases=("--lr",))
+    learning_rate_min: float = option(0.001, "final weight learning rate", group="optimisation")
+    momentum: float = option(0.9, "weight SGD momentum", group="optimisation")
+    weight_decay: float = option(3e-4, "weight decay of the weights", group="optimisation")
+    arch_learning_rate: float = option(3e-4, "Adam learning rate of alpha", group="search")
+    arch_weight_decay: float = option(1e-3, "weight decay of alpha", group="search")
+    init_channels: int = option(16, "channels of the first cell (C)", group="network")
+    layers: int = option(8, "number of cells", group="network")
+    nodes: int = option(4, "intermediate nodes per cell", group="network")
+    epochs: int = option(50, "search epochs", group="optimisation")
+    train_portion: float = option(0.5, "fraction of the training set used for the weights; the rest trains alpha",
+                                  group="data")
+    unrolled: bool = option(False, "second-order approximation (paper eq. 7) instead of first order", group="search")
+    hvp: str = option("fd", "Hessian-vector product of the second-order step: fd (the paper's finite "
+                            "difference) or exact (double backward)", group="search", choices=("fd", "exact"))
+    hvp_r: float = option(0.01, "finite-difference step: eps = hvp_r / ||v||", group="search")
+    hvp_check: bool = option(False, "once per epoch, log the cosine between the finite-difference and the "
+                                    "exact Hessian-vector product on one batch", group="search")
+    grad_clip: float = option(5.0, "gradient-norm clip of the weight step", group="optimisation")
+    seed: int = option(2, "random seed", group="optimisation")
+    workers: int = option(0, "data-loading worker processes (images are kept in memory and augmented on the "
+                             "device, so 0 is best for these data sets)", group="runtime")
+    channels_last: str = option("auto", "channels-last memory format: auto (on for CPU, where depthwise and "
+                                        "pointwise convolutions run several times faster), on or off",
+                                group="speed", choices=("auto", "on", "off"))
+    checkpoint_cells: bool = option(False, "recompute each cell's activations in the backward instead of keeping "
+                                           "them: much less memory, slower steps (same results)", group="speed")
+    flip_conv_backward: bool = option(True, "input gradient of size-keeping depthwise convolutions (5x5, dilated) by a "
+                                            "convolution with the flipped kernel, several times faster than PyTorch's "
+                                            "backward on the CPU, same results (off: PyTorch's)", group="speed")
+    lean_memory: bool = option(True, "batch norms that end an operation keep their output instead of their input "
+                                     "for the backward, max pooling finds its argmax again: about a quarter less "
+                                     "memory, same results (off: PyTorch's plain operations)", group="speed")
+    download: bool = option(True, "download CIFAR-10 when it is missing and the network allows", group="data")
+    sync_bn: bool = option(False, "with several processes on CUDA: batch norm over the global batch (SyncBatchNorm) "
+                                  "instead of each process's slice", group="distributed")
+
+    def validate(self) -> None:
+        check(not (self.sync_bn and (self.hvp_check or (self.unrolled and self.hvp == "exact"))),
+              "--sync_bn cannot be combined with --hvp exact or --hvp_check (SyncBatchNorm has no double backward); "
+              "use --hvp fd")
+        check(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
+        check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        check(0.0 < self.train_portion < 1.0,
+              f"--train_portion must be between 0 and 1 (exclusive), got {self.train_portion}")
+        for name in ("learning_rate", "arch_learning_rate", "hvp_r", "grad_clip"):
+            value = getattr(self, name)
+            check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
+        for name in ("learning_rate_min", "weight_decay", "arch_weight_decay", "momentum"):
+            value = getattr(self, name)
+            check(value >= 0 and math.isfinite(value), f"--{name} must be >= 0, got {value}")
+        check(self.learning_rate_min <= self.learning_rate,
+              f"--learning_rate_min ({self.learning_rate_min}) must not exceed --learning_rate ({self.learning_rate})")
+        check(self.init_channels >= 1, f"--init_channels must be at least 1, got {self.init_channels}")
+        check(self.layers >= 3, f"--layers must be at least 3 (the search network has two reduction cells), "
+                                f"got {self.layers}")
+        check(self.nodes >= 2, f"--nodes must be at least 2, got {self.nodes}")
+        super().validate()
+        if self.dataset == "npz":
+            check(bool(self.data), "--dataset npz needs --data FILE.npz")
+
+
+# Settings that may differ when a run is resumed: they do not change the mathematics.
+RESUMABLE_OVERRIDES = {"device", "channels_last", "checkpoint_cells", "lean_memory", "flip_conv_backward", "workers",
+                       "threads", "max_steps", "tensorboard", "plots", "report_freq", "download", "data", "sync_bn"}
