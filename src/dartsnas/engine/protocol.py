@@ -28,13 +28,9 @@ runs them, :mod:`.protocol_summary` selects the cell and writes the summary, and
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
-from collections.abc import Callable
 from typing import Any
 
-from ..config import _base_type, _parse_value, add_config_arguments, explicit_args
-from ..errors import UserError
+from ..config import add_config_arguments, explicit_args
 from .protocol_executors import run_stage
 from .protocol_manifest import Manifest
 from .protocol_plan import Stage, plan, search_seed, stage_config, stage_splits
