@@ -276,3 +276,13 @@ def test_resume_with_data_that_changes_the_network_is_one_line(tiny_corpus: Path
     assert main(["search", "rnn", "--resume", str(save), "--data", str(other)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not match the network" in err and "resume with the data" in err
+
+
+def test_the_console_shows_the_final_genotype_once(small_npz: Path, tmp_path: Path, capsys):
+    save = tmp_path / "r"
+    assert main(["search", "cnn", "--data", str(small_npz), "--layers", "3", "--init_channels", "2", "--batch_size",
+                 "12", "--epochs", "1", "--save", str(save), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("genotype = Genotype(") == 1 and out.count("run directory:") == 1
+    log = (save / "log.txt").read_text()
+    assert "final genotype = Genotype(" in log and "run directory:" in log

@@ -123,6 +123,15 @@ def _epoch_of(line: str) -> int | None:
     return epoch if isinstance(epoch, int) else None
 
 
+def console_filter(record: logging.LogRecord) -> bool:
+    """Drop from the console what a command prints itself at the end (its result): logged with
+    ``extra=FILE_ONLY``, such lines go to ``log.txt`` only, so the console shows them once."""
+    return getattr(record, "console", True)
+
+
+FILE_ONLY = {"console": False}
+
+
 class RunDir:
     """A run directory: paths, atomic writers and the stdout+file log of one run."""
 
@@ -297,6 +306,7 @@ class RunDir:
         file_handler.setFormatter(fmt)
         stream_handler = logging.StreamHandler(sys.stdout)
         stream_handler.setFormatter(fmt)
+        stream_handler.addFilter(console_filter)
         old_level = logger.level
         logger.setLevel(level)
         logger.addHandler(file_handler)

@@ -13,7 +13,7 @@ import torch
 from .. import distributed
 from ..config import from_dict
 from ..errors import UserError
-from ..rundir import RunDir, default_run_dir, write_json
+from ..rundir import FILE_ONLY, RunDir, default_run_dir, write_json
 
 logger = logging.getLogger("dartsnas")
 
@@ -127,7 +127,8 @@ def write_search_epoch(rd: RunDir, model: Any, genotype: Any, record: dict[str, 
 def finish_search(rd: RunDir, genotype: Any, plots: bool) -> None:
     """Write the final genotype, say where the run is, and draw its figures."""
     write_json(rd.genotype, genotype.to_dict())
-    logger.info("final genotype = %s", genotype)
-    logger.info("run directory: %s", rd.path)
+    # The command prints both lines as its result; the log file keeps them too.
+    logger.info("final genotype = %s", genotype, extra=FILE_ONLY)
+    logger.info("run directory: %s", rd.path, extra=FILE_ONLY)
     if plots:
         write_figures(rd.path)

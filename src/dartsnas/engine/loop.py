@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import math
 import shutil
@@ -27,7 +28,7 @@ from .. import distributed
 from ..checkpoint import FORMAT_VERSION, load_checkpoint, load_into, save_checkpoint
 from ..config import to_dict
 from ..errors import UserError
-from ..rundir import RunDir
+from ..rundir import RunDir, console_filter
 from ..utils import is_tty, rng_state, seed_everything, set_rng_state
 from .common import TensorBoard, open_run_dir, run_logging
 
@@ -183,6 +184,9 @@ def _logs_around_bars() -> Iterator[None]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm(loggers=[logger]):
+        for handler in logger.handlers:  # tqdm's console handlers replace ours without their filter
+            if not isinstance(handler, logging.FileHandler):
+                handler.addFilter(console_filter)
         yield
 
 
@@ -254,6 +258,11 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
         logger.info("%s", settings_block(cfg))
         job.describe()
     job.start()
+    if getattr(cfg, "plots", False) and distributed.is_main():
+        missing = [name for name in ("matplotlib", "PIL") if importlib.util.find_spec(name) is None]
+        if missing:
+            logger.warning('figures will be skipped: %s not installed (pip install "dartsnas[viz]")',
+                           " and ".join("Pillow" if m == "PIL" else m for m in missing))
 
     tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
     epoch_times: list[float] = []

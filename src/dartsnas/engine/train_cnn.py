@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..genotype import Genotype, load_genotype
 from ..models.cnn import NETWORKS, aux_feature_size, build_network, count_network_parameters
 from ..ops import fastconv
-from ..rundir import RunDir, write_json
+from ..rundir import FILE_ONLY, RunDir, write_json
 from ..settings.train_cnn import CONFIGS, RESUMABLE_OVERRIDES, CifarTrainConfig, ImageNetTrainConfig, TrainConfig
 from ..utils import AverageMeter, accuracy
 from . import common
@@ -436,10 +436,11 @@ class CNNTraining(Job):
             last = (self.rd.read_metrics() or [{}])[-1]
             if "test_acc" in last:
                 result = EvalResult(last["test_loss"], last["test_acc"], last.get("test_acc_top5", math.nan), 0, 0.0)
-        elif result is not None:
-            logger.info("final test: %d images, error %.2f%% (accuracy %.2f%%, top-5 %.2f%%), loss %.4f",
-                        result.images, 100 - result.top1, result.top1, result.top5, result.loss)
-        logger.info("run directory: %s", self.rd.path)
+        if result is not None:
+            logger.info("test error: %.2f%% (accuracy %.2f%%, top-5 %.2f%%, loss %.4f)%s", 100 - result.top1,
+                        result.top1, result.top5, result.loss, f" on {result.images} images" if result.images else "",
+                        extra=FILE_ONLY)
+        logger.info("run directory: %s", self.rd.path, extra=FILE_ONLY)
         if self.cfg.plots and distributed.is_main() and not resumed_finished:
             write_figures(self.rd.path)
         return TrainResult(self.rd.path, self.genotype, self.rd.read_metrics(), result)

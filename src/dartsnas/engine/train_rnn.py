@@ -30,7 +30,7 @@ from ..data.text import Corpus, batchify, get_batch
 from ..genotype import RecurrentGenotype, load_genotype
 from ..models.rnn import RNNModel, count_parameters
 from ..ops.loss import cross_entropy
-from ..rundir import read_json, write_json
+from ..rundir import FILE_ONLY, read_json, write_json
 from ..settings.train_rnn import (  # noqa: F401 -- the settings' names stay importable from here
     DEFAULT_DATA,
     RESUMABLE_OVERRIDES,
@@ -281,7 +281,9 @@ class RNNTraining(Job):
             write_json(test_file, {"epoch": epoch, "valid_loss": valid_loss, "valid_ppl": perplexity(valid_loss),
                                    "test_loss": test_loss, "test_ppl": perplexity(test_loss),
                                    "test_chunks": shown, "test_chunks_total": chunks})
-        logger.info("run directory: %s", rd.path)
+        logger.info("best valid ppl %.2f%s", perplexity(self.stored_loss),
+                    "" if test_loss is None else f" | test ppl {perplexity(test_loss):.2f}", extra=FILE_ONLY)
+        logger.info("run directory: %s", rd.path, extra=FILE_ONLY)
         if cfg.plots and distributed.is_main() and not resumed_finished:
             write_figures(rd.path)
         return TrainResult(rd.path, self.genotype, rd.read_metrics(), self.stored_loss, test_loss)
