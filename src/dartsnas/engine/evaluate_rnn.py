@@ -2,9 +2,9 @@
 
 A model file is either one of ours (``checkpoints/best.pt`` or ``last.pt`` of ``dartsnas train
 ptb|wt2``, a plain dict of tensors and metadata loaded with ``weights_only=True``) or the authors'
-released ``ptb_model.pt``, which is a whole pickled module (facts section 5). The latter is read by
-a restricted unpickler that only knows the handful of classes such a file names (the authors'
-``model.RNNModel``, ``model.DARTSCell``, ``utils.LockedDropout``, ``genotypes.Genotype``, the
+released ``ptb_model.pt``, which is a whole pickled module (their rnn/test.py reads it with
+``torch.load``). The latter is read by a restricted unpickler that only knows the handful of classes
+such a file names (the authors' ``model.RNNModel``, ``model.DARTSCell``, ``utils.LockedDropout``, ``genotypes.Genotype``, the
 PyTorch containers and tensor rebuild functions). Modules come back as inert placeholders from
 which the tensors and the genotype are copied into a fresh :class:`RNNModel`; nothing in the file
 is ever executed, and a file that names anything else (``os.system``, ``builtins.eval``, ...) is
@@ -298,7 +298,7 @@ def load_rnn_model(path: str | Path, arch: str | None = None) -> LoadedRNN:
 def rnn_info(arch: str | RecurrentGenotype = "DARTS", ntoken: int = 10000, emsize: int = 850) -> int:
     """Parameters of the trained language model for ``arch`` (tied weights counted once).
 
-    DARTS_V2 at 850 units on PTB's 10,000 words: 22,960,000 (facts section 5). Nothing is
+    DARTS_V2 at 850 units on PTB's 10,000 words: 22,960,000 (the paper's 23M, Table 2). Nothing is
     allocated: the model is built on the ``meta`` device.
     """
     genotype = load_genotype(arch, kind="rnn")
