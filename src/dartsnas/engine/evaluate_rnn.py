@@ -4,11 +4,11 @@ A model file is either one of ours (``checkpoints/best.pt`` or ``last.pt`` of ``
 ptb|wt2``, a plain dict of tensors and metadata loaded with ``weights_only=True``) or the authors'
 released ``ptb_model.pt``, which is a whole pickled module (their rnn/test.py reads it with
 ``torch.load``). The latter is read by a restricted unpickler that only knows the handful of classes
-such a file names (the authors' ``model.RNNModel``, ``model.DARTSCell``, ``utils.LockedDropout``, ``genotypes.Genotype``, the
-PyTorch containers and tensor rebuild functions). Modules come back as inert placeholders from
-which the tensors and the genotype are copied into a fresh :class:`RNNModel`; nothing in the file
-is ever executed, and a file that names anything else (``os.system``, ``builtins.eval``, ...) is
-refused.
+such a file names (the authors' ``model.RNNModel``, ``model.DARTSCell``, ``utils.LockedDropout``,
+``genotypes.Genotype``, the PyTorch containers and tensor rebuild functions). Modules come back as
+inert placeholders from which the tensors and the genotype are copied into a fresh
+:class:`RNNModel`; nothing in the file is ever executed, and a file that names anything else
+(``os.system``, ``builtins.eval``, ...) is refused.
 """
 
 from __future__ import annotations
