@@ -121,6 +121,10 @@ def _search_cnn(rank: int, tmp: Path, data: str) -> None:
                 "metrics": json.dumps(result.metrics), "mismatch": message}, tmp / f"rank{rank}.pt")
 
 
+# Slow: two processes through a whole second-order search (about 27 s);
+# test_two_processes_step_like_one_process_with_the_double_batch and test_torchrun_command_line cover the CNN search
+# by default.
+@pytest.mark.slow
 def test_two_process_cnn_search_keeps_ranks_identical(small_npz: Path, tmp_path: Path):
     spawn("_search_cnn", tmp_path, str(small_npz))
     a, b = _load(tmp_path, 0), _load(tmp_path, 1)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # One line per check family; a run that silently skipped a family must not pass.
@@ -14,6 +16,9 @@ FAMILIES = ["cnn/channels-last/", "cnn/shared-relu/", "cnn/no-none/", "cnn/steps
             "rnn/fused/", "loss/cross-entropy/", "cnn/hvp-fd-vs-exact/", "amp/bfloat16/"]
 
 
+# Slow: runs the whole fast-path checker (about 35 s); the fast paths themselves are checked by test_architect.py and
+# test_ops_*.py.
+@pytest.mark.slow
 def test_quick_fastpath_check_passes_on_the_cpu():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(REPO / "benchmarks" / "fastpaths.py"), "--device", "cpu", "--quick", "--threads", "1"]

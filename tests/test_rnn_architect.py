@@ -1,4 +1,5 @@
-"""The recurrent bilevel step (facts section 4), checked in float64 on a tiny search model."""
+"""The recurrent bilevel step (paper eq. 7, clipped as in the authors' rnn/architect.py), checked in float64 on a
+tiny search model."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def test_exact_second_order_equals_brute_force_through_the_clipped_virtual_step(
         assert c == 1.0 and c_v == 1.0
     else:
         assert c < 0.1 and c_v < 1.0  # both clips active
-    # Facts section 4: v is clipped too, so the implicit term is the brute-force one times v's coefficient.
+    # As in the authors' rnn/architect.py, v is clipped too, so the implicit term is the brute-force one times
+    # v's coefficient.
     expected = direct + c_v * implicit
     tol = 1e-9 * expected.norm()
     assert (c_v * implicit).norm() > 1e4 * tol  # the Hessian term is far above the tolerance...

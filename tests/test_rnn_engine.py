@@ -30,6 +30,8 @@ def ptb_slice(ptb_dir: Path, tmp_path: Path) -> Path:
     return out
 
 
+# Slow: a real PTB slice (about 16 s); the tiny-corpus tests below cover search, train and test by default.
+@pytest.mark.slow
 def test_short_real_run_lowers_validation_perplexity_far_below_the_vocabulary(ptb_slice: Path, tmp_path: Path):
     vocab = len(Corpus(ptb_slice))
     cfg = TrainConfig(data=str(ptb_slice), save=str(tmp_path / "run"), emsize=64, nhid=64, nhidlast=64, batch_size=16,

@@ -33,6 +33,9 @@ def tiny(data: Path, save: Path, **kw) -> CifarTrainConfig:
     return CifarTrainConfig(**args)
 
 
+# Slow: 300 steps on real images (about 22 s); the tiny runs below and test_evaluate_cnn_data.py cover train and test
+# by default.
+@pytest.mark.slow
 def test_short_training_learns_and_test_reproduces_the_final_accuracy(cifar_train_npz: Path, cifar_test_npz: Path,
                                                                      tmp_path: Path, capsys):
     train = subset_npz(cifar_train_npz, tmp_path / "train.npz", 2400)

@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import UserError
 
-# The order fixes the columns of alpha (facts section 1); ``none`` is column 0.
+# The order fixes the columns of alpha (the authors' code, cnn/genotypes.py ``PRIMITIVES``); ``none`` is column 0.
 CNN_PRIMITIVES: tuple[str, ...] = (
     "none",
     "max_pool_3x3",

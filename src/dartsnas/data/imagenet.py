@@ -1,6 +1,6 @@
 """ImageNet in the ImageFolder layout: ``DIR/train/<class>/*.JPEG`` and ``DIR/val/<class>/*.JPEG``.
 
-Transforms are the paper's (facts section 3): training uses RandomResizedCrop, horizontal flips
+Transforms are the authors' (their code, cnn/train_imagenet.py): training uses RandomResizedCrop, horizontal flips
 and ColorJitter(0.4, 0.4, 0.4, 0.2); evaluation resizes to 256 and centre-crops 224 (both scale
 with ``image_size``). Decoding JPEGs is the bottleneck here, so this path uses a DataLoader with
 worker processes, unlike the in-memory CIFAR-10 path.

@@ -1,7 +1,8 @@
 """Image data held in memory as uint8 tensors, augmented on the device, batch by batch.
 
 CIFAR-10 is 150 MB as uint8, so the whole set lives in one tensor (on the GPU when there is one)
-and the paper's augmentation (random crop with zero padding 4, horizontal flip; facts section 2)
+and the paper's augmentation (random crop with zero padding 4, horizontal flip; the authors'
+code, cnn/utils.py ``_data_transforms_cifar10``)
 is done on whole batches. That removes the DataLoader worker bottleneck of the original code and
 makes every batch a pure function of a seeded ``torch.Generator``, which is what makes an
 interrupted run resume bit for bit.
@@ -341,6 +342,7 @@ class BatchStream:
 
 
 def split_indices(n: int, portion: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``portion`` of the training set for the weights, the rest for alpha (facts section 2)."""
+    """The first ``portion`` of the training set for the weights, the rest for alpha (paper appendix A.1.1:
+    half of the training set is held out; the authors' code, cnn/train_search.py ``--train_portion``)."""
     split = int(np.floor(portion * n))
     return torch.arange(0, split), torch.arange(split, n)

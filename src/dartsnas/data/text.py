@@ -1,6 +1,6 @@
 """Word-level corpora (Penn Treebank, WikiText-2) as token-id tensors.
 
-The vocabulary is built exactly as in the authors' code (facts section 5): words are numbered in
+The vocabulary is built exactly as in the authors' code (rnn/data.py ``Corpus``): words are numbered in
 order of first appearance over ``train.txt``, then ``valid.txt``, then ``test.txt``, and every line
 ends with an ``<eos>`` token. The released PTB model's embedding rows follow that order, so any
 other order would silently scramble it.

@@ -121,14 +121,16 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 # -- CIFAR-10 test images -----------------------------------------------------------------------
 
 
-def _cifar_npz(path: str, want_test: bool) -> ImageSet:
+def _cifar_npz(path: str) -> tuple[ImageSet, str]:
+    """The test images of one .npz file and a label saying which arrays they are: ``x_test``/``y_test`` when
+    the file has them (a file holding both splits), else ``x``/``y`` (a file holding test images only)."""
     train, test = read_npz(path)
-    images = test if (want_test and test is not None) else train
+    images, source = (test, f"{path} (x_test)") if test is not None else (train, str(path))
     if tuple(images.x.shape[1:]) != (3, 32, 32):
         raise UserError(f"{path} holds images of shape {tuple(images.x.shape[1:])}, not CIFAR-10's 3x32x32")
     if int(images.y.max()) > 9:
         raise UserError(f"{path} has labels above 9; CIFAR-10 has 10 classes")
-    return images
+    return images, source
 
 
 def sibling_test_file(data: str) -> tuple[str | None, list[str]]:
@@ -139,33 +141,55 @@ def sibling_test_file(data: str) -> tuple[str | None, list[str]]:
 
 
 def cifar_test_images(data: str | None, test_data: str | None, download: bool = True,
-                      required: bool = True) -> tuple[ImageSet | None, str]:
-    """The CIFAR-10 test images and where they came from.
+                      required: bool = True, flag: str = "--test_data") -> tuple[ImageSet | None, str]:
+    """The test images of a run *trained* on ``data``, and where they came from.
 
-    In order: ``test_data`` (an .npz: ``x_test``/``y_test`` if present, else ``x``/``y``); the
-    ``x_test`` arrays of a ``data`` .npz; a ``data`` .npz whose name says ``test``; the single
-    ``*test*.npz`` next to a ``data`` .npz; the test batch of a CIFAR-10 folder.
+    ``data`` is the training set here (``dartsnas train cifar10 --data``); the test images come from, in
+    order: ``test_data`` (an .npz: ``x_test``/``y_test`` if present, else ``x``/``y``); the ``x_test``
+    arrays of a ``data`` .npz; the single ``*test*.npz`` next to a ``data`` .npz; the test batch of a
+    CIFAR-10 folder. ``data`` itself is never the answer: its ``x``/``y`` are the training images.
+    Without test images this returns None, or, when ``required``, refuses naming ``flag``.
+    ``dartsnas test``, where ``--data`` names the images to evaluate, uses :func:`cifar_eval_images`.
     """
     if test_data:
         if not Path(test_data).is_file():
-            raise UserError(f"test data file {test_data} does not exist")
-        return _cifar_npz(test_data, want_test=True), test_data
+            raise UserError(f"test data file {test_data} does not exist; pass an existing .npz file with {flag}")
+        return _cifar_npz(test_data)
     if data and str(data).endswith(".npz"):
         if not Path(data).is_file():
-            raise UserError(f"CIFAR-10 file {data} does not exist")
+            raise UserError(f"CIFAR-10 file {data} does not exist; pass an existing .npz file or a CIFAR-10 folder")
         _, test = read_npz(data)
         if test is not None:
-            return _cifar_npz(data, want_test=True), f"{data} (x_test)"
-        if "test" in Path(data).name.lower():
-            return _cifar_npz(data, want_test=False), data
+            return _cifar_npz(data)
         found, candidates = sibling_test_file(data)
         if found:
-            return _cifar_npz(found, want_test=True), found
+            return _cifar_npz(found)
         if not required:
             return None, ""
         hint = f" (several candidates: {', '.join(candidates)})" if candidates else ""
         raise UserError(f"{data} holds no test images and no single *test*.npz lies next to it{hint}; "
-                        f"pass --test_data FILE.npz")
+                        f"pass {flag} FILE.npz")
+    loaded = load_image_data("cifar10", data, download=download)
+    return loaded.test, str(data or "the CIFAR-10 folder")
+
+
+def cifar_eval_images(data: str | None, test_data: str | None = None, download: bool = True) -> tuple[ImageSet, str]:
+    """The images ``dartsnas test cifar10`` evaluates, and where they came from: exactly what it is given.
+
+    ``--data FILE.npz`` (or ``--test_data FILE.npz``): that file, its ``x_test``/``y_test`` arrays if it
+    has them, else its ``x``/``y``; ``--data DIR``: the test batch of that CIFAR-10 folder; neither: the
+    test batch of the default folder. Nothing is looked up beside a file, and two different sources are
+    refused rather than one of them picked.
+    """
+    if data and test_data and Path(data).resolve() != Path(test_data).resolve():
+        raise UserError(f"--data {data} and --test_data {test_data} name different images; pass only the ones "
+                        f"to evaluate, with --data FILE.npz or --data DIR")
+    path = test_data or data
+    if path and (test_data or str(path).endswith(".npz") or Path(path).is_file()):
+        if not Path(path).is_file():
+            raise UserError(f"test data file {path} does not exist; pass an existing .npz file or a CIFAR-10 "
+                            f"folder with --data")
+        return _cifar_npz(path)
     loaded = load_image_data("cifar10", data, download=download)
     return loaded.test, str(data or "the CIFAR-10 folder")
 
@@ -271,11 +295,15 @@ def run_test(cfg: TestConfig, network: str) -> TestResult:
                    f"architecture {arch_name}")
 
     if network == "cifar10":
-        # The training run's data, unless the user names other data.
-        data, test_data = (cfg.data, cfg.test_data) if cfg.data or cfg.test_data else (
-            trained.get("data"), trained.get("test_data"))
-        images, source = cifar_test_images(data, test_data, download=cfg.download)
-        assert images is not None
+        if cfg.data or cfg.test_data:
+            images, source = cifar_eval_images(cfg.data, cfg.test_data, download=cfg.download)
+        else:
+            # No images named: the ones the training run tested on at its end, found by the same rule,
+            # so that this reproduces the run's final test number.
+            found_images, source = cifar_test_images(trained.get("data"), trained.get("test_data"),
+                                                     download=cfg.download, flag="--data")
+            assert found_images is not None
+            images = found_images
         batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = cifar_batches(images, batch_size, device)
     else:
         from ..data.imagenet import load_image_folder, make_loader

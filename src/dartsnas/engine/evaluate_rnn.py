@@ -3,8 +3,8 @@
 A model file is either one of ours (``best.safetensors`` or ``final.safetensors`` of ``dartsnas
 train ptb|wt2``, whose metadata holds the genotype, the model's sizes and the vocabulary; older runs'
 ``checkpoints/best.pt``, or ``last.pt``, plain dicts of tensors loaded with ``weights_only=True``) or
-the authors' released ``ptb_model.pt``, which is a whole pickled module (facts section 5). The latter is read by
-a restricted unpickler that only knows the handful of classes such a file names (the authors'
+the authors' released ``ptb_model.pt``, which is a whole pickled module (their rnn/test.py reads it with ``torch.load``). The latter is
+read by a restricted unpickler that only knows the handful of classes such a file names (the authors'
 ``model.RNNModel``, ``model.DARTSCell``, ``utils.LockedDropout``, ``genotypes.Genotype``, the
 PyTorch containers and tensor rebuild functions). Modules come back as inert placeholders from
 which the tensors and the genotype are copied into a fresh :class:`RNNModel`; nothing in the file
@@ -332,7 +332,7 @@ def _load_safetensors_rnn(path: Path) -> LoadedRNN:
 def rnn_info(arch: str | RecurrentGenotype = "DARTS", ntoken: int = 10000, emsize: int = 850) -> int:
     """Parameters of the trained language model for ``arch`` (tied weights counted once).
 
-    DARTS_V2 at 850 units on PTB's 10,000 words: 22,960,000 (facts section 5). Nothing is
+    DARTS_V2 at 850 units on PTB's 10,000 words: 22,960,000 (the paper's 23M, Table 2). Nothing is
     allocated: the model is built on the ``meta`` device.
     """
     genotype = load_genotype(arch, kind="rnn")

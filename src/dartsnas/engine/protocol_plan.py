@@ -82,7 +82,7 @@ def stage_splits(stage: Stage, ctx: StageContext) -> dict[str, Any]:
     """Which images (tokens) a stage trains on, which it scores on, and whether it sees the test set."""
     cfg = ctx.protocol.stages[stage.kind]
     if ctx.protocol.target.name == "rnn":
-        # The vocabulary spans all three files (facts section 4), but only final runs evaluate test.txt.
+        # The vocabulary spans all three files (the authors' rnn/data.py builds one dictionary over train, valid and test), but only final runs evaluate test.txt.
         data = ctx.protocol.options.data or "data/penn"
         if stage.kind == "search":
             return {"data": data, "weights": "train.txt", "alpha": "valid.txt", "test": False}

@@ -1,7 +1,7 @@
 """``dartsnas search rnn``: the recurrent cell search of paper section 3.1.2 on Penn Treebank.
 
 Each step (paper Alg. 1): one alpha step on a batch of the validation set, then one SGD step of
-the weights on the next training chunk. The recurrent specifics (facts section 4): chunk lengths
+the weights on the next training chunk. The recurrent specifics (paper section 3.1.2, appendix A.1.2; the authors' rnn/train_search.py): chunk lengths
 are bptt (95 %) or bptt / 2 with the learning rate scaled by ``seq_len / bptt``; the alpha batches
 walk through the validation set in step with the training position; both streams carry their
 hidden state from chunk to chunk (detached); the second-order virtual step is plain SGD with the

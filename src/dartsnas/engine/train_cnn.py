@@ -1,7 +1,7 @@
 """``dartsnas train cifar10`` / ``train imagenet``: train a searched cell from scratch (paper section 3.2).
 
 ``run(CifarTrainConfig(...))`` and ``run(ImageNetTrainConfig(...))`` are the whole job; the command
-line and the tests call them too. The defaults are the paper's (facts section 3).
+line and the tests call them too. The defaults are the paper's (paper section 3.2, appendix A.2.1 and A.2.3).
 
 Splits: the network trains on the training set (minus ``--valid_size`` held-out images, which,
 when asked for, are evaluated every epoch and decide ``best.safetensors``). The test split

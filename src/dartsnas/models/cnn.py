@@ -1,4 +1,4 @@
-"""Networks built from a searched cell, trained from scratch (paper section 3.2; facts section 3).
+"""Networks built from a searched cell, trained from scratch (paper section 3.2, appendix A.2).
 
 * :class:`NetworkCIFAR`: stem, ``layers`` cells with reductions at 1/3 and 2/3 depth, global
   average pooling, linear classifier (20 cells, C = 36 in the paper).
@@ -26,8 +26,8 @@ from ..settings.choices import NETWORK_DEFAULTS  # noqa: F401 -- the paper's siz
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
     """Zero whole samples of an operation's output with probability ``drop_prob``.
 
-    The survivors are scaled by ``1 / keep`` so that the expectation is unchanged (facts section 3;
-    the "ScheduledDropPath" of NASNet). The mask is drawn per sample, not per element.
+    The survivors are scaled by ``1 / keep`` so that the expectation is unchanged (the authors' code,
+    cnn/utils.py ``drop_path``; the "ScheduledDropPath" of NASNet). The mask is drawn per sample, not per element.
     """
     if drop_prob <= 0.0:
         return x
@@ -63,7 +63,8 @@ class Cell(nn.Module):
             # Only edges leaving the cell's two inputs reduce the resolution.
             stride = 2 if reduction and idx < 2 else 1
             self._ops.append(OPS[name](C, stride, True))
-        # Drop path leaves identities alone (facts section 3): dropping a skip connection would
+        # Drop path leaves identities alone (the authors' code, cnn/model.py ``Cell.forward``):
+        # dropping a skip connection would
         # remove the very path that keeps deep cells trainable.
         self._droppable = tuple(not isinstance(op, nn.Identity) for op in self._ops)
 
@@ -106,7 +107,8 @@ class AuxiliaryHeadImageNet(nn.Module):
     """Auxiliary classifier of the ImageNet network.
 
     Unlike the CIFAR head it has no BatchNorm after the 768-channel convolution: the released
-    model and the paper's numbers were obtained without it (facts section 3).
+    model and the paper's numbers were obtained without it (the authors' code, cnn/model.py
+    ``AuxiliaryHeadImageNet``).
     """
 
     def __init__(self, C: int, num_classes: int):

@@ -1,4 +1,4 @@
-"""The recurrent language model that trains a DARTS cell (paper section 3.2, facts sections 4-5).
+"""The recurrent language model that trains a DARTS cell (paper section 3.2, appendix A.2.2).
 
 One recurrent layer whose cell is given by a :class:`RecurrentGenotype`, an embedding tied to the
 decoder, and the AWD-LSTM regularisers the paper uses: embedding dropout (whole words), locked
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..genotype import RecurrentGenotype
 from ..ops.sequence import sequence_product
 
-# Initialisation range of every weight (facts section 4).
+# Initialisation range of every weight (the authors' code, rnn/model.py ``INITRANGE``).
 INIT_RANGE = 0.04
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -62,7 +62,7 @@ class LockedDropout(nn.Module):
 
 
 class DARTSCell(nn.Module):
-    """A recurrent cell from a genotype (facts section 4).
+    """A recurrent cell from a genotype (paper section 2.1; the authors' code, rnn/model.py ``DARTSCell``).
 
     ``[c0, h0] = [x_t, h_{t-1}] W0``, ``s0 = h_{t-1} + sigmoid(c0) * (tanh(h0) - h_{t-1})``; node
     ``k+1`` with predecessor ``j`` and activation ``f``: ``[c, h] = s_j W_k``,
@@ -102,7 +102,8 @@ class DARTSCell(nn.Module):
         T, B = inputs.shape[0], inputs.shape[1]
         h_mask = None
         if self.training:
-            # One mask per sequence for x and for h (facts section 4), drawn x first, then h.
+            # One mask per sequence for x and for h (variational dropout; the authors' code, rnn/model.py
+            # ``DARTSCell.forward``), drawn x first, then h.
             x_mask = dropout_mask((B, self.ninp), self.dropoutx, inputs, generator)
             h_mask = dropout_mask((B, self.nhid), self.dropouth, inputs, generator)
             inputs = inputs * x_mask
@@ -179,7 +180,7 @@ class RNNModel(nn.Module):
             cell = DARTSCell(ninp, nhid, dropouth, dropoutx, genotype, packed=packed)
         self.rnns = nn.ModuleList([cell])
         self.decoder = nn.Linear(ninp, ntoken)
-        self.decoder.weight = self.encoder.weight  # tied (Press & Wolf 2017; facts section 4)
+        self.decoder.weight = self.encoder.weight  # tied (Press & Wolf 2017; the authors' rnn/model.py)
         nn.init.uniform_(self.encoder.weight, -INIT_RANGE, INIT_RANGE)
         nn.init.zeros_(self.decoder.bias)
 

@@ -1,4 +1,4 @@
-"""The convolutional operations (paper section 2.1 and appendix A.1.1; facts section 1).
+"""The convolutional operations (paper sections 2.1 and 3.1.1; the authors' code, cnn/operations.py).
 
 Every operation is ReLU-Conv-BN. ``OPS[name](C, stride, affine)`` builds one; ``affine=False``
 during search (the mixed operation rescales the outputs anyway, and learnable BN scales would
@@ -127,7 +127,8 @@ OpFactory = Callable[[int, int, bool], nn.Module]
 
 OPS: dict[str, OpFactory] = {
     "none": lambda C, stride, affine: Zero(stride),
-    # Average pooling excludes the zero padding from the mean (facts section 1).
+    # Average pooling excludes the zero padding from the mean (the authors' code, cnn/operations.py:
+    # count_include_pad=False).
     "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
     "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
     "skip_connect": _skip,

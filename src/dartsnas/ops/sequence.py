@@ -2,8 +2,8 @@
 differentiated once for the whole sequence.
 
 A recurrent cell multiplies its (B, K) states by the same (K, N) weights at each of the T time steps
-(facts section 4: ``[c, h] = s_j W``). At the training batch (64 x 850 times 850 x 1,700..5,100)
-two things make these products run at half the CPU's rate:
+(``[c, h] = s_j W``, the authors' code, rnn/model.py ``DARTSCell.cell``). At the training batch
+(64 x 850 times 850 x 1,700..5,100) two things make these products run at half the CPU's rate:
 
 - The BLAS copies the whole weight into its blocked layout at every call; with only 64 rows that
   costs about as much as the product. oneDNN can pack the weight once and reuse it for the T

@@ -52,8 +52,8 @@ class VirtualStep:
         momentum: SGD momentum (0 for the recurrent search, whose virtual step is plain SGD).
         weight_decay: L2 coefficient added to the gradient.
         clip: when set, the training gradient is clipped to this norm (coefficient ``c``), ``v`` is
-            clipped to it too, and the implicit term is scaled by ``c`` (recurrent search, facts
-            section 4).
+            clipped to it too, and the implicit term is scaled by ``c`` (recurrent search; the authors'
+            code, rnn/architect.py ``_backward_step_unrolled``; docs/rnn.md says where we differ).
     """
 
     momentum: float = 0.9
@@ -208,7 +208,7 @@ class Architect:
 
     def hvp_agreement(self, train_batch: Any, valid_batch: Any, lr: float) -> dict[str, float]:
         """Cosine between the finite-difference and the exact ``H v`` on one batch pair, and the
-        size of the implicit term relative to the whole gradient (facts section 2)."""
+        size of the implicit term relative to the whole gradient (paper eq. 7 and 8)."""
         w_prime, c, g_graph = self.virtual_weights(train_batch, lr, create_graph=True)
         dalpha, v = self._valid_grads_at(w_prime, valid_batch)
         exact = self.hvp_exact(v, train_batch, g_graph)

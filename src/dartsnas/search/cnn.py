@@ -40,7 +40,7 @@ class MixedOp(nn.Module):
             op = OPS[name](C, stride, False)
             if "pool" in name:
                 # Pooling has no learnable scale; BN keeps its output on the same footing as the
-                # convolutions' BN outputs (authors' code, facts section 1).
+                # convolutions' BN outputs (the authors' code, cnn/model_search.py ``MixedOp``).
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             self.ops.append(lean.make_lean(op) if lean_memory else op)
             self.op_index.append(i)

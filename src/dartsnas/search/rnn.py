@@ -1,4 +1,4 @@
-"""The recurrent search model (paper section 2.1, facts section 4).
+"""The recurrent search model (paper sections 2.1 and 3.1.2; the authors' code, rnn/model_search.py).
 
 Every intermediate node mixes all its predecessors and all activations: node ``i`` (1..8) sums,
 over predecessors ``j < i`` and operations ``k`` other than ``none``,
@@ -231,7 +231,8 @@ class SearchCell(DARTSCell):
                 s = MixedNode.apply(st, ch, p, self._op_names, self.compile)
             else:
                 s = _node_plain(st, ch, p, self._op_names)
-            # BatchNorm without affine parameters on every node state (facts section 4).
+            # BatchNorm without affine parameters on every node state (paper section 3.1.2, against exploding
+            # gradients during search; the authors' code, rnn/model_search.py ``DARTSCellSearch``).
             states.append(self.bn(s))
             offset += n
         return torch.stack(states[1:]).mean(0)
@@ -248,14 +249,15 @@ class RNNSearchModel(RNNModel):
         self.steps = steps
         self.primitives = tuple(primitives)
         n_edges = steps * (steps + 1) // 2
-        # Small random alphas so that no operation starts ahead (facts section 1, same scale).
+        # Small random alphas so that no operation starts ahead (1e-3 * N(0, 1), as for the CNN search; the
+        # authors' code, rnn/model_search.py ``_initialize_arch_parameters``).
         self.alphas = nn.Parameter(1e-3 * torch.randn(n_edges, len(primitives)))
 
     def _cell_kwargs(self) -> dict[str, Tensor]:
         return {"probs": F.softmax(self.alphas, dim=-1)}
 
     def genotype(self) -> RecurrentGenotype:
-        """One strongest predecessor per node and its best non-``none`` activation (facts section 4)."""
+        """One strongest predecessor per node and its best non-``none`` activation (paper section 2.4)."""
         weights = F.softmax(self.alphas.detach().double(), dim=-1).tolist()
         gene = derive_rnn_cell(weights, self.primitives, self.steps)
         return RecurrentGenotype(recurrent=gene, concat=range(1, self.steps + 1))

@@ -12,14 +12,14 @@ GLOBAL_BATCH_CHOICES = ("scale", "keep")
 # Mixed precision settings of CNN training and testing.
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
-# The paper's evaluation networks (facts section 3).
+# The paper's evaluation networks (appendix A.2.1 for CIFAR-10, A.2.3 for ImageNet).
 NETWORK_DEFAULTS: dict[str, dict[str, int]] = {
     "cifar10": {"init_channels": 36, "layers": 20, "num_classes": 10, "image_size": 32},
     "imagenet": {"init_channels": 48, "layers": 14, "num_classes": 1000, "image_size": 224},
 }
 
-# Recurrent evaluation networks of the paper (facts section 5): (units, vocabulary).
+# Recurrent evaluation networks of the paper (appendix A.2.2 for PTB, A.2.4 for WikiText-2): (units, vocabulary).
 RNN_NETWORKS = {"ptb": (850, 10000), "wt2": (700, 33278)}
 
-# Intermediate nodes of the recurrent search cell (facts section 4).
+# Intermediate nodes of the recurrent search cell (paper section 3.1.2).
 RNN_STEPS = 8

@@ -20,10 +20,11 @@ class TestConfig(RuntimeOptions):
                                           "imagenet_model.pt", group="network")
     arch: str | None = option(None, "architecture (default: from the weights' metadata, else DARTS): a name, "
                                     "genotype.json, search run directory or printed Genotype(...)", group="network")
-    data: str | None = option(None, "CIFAR-10 folder or .npz, or ImageNet folder with val/ (default: the data "
-                                    "of the training run when the weights name it)", group="data")
-    test_data: str | None = option(None, "CIFAR-10 only: .npz file of test images (default: found from --data)",
-                                   group="data")
+    data: str | None = option(None, "images to evaluate: a CIFAR-10 .npz file (its x_test/y_test arrays if it has "
+                                    "them, else x/y), a CIFAR-10 folder (its test batch) or an ImageNet folder "
+                                    "(its val/); default: the test images of the training run the weights name",
+                              group="data")
+    test_data: str | None = option(None, "CIFAR-10 only: the same as --data FILE.npz", group="data")
     init_channels: int | None = option(None, "initial channels C (default: read off the weights)", group="network")
     layers: int | None = option(None, "number of cells (default: read off the weights)", group="network")
     auxiliary: bool | None = option(None, "whether the weights include the auxiliary head (default: read off "

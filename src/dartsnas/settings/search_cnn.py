@@ -1,4 +1,4 @@
-"""Settings of ``dartsnas search cnn``; the defaults are the paper's (facts section 2)."""
+"""Settings of ``dartsnas search cnn``; the defaults are the paper's (section 3.1.1 and appendix A.1.1)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .runtime import RunOptions
 
 @dataclass
 class SearchConfig(RunOptions):
-    """Settings of a CNN search; the defaults are the paper's (facts section 2)."""
+    """Settings of a CNN search; the defaults are the paper's (section 3.1.1 and appendix A.1.1)."""
 
     dataset: str = option("cifar10", "data source: cifar10 (folder or .npz), npz (any image set) or digits "
                                      "(bundled, offline)", group="data", choices=DATASETS)

@@ -1,4 +1,4 @@
-"""Settings of ``dartsnas search rnn``; the defaults are the paper's (facts section 4)."""
+"""Settings of ``dartsnas search rnn``; the defaults are the paper's (section 3.1.2 and appendix A.1.2)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .runtime import RunOptions
 
 @dataclass
 class RNNSearchConfig(RunOptions):
-    """Settings of a recurrent search; the defaults are the paper's (facts section 4)."""
+    """Settings of a recurrent search; the defaults are the paper's (section 3.1.2 and appendix A.1.2)."""
 
     data: str = option("data/penn", "corpus folder with train.txt, valid.txt, test.txt", group="data")
     emsize: int = option(300, "embedding size", group="network")

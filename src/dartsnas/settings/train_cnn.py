@@ -1,4 +1,4 @@
-"""Settings of ``dartsnas train cifar10|imagenet``; the defaults are the paper's (facts section 3)."""
+"""Settings of ``dartsnas train cifar10|imagenet``; the defaults are the paper's (section 3.2, appendix A.2.1 and A.2.3)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ _IMAGENET = NETWORK_DEFAULTS["imagenet"]
 
 @dataclass
 class TrainConfig(RunOptions):
-    """Settings shared by both networks; defaults are the CIFAR-10 ones (facts section 3)."""
+    """Settings shared by both networks; defaults are the CIFAR-10 ones (paper appendix A.2.1)."""
 
     arch: str = option("DARTS", "architecture: a name (DARTS = DARTS_V2, DARTS_V1, NASNet, AmoebaNet), a "
                                 "genotype.json, a search run directory or a printed Genotype(...) string",
@@ -77,7 +77,7 @@ class TrainConfig(RunOptions):
 
 @dataclass
 class CifarTrainConfig(TrainConfig):
-    """``dartsnas train cifar10``: 20 cells, C = 36, 600 epochs, cosine schedule, cutout (facts section 3)."""
+    """``dartsnas train cifar10``: 20 cells, C = 36, 600 epochs, cosine schedule, cutout (paper appendix A.2.1)."""
 
     test_data: str | None = option(None, ".npz file of CIFAR-10 test images for the final evaluation (default: the "
                                          "folder's test batch, the file's x_test, or the single *test*.npz next to "
@@ -97,7 +97,7 @@ class CifarTrainConfig(TrainConfig):
 
 @dataclass
 class ImageNetTrainConfig(TrainConfig):
-    """``dartsnas train imagenet``: mobile setting, 14 cells, C = 48, 250 epochs (facts section 3)."""
+    """``dartsnas train imagenet``: mobile setting, 14 cells, C = 48, 250 epochs (paper appendix A.2.3)."""
 
     batch_size: int = redefault(TrainConfig, "batch_size", 128)
     learning_rate: float = redefault(TrainConfig, "learning_rate", 0.1)

@@ -1,4 +1,4 @@
-"""Settings of ``dartsnas train ptb|wt2``; the defaults are the paper's PTB settings (facts section 5)."""
+"""Settings of ``dartsnas train ptb|wt2``; the defaults are the paper's PTB settings (paper appendix A.2.2)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from ..config import check, make_config, option, redefault
 from .runtime import RunOptions
 
 DEFAULT_DATA = {"ptb": "data/penn", "wt2": "data/wikitext-2"}
-# WikiText-2 transfers the PTB cell with these changes (facts section 5); `train wt2` starts from them.
+# WikiText-2 transfers the PTB cell with these changes (paper appendix A.2.4); `train wt2` starts from them.
 WT2_DEFAULTS: dict[str, Any] = {"dataset": "wt2", "emsize": 700, "nhid": 700, "nhidlast": 700, "dropouth": 0.15,
                                 "weight_decay": 5e-7}
 
 
 @dataclass
 class TrainConfig(RunOptions):
-    """Settings of a recurrent training run; the defaults are the paper's PTB settings (facts section 5)."""
+    """Settings of a recurrent training run; the defaults are the paper's PTB settings (paper appendix A.2.2)."""
 
     arch: str = option("DARTS", "architecture: a name (DARTS = DARTS_V2, DARTS_V1, ENAS), genotype.json, search "
                                 "run directory or printed Genotype(recurrent=..., concat=...)", group="network")
