@@ -142,3 +142,37 @@ def test_a_tiny_pickle_cannot_expand_into_gigabytes(tmp_path: Path):
     assert path.stat().st_size < 4096
     with pytest.raises(UserError, match="refusing to load .*range of 1,000,000,000 elements"):
         load_rnn_model(path)
+
+
+def test_hostile_settings_files_give_one_short_line(tmp_path: Path):
+    from dartsnas.config import load_yaml_mapping
+
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(8))
+    cases = {
+        "laughs.yaml": (laughs.encode(), "aliases"),
+        "binary.yaml": (b"\xff\xfe\x00\x01", "not UTF-8"),
+        "big.yaml": (b"a: 1\n" + b"#" * 1_100_000, "larger than"),
+        "deep.yaml": (b"a: " + b"[" * 100_000, "not valid YAML"),
+    }
+    for name, (content, fragment) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(UserError, match=fragment) as info:
+            load_yaml_mapping(path)
+        assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--threads", "100000", "--threads must be between 1 and"),
+    ("--seed", str(2**70), "--seed must be between 0 and"),
+    ("--device", "meta", "--device must be auto, cpu, cuda or cuda:N"),
+])
+def test_absurd_runtime_settings_are_refused(flag: str, value: str, fragment: str, tmp_path: Path, capsys):
+    from dartsnas.cli import main
+
+    assert main(["search", "cnn", "--dataset", "digits", "--save", str(tmp_path / "r"), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err
+    assert not (tmp_path / "r").exists()

@@ -159,6 +159,29 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
+MAX_YAML_BYTES = 1_000_000
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error lines about values read from files."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a few hundred bytes of nested aliases expand into
+    gigabytes ("billion laughs"), and settings never need them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a settings file",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_yaml_mapping(path: str | os.PathLike[str], example: str = "batch_size: 64") -> tuple[dict[str, Any], str]:
     """Read a YAML file (or a shipped preset by name) that must map names to values.
 
@@ -171,12 +194,19 @@ def load_yaml_mapping(path: str | os.PathLike[str], example: str = "batch_size: 
     elif not os.path.isfile(text_path):
         raise UserError(f"config file {text_path} does not exist; shipped presets: {', '.join(list_presets())}")
     else:
-        text = Path(text_path).read_text(encoding="utf-8")
         where = text_path
+        try:
+            if os.path.getsize(text_path) > MAX_YAML_BYTES:
+                raise UserError(f"{where} is larger than {MAX_YAML_BYTES // 1000} kB; a settings file is a few lines")
+            text = Path(text_path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{where} is not UTF-8 text; a settings file is YAML text") from None
+        except OSError as exc:
+            raise UserError(f"cannot read {where}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = yaml.load(text, Loader=_SettingsLoader) or {}
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise UserError(f"{where} is not valid YAML: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{where} must map option names to values, e.g. '{example}'")
     return data, where
@@ -199,7 +229,7 @@ def read_yaml_config(path: str | os.PathLike[str], cls: type) -> dict[str, Any]:
     for key, value in data.items():
         norm = field_name(key)
         if norm not in names:
-            raise UserError(f"{where}: unknown option {key!r}; see --help for the valid names")
+            raise UserError(f"{where}: unknown option {short(key)}; see --help for the valid names")
         out[norm] = value
     return out
 
@@ -216,7 +246,7 @@ def coerce(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if kind in (int, float, str, bool) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
-            raise UserError(f"{where}: option {key!r} must be {kind.__name__}, got {value!r}")
+            raise UserError(f"{where}: option {key!r} must be {kind.__name__}, got {short(value)}")
         out[key] = value
     return out
 

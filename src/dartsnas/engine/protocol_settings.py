@@ -14,7 +14,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from ..config import check, coerce, field_name, field_names, load_yaml_mapping, option, to_dict
+from ..config import check, coerce, field_name, field_names, load_yaml_mapping, option, short, to_dict
 from ..errors import UserError
 from ..rundir import RunDir
 
@@ -176,7 +176,7 @@ def _normalise(values: dict[str, Any], target: Target, where: str) -> dict[str, 
         elif key in names:
             out[key] = value
         else:
-            raise UserError(f"{where}: unknown option {key!r}; use protocol options (see --help) or a stage "
+            raise UserError(f"{where}: unknown option {short(key)}; use protocol options (see --help) or a stage "
                             f"section: {', '.join(STAGES)}")
     for stage in STAGES:
         if stage not in out:

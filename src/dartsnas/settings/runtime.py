@@ -7,10 +7,15 @@ checks live here once; a job's own ``validate`` adds its checks and calls ``supe
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..config import check, option
 from .choices import GLOBAL_BATCH_CHOICES
+
+# Far above any machine's cores; OpenMP crashes when asked for hundreds of thousands of threads.
+MAX_THREADS = 4096
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 @dataclass
@@ -19,7 +24,13 @@ class RuntimeOptions:
     threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)", group="runtime")
 
     def validate(self) -> None:
-        check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
+        check(self.threads is None or 1 <= self.threads <= MAX_THREADS,
+              f"--threads must be between 1 and {MAX_THREADS}, got {self.threads}")
+        check(DEVICE.fullmatch(self.device) is not None,
+              f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        # Every seed is also numpy's, whose seeds are 32-bit.
+        seed = getattr(self, "seed", None)
+        check(seed is None or 0 <= seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, got {seed}")
         # Jobs declare ``workers`` themselves: in-memory images want none, image folders several.
         workers = getattr(self, "workers", None)
         check(workers is None or workers >= 0, f"--workers must be >= 0, got {workers}")
