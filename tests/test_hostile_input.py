@@ -176,3 +176,110 @@ def test_absurd_runtime_settings_are_refused(flag: str, value: str, fragment: st
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory) -> Path:
+    from dartsnas.engine import search_cnn
+    from dartsnas.engine.search_cnn import SearchConfig
+
+    run_dir = tmp_path_factory.mktemp("hostile") / "run"
+    search_cnn.run(SearchConfig(dataset="digits", save=str(run_dir), layers=3, init_channels=2, nodes=2, batch_size=64,
+                                epochs=2, max_steps=1, plots=False, threads=1))
+    return run_dir
+
+
+def _damaged_copy(src: Path, dst: Path, damage) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    damage(dst)
+    return dst
+
+
+def _drop_rng(run_dir: Path) -> None:
+    import torch
+
+    path = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state.pop("rng")
+    state.pop("checksum")
+    torch.save(state, path)
+
+
+def _edit_config(text: str):
+    def damage(run_dir: Path) -> None:
+        (run_dir / "config.yaml").write_text(text)
+    return damage
+
+
+def _layers_as_text(run_dir: Path) -> None:
+    import yaml
+
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data["config"]["layers"] = "three"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(data))
+
+
+DAMAGES = {
+    "checkpoint without rng": (_drop_rng, "lacks 'rng'"),
+    "config.yaml not YAML": (_edit_config("a: [1, 2\nb: :"), "cannot be read"),
+    "config.yaml a list": (_edit_config("- 1\n- 2\n"), "does not hold a run's settings"),
+    "config.yaml without settings": (_edit_config("command: search-cnn\n"), "does not hold a run's settings"),
+    "config.yaml python tag": (_edit_config("command: !!python/object/apply:os.system ['true']\n"), "cannot be read"),
+    "config.yaml latin-1": (lambda d: (d / "config.yaml").write_bytes(b"command: caf\xe9\n"), "cannot be read"),
+    "layers as text": (_layers_as_text, "must be int"),
+    "empty checkpoint": (lambda d: (d / "checkpoints" / "last.pt").write_bytes(b""), "cannot load checkpoint"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGES))
+def test_resume_of_a_damaged_run_directory_is_one_line(name: str, finished_search: Path, tmp_path: Path, capsys):
+    from dartsnas.cli import main
+
+    damage, fragment = DAMAGES[name]
+    run_dir = _damaged_copy(finished_search, tmp_path / "copy", damage)
+    capsys.readouterr()
+    assert main(["search", "cnn", "--resume", str(run_dir), "--max_steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_damaged_metrics_lines_are_skipped(finished_search: Path, tmp_path: Path):
+    from dartsnas.rundir import RunDir
+
+    run_dir = _damaged_copy(finished_search, tmp_path / "copy", lambda d: None)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write("garbage\n7\n")
+    rd = RunDir(run_dir)
+    assert [m["epoch"] for m in rd.read_metrics()] == [1]
+    rd.truncate_metrics(1)
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_damaged_weight_files_are_one_line(tmp_path: Path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from dartsnas.cli import main
+
+    def weights(name: str, tensors: dict, meta: dict) -> Path:
+        path = tmp_path / name
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    cases = [
+        weights("config_list.safetensors", {"stem.0.weight": torch.zeros(6, 3, 3, 3)}, {"config": "[1, 2]"}),
+        weights("big_int.safetensors", {"a": torch.zeros(1)}, {"genotype": '{"normal": ' + "1" * 5000 + "}"}),
+        weights("scalar_stem.safetensors", {"stem.0.weight": torch.zeros(()), "classifier.weight": torch.zeros(())},
+                {}),
+    ]
+    zero = tmp_path / "zero.pt"
+    zero.write_bytes(b"")
+    for path in cases:
+        assert main(["test", "cifar10", "--model_path", str(path), "--arch", "DARTS_V2"]) == 2, path
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("dartsnas: error:"), err
+    assert main(["test", "ptb", "--model_path", str(zero)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot load" in err

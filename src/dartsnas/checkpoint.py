@@ -90,6 +90,16 @@ def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:
                         f"evaluated: use an earlier checkpoint of the run")
 
 
+def _settings_of(config: Any, path: str) -> dict[str, Any]:
+    """A weights file's stored training settings: a mapping, or nothing."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UserError(f"{path} has damaged metadata (its settings are a {type(config).__name__}, not a mapping); "
+                        f"pass --arch and the network size explicitly")
+    return config
+
+
 def _read_weights(path: str | os.PathLike[str]) -> LoadedWeights:
     path = str(path)
     if os.path.isdir(path):
@@ -114,7 +124,7 @@ def _read_weights(path: str | os.PathLike[str]) -> LoadedWeights:
         genotype = obj.get("genotype")
         return LoadedWeights(_tensors_only(obj["model"], path), "run-checkpoint",
                              genotype_from_dict(genotype) if isinstance(genotype, dict) else None,
-                             dict(obj.get("config") or {}), obj.get("network"))
+                             _settings_of(obj.get("config"), path), obj.get("network"))
     if isinstance(obj.get("state_dict"), dict):
         return LoadedWeights(_tensors_only(obj["state_dict"], path), "wrapped-state_dict")
     return LoadedWeights(_tensors_only(obj, path), "state_dict")
@@ -138,8 +148,9 @@ def _load_safetensors(path: str) -> LoadedWeights:
         if meta.get("config"):
             config = json.loads(meta["config"])
         tied = json.loads(meta.get("tied") or "{}")
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # bad JSON, huge integers, absurd nesting
         raise UserError(f"{path} has unreadable metadata; pass --arch and the network size explicitly") from None
+    config = _settings_of(config, path)
     if "sha256" in meta and meta["sha256"] != digest(state):
         raise UserError(f"{path} is damaged: its tensors do not match the checksum written with them")
     for name, source in tied.items() if isinstance(tied, dict) else ():

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..config import from_dict
+from ..config import coerce, field_names, from_dict
 from ..errors import UserError
 from ..rundir import FILE_ONLY, RunDir, default_run_dir, write_json
 
@@ -103,7 +103,9 @@ def resume_config(cls: type, command: str, run_dir: str | Path, overrides: dict[
     if stored.get("command") != command:
         raise UserError(f"{run_dir} is a {stored.get('command')!r} run, not a {command!r} run; resume it with its "
                         f"own command")
-    cfg = from_dict(cls, stored["config"])
+    # Types checked as for a settings file: a hand-edited or damaged config.yaml is one line, not a crash.
+    cfg = from_dict(cls, coerce(cls, {k: v for k, v in stored["config"].items() if k in field_names(cls)},
+                                str(rd.config)))
     changes = {}
     for key, value in overrides.items():
         if key == "save" or getattr(cfg, key, value) == value:

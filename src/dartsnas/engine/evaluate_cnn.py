@@ -216,6 +216,9 @@ def infer_network(state: Mapping[str, torch.Tensor], network: str, where: str) -
         article = "an" if network == "imagenet" else "a"
         raise UserError(f"{where} does not hold {article} {NETWORK_NAMES[network]} evaluation network (no {stem_key})"
                         f"{hint}")
+    if state[stem_key].ndim != 4 or state["classifier.weight"].ndim != 2:
+        raise UserError(f"{where} does not hold {NETWORK_NAMES[network]} weights: {stem_key} and classifier.weight "
+                        f"have the wrong number of dimensions")
     C = int(state[stem_key].shape[0])
     if network == "cifar10":
         C //= 3  # the CIFAR stem has 3C channels
@@ -290,7 +293,10 @@ def run_test(cfg: TestConfig, network: str) -> TestResult:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     trained = loaded.config
-    batch_size = cfg.batch_size or trained.get("batch_size") or {"cifar10": 96, "imagenet": 128}[network]
+    stored_batch = trained.get("batch_size")
+    if not (isinstance(stored_batch, int) and not isinstance(stored_batch, bool) and stored_batch >= 1):
+        stored_batch = None  # damaged metadata: fall back to the default
+    batch_size = cfg.batch_size or stored_batch or {"cifar10": 96, "imagenet": 128}[network]
     description = (f"{NETWORK_NAMES[network]}, {sizes['layers']} cells, C={sizes['init_channels']}, "
                    f"architecture {arch_name}")
 

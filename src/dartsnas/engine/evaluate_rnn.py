@@ -287,20 +287,14 @@ def _read_rnn_model(path: str | Path, arch: str | None = None) -> LoadedRNN:
         except UserError:
             raise
         except Exception:  # noqa: BLE001 -- neither format: report the plain loader's reason
-            raise UserError(f"cannot load {path}: {str(first).splitlines()[0]}") from None
-        genotype = _find_genotype(module)
-        if genotype is None:
-            genotype = load_genotype(arch or "DARTS", kind="rnn")
-        cell = (module.state.get("_modules") or {}).get("rnns")
-        cell0 = (cell.state.get("_modules") or {}).get("0") if isinstance(cell, PickledModule) else None
-        cstate = cell0.state if isinstance(cell0, PickledModule) else {}
-        dropouts = {
-            "dropout": _float(module.state, "dropout", 0.75), "dropouti": _float(module.state, "dropouti", 0.2),
-            "dropoute": _float(module.state, "dropoute", 0.1), "dropouth": _float(cstate, "dropouth", 0.25),
-            "dropoutx": _float(cstate, "dropoutx", 0.75),
-        }
-        model = _build(_module_state(module), genotype, dropouts, path)
-        return LoadedRNN(model, genotype, None, "pickled-module", {})
+            reason = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
+            raise UserError(f"cannot load {path}: {reason}") from None
+        try:
+            return _from_pickled_module(module, arch, path)
+        except (TypeError, AttributeError, ValueError, KeyError, IndexError) as exc:
+            # Only the authors' layout is understood; a crafted file of allowed pieces in another shape is not.
+            raise UserError(f"{path} is not a DARTS language model as the authors' code pickles it "
+                            f"({type(exc).__name__})") from None
     verify_checksum(obj, path)
     if isinstance(obj, dict) and obj.get("kind") in (CHECKPOINT_KIND, "train-rnn") and "model" in obj:
         genotype = genotype_from_dict(obj["genotype"])
@@ -327,6 +321,22 @@ def _load_safetensors_rnn(path: Path) -> LoadedRNN:
     model = RNNModel(genotype=loaded.genotype, packed=True, **args)
     load_into(model, loaded.state_dict, str(path))
     return LoadedRNN(model, loaded.genotype, vocab, "dartsnas", loaded.config)
+
+
+def _from_pickled_module(module: PickledModule, arch: str | None, path: Path) -> LoadedRNN:
+    genotype = _find_genotype(module)
+    if genotype is None:
+        genotype = load_genotype(arch or "DARTS", kind="rnn")
+    cell = (module.state.get("_modules") or {}).get("rnns")
+    cell0 = (cell.state.get("_modules") or {}).get("0") if isinstance(cell, PickledModule) else None
+    cstate = cell0.state if isinstance(cell0, PickledModule) else {}
+    dropouts = {
+        "dropout": _float(module.state, "dropout", 0.75), "dropouti": _float(module.state, "dropouti", 0.2),
+        "dropoute": _float(module.state, "dropoute", 0.1), "dropouth": _float(cstate, "dropouth", 0.25),
+        "dropoutx": _float(cstate, "dropoutx", 0.75),
+    }
+    model = _build(_module_state(module), genotype, dropouts, path)
+    return LoadedRNN(model, genotype, None, "pickled-module", {})
 
 
 def rnn_info(arch: str | RecurrentGenotype = "DARTS", ntoken: int = 10000, emsize: int = 850) -> int:

@@ -212,9 +212,15 @@ def run_job(job: Job, resume: str | Path | None = None, on_epoch_end: OnEpochEnd
                 seed_everything(job.cfg.seed)
                 # A run directory without a checkpoint (stopped in its first epoch) restarts in place.
                 state = load_checkpoint(rd.checkpoint, job.kind) if rd.checkpoint.exists() else None
-                job.build(state)
-                started = True
-                return _drive(job, rd, state, on_epoch_end)
+                try:
+                    job.build(state)
+                    started = True
+                    return _drive(job, rd, state, on_epoch_end)
+                except KeyError as exc:
+                    if state is None or exc.args[0] in state:
+                        raise
+                    raise UserError(f"{rd.checkpoint} lacks {exc.args[0]!r}; the run directory is damaged: resume "
+                                    f"from a copy or start a new run") from None
             except KeyboardInterrupt:
                 if rd.checkpoint.exists() and distributed.is_main():
                     logger.warning("interrupted; continue with: dartsnas %s --resume %s", job.command_line, rd.path)
