@@ -121,17 +121,17 @@ COMMANDS: tuple[Command, ...] = (
     Command("test wt2", "validation and test perplexity of a recurrent model on WikiText-2",
             _TEST_RNN.format("WikiText-2"), _C + "test_rnn", _S + "evaluate_rnn:TestConfig"),
     Command("protocol cnn", "convolutional cells on CIFAR-10", _PROTOCOL.format("convolutional cells on CIFAR-10"),
-            _C + "protocol", "dartsnas.engine.protocol:ProtocolOptions",
+            _C + "protocol", "dartsnas.engine.protocol_settings:ProtocolOptions",
             (arg("--config", metavar="FILE", help="YAML file (or shipped preset) of protocol and stage settings; "
                                                   "flags win"),
              arg("--resume", metavar="PROTOCOL_DIR", help="continue a protocol with its stored settings")),
-            extend="dartsnas.engine.protocol:add_cli"),
+            extend="dartsnas.engine.protocol_cli:add_cli"),
     Command("protocol rnn", "recurrent cells on PTB", _PROTOCOL.format("recurrent cells on PTB"),
-            _C + "protocol", "dartsnas.engine.protocol:ProtocolOptions",
+            _C + "protocol", "dartsnas.engine.protocol_settings:ProtocolOptions",
             (arg("--config", metavar="FILE", help="YAML file (or shipped preset) of protocol and stage settings; "
                                                   "flags win"),
              arg("--resume", metavar="PROTOCOL_DIR", help="continue a protocol with its stored settings")),
-            extend="dartsnas.engine.protocol:add_cli"),
+            extend="dartsnas.engine.protocol_cli:add_cli"),
     Command("info", "parameters and multiply-adds of an architecture",
             "Print the parameter count (and, for CNNs, the multiply-adds) of the CIFAR-10, ImageNet, PTB or "
             "WikiText-2 evaluation network built from an architecture.",

@@ -83,8 +83,9 @@ class Target:
         return self.train_module, self.train_class
 
     def config_class(self, stage: str) -> type:
+        # An engine's settings live, free of torch, in the module of the same name under dartsnas.settings.
         module, cls_name = self.engine(stage)
-        return getattr(import_module(module), cls_name)
+        return getattr(import_module("dartsnas.settings." + module.rsplit(".", 1)[-1]), cls_name)
 
 
 _COMMON_FIXED = {"save", "seed", "data", "device", "threads"}
