@@ -286,3 +286,47 @@ def test_the_console_shows_the_final_genotype_once(small_npz: Path, tmp_path: Pa
     assert out.count("genotype = Genotype(") == 1 and out.count("run directory:") == 1
     log = (save / "log.txt").read_text()
     assert "final genotype = Genotype(" in log and "run directory:" in log
+
+
+@pytest.mark.parametrize("job", ["search", "train"])
+def test_a_kill_between_checkpoint_and_records_is_repaired_on_resume(job: str, small_npz: Path, tiny_corpus: Path,
+                                                                      tmp_path: Path, monkeypatch):
+    if job == "search":
+        module, make = search_cnn, lambda save: tiny_search(small_npz, save, epochs=2)
+        job_class = search_cnn.CNNSearch
+    else:
+        module = train_rnn
+        job_class = train_rnn.RNNTraining
+
+        def make(save):
+            return TrainConfig(data=str(tiny_corpus), save=str(save), epochs=2, max_steps=8, eval_batches=2,
+                               test_batch_size=2, **TINY_RNN)
+    full = module.run(make(tmp_path / "full"))
+    real = job_class.write_epoch
+
+    class Kill(Exception):
+        pass
+
+    def killed_in_epoch_one(self, record, finished):
+        if record["epoch"] == 1:
+            raise Kill
+        real(self, record, finished)
+
+    monkeypatch.setattr(job_class, "write_epoch", killed_in_epoch_one)
+    with pytest.raises(Kill):
+        module.run(make(tmp_path / "cut"))
+    monkeypatch.undo()
+    cut = tmp_path / "cut"
+    assert not (cut / "metrics.jsonl").exists() and (cut / "checkpoints" / "last.pt").exists()
+    resumed = module.run(resume=cut)
+
+    def strip(metrics):
+        return [{k: v for k, v in m.items() if k != "time"} for m in metrics]
+
+    assert strip(resumed.metrics) == strip(full.metrics)
+    for name in ("genotypes/epoch_001.json", "best.safetensors", "final.safetensors", "test.json", "genotype.json"):
+        if (tmp_path / "full" / name).exists():
+            assert (cut / name).exists(), name
+    if job == "train":
+        a, b = load_weights(tmp_path / "full" / "best.safetensors"), load_weights(cut / "best.safetensors")
+        assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)

@@ -135,7 +135,9 @@ class Job:
         """Extra log lines after the epoch's summary (a search's genotype)."""
 
     def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
-        """Files of this epoch besides the metrics line and the checkpoint (main process only)."""
+        """Files of this epoch besides the metrics line and the checkpoint (main process only). Called
+        after the epoch's checkpoint, and again on resume if a kill came in between: it may use only
+        ``record`` and the state that the checkpoint restores."""
 
     def state(self) -> dict[str, Any]:
         """The job's part of the resumable checkpoint."""
@@ -251,6 +253,7 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
         start_epoch, step = state["epoch"], state["step"]
         if distributed.is_main():
             rd.truncate_metrics(start_epoch)
+            _rebuild_records(job, rd, state)
         # Done by the limits in force now: a resume may raise --max_steps (or, where the schedule allows
         # it, --epochs) and the run goes on from its last epoch.
         if start_epoch >= cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps):
@@ -287,16 +290,18 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
             record["step"] = step
             record["time"] = time.perf_counter() - t0
             state = {"format_version": FORMAT_VERSION, "kind": job.kind, "epoch": epoch + 1, "step": step,
-                     "finished": finished, "rng": rng_state(), "config": to_dict(cfg), **job.state()}
+                     "finished": finished, "rng": rng_state(), "config": to_dict(cfg), "record": record,
+                     **job.state()}
             # Nothing non-finite is ever reported or checkpointed: the last good checkpoint stays.
             _check_finite(record, state, epoch, step, rd)
             epoch_times.append(record["time"])
             _log_epoch(record, cfg, epoch, step, epoch_times, finished)
             job.log_epoch(record, finished)
             if distributed.is_main():
+                # The checkpoint first: the epoch's records can be rebuilt from it, not the reverse.
+                save_checkpoint(rd.checkpoint, state)
                 job.write_epoch(record, finished)
                 rd.append_metrics(record)
-                save_checkpoint(rd.checkpoint, state)
             if tb is not None:
                 tb.log(record, epoch + 1)
             if on_epoch_end is not None:
@@ -340,6 +345,16 @@ def _check_finite(record: dict[str, Any], state: dict[str, Any], epoch: int, ste
             else "no checkpoint was written")
     raise UserError(f"epoch {epoch + 1} (step {step}) produced a non-finite value ({bad}); nothing of it was saved, "
                     f"{last}; lower the learning rates and start again")
+
+
+def _rebuild_records(job: Job, rd: RunDir, state: dict[str, Any]) -> None:
+    """Write the records of the checkpoint's epoch if a kill came between the checkpoint and them."""
+    record = state.get("record")
+    if not isinstance(record, dict) or any(m.get("epoch") == state["epoch"] for m in rd.read_metrics()):
+        return
+    logger.info("rebuilding the records of epoch %d from its checkpoint", state["epoch"])
+    job.write_epoch(record, bool(state.get("finished")))
+    rd.append_metrics(record)
 
 
 def _log_epoch(record: dict[str, Any], cfg: Any, epoch: int, step: int, times: list[float], finished: bool) -> None:

@@ -225,7 +225,7 @@ class RNNSearch(Job):
 
     def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
         assert self.rd is not None
-        write_search_epoch(self.rd, self.model, self.genotype, record)
+        write_search_epoch(self.rd, self.model, self.model.genotype(), record)
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "w_optimizer": self.w_opt.state_dict(),

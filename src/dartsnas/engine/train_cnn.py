@@ -401,6 +401,7 @@ class CNNTraining(Job):
             record.update(valid.as_record("valid"))
             self.improved = valid.top1 > self.best_acc
             self.best_acc = max(self.best_acc, valid.top1)
+        record["best"] = self.improved
         if finished:
             test_batches = self.data.test_batches()
             if test_batches is not None:
@@ -416,7 +417,7 @@ class CNNTraining(Job):
         assert self.rd is not None
         cfg = self.cfg
         meta = {"epoch": str(record["epoch"]), "step": str(record["step"])}
-        if self.improved:
+        if record.get("best"):
             save_weights(self.rd.path / "best.safetensors", self.model, cfg.network, self.genotype, to_dict(cfg), meta)
         if finished:
             save_weights(self.rd.path / "final.safetensors", self.model, cfg.network, self.genotype, to_dict(cfg),

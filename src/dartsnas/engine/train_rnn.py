@@ -220,13 +220,10 @@ class RNNTraining(Job):
             model.load_state_dict(averaged)
             val_loss = evaluate_sharded(model, self.val_data, cfg.bptt, cfg.eval_batches)
             model.load_state_dict(current)
-            self.weights = averaged
         else:
             val_loss = evaluate_sharded(model, self.val_data, cfg.bptt, cfg.eval_batches)
-            self.weights = model.state_dict()
-        self.val_loss = val_loss
-        self.improved = val_loss < self.stored_loss
-        if self.improved:
+        improved = val_loss < self.stored_loss
+        if improved:
             self.stored_loss = val_loss
         switched = False
         if self.opt_kind == "sgd":
@@ -238,20 +235,23 @@ class RNNTraining(Job):
             self.best_val.append(val_loss)
         return {"train_loss": self.train_loss, "train_ppl": perplexity(self.train_loss), "valid_loss": val_loss,
                 "valid_ppl": perplexity(val_loss), "lr": cfg.learning_rate, "optimizer": self.opt_kind,
-                "switched": switched, "best": self.improved}
+                "switched": switched, "best": improved}
 
     def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
         assert self.rd is not None
-        extra = {"epoch": str(record["epoch"]), "valid_loss": repr(self.val_loss)}
-        if self.improved:
-            self._save_weights(self.rd.path / "best.safetensors", extra)
+        extra = {"epoch": str(record["epoch"]), "valid_loss": repr(record["valid_loss"])}
+        # The weights the epoch validated: the ASGD averages once averaging is on. Right after the
+        # switch the new optimiser has no averages yet, and these are the plain weights, as validated.
+        weights = _averaged_state(self.model, self.optimizer) if self.opt_kind == "asgd" else self.model.state_dict()
+        if record["best"]:
+            self._save_weights(self.rd.path / "best.safetensors", weights, extra)
         if finished:
-            self._save_weights(self.rd.path / "final.safetensors", extra)
+            self._save_weights(self.rd.path / "final.safetensors", weights, extra)
 
-    def _save_weights(self, path: Path, extra: dict[str, str]) -> None:
+    def _save_weights(self, path: Path, weights: dict[str, Tensor], extra: dict[str, str]) -> None:
         # What `dartsnas test ptb` needs to rebuild the model and read the corpus as it was trained.
         meta = {"model_args": json.dumps(self.model_args), "vocab": json.dumps(self.corpus.vocab), **extra}
-        save_weights(path, self.weights, self.cfg.dataset, self.genotype, to_dict(self.cfg), meta)
+        save_weights(path, weights, self.cfg.dataset, self.genotype, to_dict(self.cfg), meta)
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "model_args": self.model_args, "genotype": self.genotype.to_dict(),
