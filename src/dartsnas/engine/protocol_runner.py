@@ -29,21 +29,14 @@ class ProtocolResult:
 
 @contextlib.contextmanager
 def _lock(proto_dir: Path) -> Iterator[None]:
-    """One protocol process per directory: a second one would run the same stages twice."""
+    """One protocol process per directory: a second one would run the same stages twice. The same
+    lock as every run directory's, released (and its file removed) when the protocol ends."""
+    rd = RunDir(proto_dir)
+    rd.lock()
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the user is trusted
         yield
-        return
-    with open(proto_dir / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"another protocol process is running in {proto_dir}; wait for it or stop it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        rd.unlock()
 
 
 def _prepare_training_file(protocol: Protocol, proto_dir: Path, manifest: Manifest) -> tuple[Path, int]:
