@@ -330,3 +330,14 @@ def test_a_kill_between_checkpoint_and_records_is_repaired_on_resume(job: str, s
     if job == "train":
         a, b = load_weights(tmp_path / "full" / "best.safetensors"), load_weights(cut / "best.safetensors")
         assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_a_job_may_stop_early_and_a_resume_keeps_it_stopped(small_npz: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(search_cnn.CNNSearch, "stop_reason",
+                        lambda self, epoch, record: "constructed stop" if epoch == 0 else None)
+    result = search_cnn.run(tiny_search(small_npz, tmp_path / "r", epochs=3))
+    assert [m["epoch"] for m in result.metrics] == [1] and result.metrics[0]["stopped"] == "constructed stop"
+    assert torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)["finished"]
+    monkeypatch.undo()
+    again = search_cnn.run(resume=tmp_path / "r")
+    assert len(again.metrics) == 1 and again.genotype == result.genotype

@@ -131,6 +131,11 @@ class Job:
         """Combine processes' statistics, step schedules, evaluate; returns more of the record."""
         return {}
 
+    def stop_reason(self, epoch: int, record: dict[str, Any]) -> str | None:
+        """Why the run should end after this epoch although epochs remain (early stopping), or None.
+        The loop then treats the epoch as the last one and records the reason as ``stopped``."""
+        return None
+
     def log_epoch(self, record: dict[str, Any], finished: bool) -> None:
         """Extra log lines after the epoch's summary (a search's genotype)."""
 
@@ -256,7 +261,8 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
             _rebuild_records(job, rd, state)
         # Done by the limits in force now: a resume may raise --max_steps (or, where the schedule allows
         # it, --epochs) and the run goes on from its last epoch.
-        if start_epoch >= cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps):
+        stopped = isinstance(state.get("record"), dict) and "stopped" in state["record"]
+        if start_epoch >= cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps) or stopped:
             logger.info("run in %s already finished after epoch %d (step %d); completing its results", rd.path,
                         start_epoch, step)
             return job.finish(resumed_finished=True)
@@ -287,6 +293,11 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
             step = ctx.step
             finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
             record.update(job.end_epoch(epoch, finished))
+            reason = None if finished else job.stop_reason(epoch, record)
+            if reason is not None:
+                finished = True
+                record["stopped"] = reason
+                logger.info("stopping after epoch %d: %s", epoch + 1, reason)
             record["step"] = step
             record["time"] = time.perf_counter() - t0
             state = {"format_version": FORMAT_VERSION, "kind": job.kind, "epoch": epoch + 1, "step": step,
