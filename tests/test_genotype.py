@@ -147,3 +147,55 @@ def test_registry_lists_paper_cells():
     assert isinstance(NAMED["ENAS"], RecurrentGenotype)
     assert NAMED["NASNet"].steps == 5 and NAMED["DARTS"].steps == 4
     assert isinstance(NAMED["DARTS"], Genotype)
+
+
+def test_random_cells_are_valid_reproducible_and_uniform():
+    import collections
+
+    from dartsnas.genotype import CNN_PRIMITIVES, RNN_PRIMITIVES, random_genotype
+
+    assert random_genotype(7) == random_genotype(7) and random_genotype(7) != random_genotype(8)
+    pairs: dict[int, collections.Counter] = {k: collections.Counter() for k in range(4)}
+    ops: collections.Counter = collections.Counter()
+    draws = 3000
+    for seed in range(draws):
+        g = random_genotype(seed)
+        for cell in (g.normal, g.reduce):
+            for k in range(4):
+                (op_a, a), (op_b, b) = cell[2 * k], cell[2 * k + 1]
+                assert 0 <= a < b < k + 2  # two distinct earlier nodes
+                pairs[k][(a, b)] += 1
+                ops.update((op_a, op_b))
+        assert list(g.normal_concat) == [2, 3, 4, 5]
+    assert "none" not in ops and set(ops) == set(CNN_PRIMITIVES[1:])
+    # Each of the C(k+2, 2) input pairs of node k, and each of the 7 operations, equally likely: within
+    # five standard deviations of the binomial count (a fixed set of seeds, so this never flakes).
+    for k, counter in pairs.items():
+        n_pairs = (k + 2) * (k + 1) // 2
+        assert len(counter) == n_pairs
+        total, p = 2 * draws, 1 / n_pairs
+        for count in counter.values():
+            assert abs(count - total * p) <= 5 * (total * p * (1 - p)) ** 0.5
+    total, p = sum(ops.values()), 1 / 7
+    assert all(abs(c - total * p) < 5 * (total * p * (1 - p)) ** 0.5 for c in ops.values())
+    # Recurrent: node i takes one of nodes 0..i and an activation other than none.
+    inputs: collections.Counter = collections.Counter()
+    for seed in range(draws):
+        g = random_genotype(seed, "rnn")
+        assert list(g.concat) == list(range(1, 9))
+        for i, (op, j) in enumerate(g.recurrent):
+            assert op in RNN_PRIMITIVES[1:] and 0 <= j <= i
+            if i == 3:
+                inputs[j] += 1
+    assert all(abs(c - draws / 4) < 5 * (draws * 0.25 * 0.75) ** 0.5 for c in inputs.values())
+
+
+def test_random_command_prints_a_cell_that_loads(capsys):
+    from dartsnas.cli import main
+
+    assert main(["genotypes", "random", "--seed", "5", "--json"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert load_genotype(text) == load_genotype(text) and load_genotype(text).kind == "cnn"
+    assert main(["genotypes", "random", "--seed", "5", "--kind", "rnn"]) == 0
+    assert load_genotype(capsys.readouterr().out.strip()).kind == "rnn"
+    assert main(["genotypes", "random", "DARTS"]) == 2

@@ -136,11 +136,15 @@ COMMANDS: tuple[Command, ...] = (
             "Print the parameter count (and, for CNNs, the multiply-adds) of the CIFAR-10, ImageNet, PTB or "
             "WikiText-2 evaluation network built from an architecture.",
             _C + "info", _S + "evaluate_cnn:InfoConfig", (ARCH,)),
-    Command("genotypes", "list named architectures or print one",
-            "List named architectures, or print one given as a name, file, run directory or genotype string.",
+    Command("genotypes", "list named architectures, print one, or draw a random one",
+            "List named architectures, print one given as a name, file, run directory or genotype string, or draw "
+            "a random cell from the search space (the baseline a search has to beat).",
             _C + "genotypes", None,
-            (arg("action", nargs="?", choices=["list", "show"], default="list", help="list (default) or show"),
+            (arg("action", nargs="?", choices=["list", "show", "random"], default="list",
+                 help="list (default), show or random"),
              arg("spec", nargs="?", help="NAME | genotype.json | RUN_DIR | 'Genotype(...)'"),
+             arg("--seed", type=int, default=0, help="random: the seed of the draw (default 0)"),
+             arg("--kind", choices=["cnn", "rnn"], default="cnn", help="random: a convolutional or recurrent cell"),
              arg("--json", action="store_true", help="print JSON instead of the printed Genotype(...) form"))),
     Command("plot cell", "draw the cells of an architecture (Graphviz)",
             "Draw the normal and reduction cells (or the recurrent cell) of an architecture in the paper's style. "

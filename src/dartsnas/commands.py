@@ -147,6 +147,14 @@ def info(args: argparse.Namespace) -> int:
 
 
 def genotypes(args: argparse.Namespace) -> int:
+    if args.action == "random":
+        from .genotype import random_genotype
+
+        if args.spec:
+            raise UserError("dartsnas genotypes random takes no NAME; use --seed N and --kind cnn|rnn")
+        genotype = random_genotype(args.seed, args.kind)
+        print(genotype.to_json() if args.json else str(genotype))
+        return 0
     if args.action == "show":
         if not args.spec:
             raise UserError("dartsnas genotypes show needs a NAME, genotype file, run directory or genotype string")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -350,6 +351,42 @@ def derive_rnn_cell(weights: Sequence[Sequence[float]], primitives: Sequence[str
         gene.append((primitives[_best_op(rows[j], none_index)], j))
         start += n
     return gene
+
+
+# --- random cells (the baseline a search has to beat) -------------------------------------------
+
+
+def random_genotype(seed: int, kind: str = "cnn", steps: int | None = None) -> AnyGenotype:
+    """A cell drawn uniformly from the space the search derives from (paper section 2.4).
+
+    Convolutional: in each of the two cells, every intermediate node takes two distinct earlier
+    nodes as inputs (each unordered pair equally likely) and an operation other than ``none`` on each
+    edge (each equally likely). Recurrent: every node takes one earlier node and an activation other
+    than ``none``. This is the random baseline of Li & Talwalkar ("Random Search and Reproducibility
+    for Neural Architecture Search", 2019), drawn from Python's own generator so that a seed gives
+    the same cell on every machine.
+    """
+    if kind not in ("cnn", "rnn"):
+        raise UserError(f"kind must be cnn or rnn, got {_show(kind)}")
+    rng = random.Random(seed)
+    if kind == "rnn":
+        n = steps or 8
+        ops = RNN_PRIMITIVES[1:]
+        return RecurrentGenotype(recurrent=[(rng.choice(ops), rng.randrange(i + 1)) for i in range(n)],
+                                 concat=list(range(1, n + 1)))
+    n = steps or 4
+    ops = CNN_PRIMITIVES[1:]
+
+    def cell() -> list[Edge]:
+        edges: list[Edge] = []
+        for k in range(n):
+            for j in sorted(rng.sample(range(k + 2), 2)):
+                edges.append((rng.choice(ops), j))
+        return edges
+
+    normal = cell()
+    return Genotype(normal=normal, normal_concat=list(range(2, n + 2)), reduce=cell(),
+                    reduce_concat=list(range(2, n + 2)))
 
 
 # --- named genotypes ----------------------------------------------------------------------------
