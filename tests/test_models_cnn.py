@@ -76,7 +76,7 @@ def test_aux_feature_size_matches_the_networks():
     assert aux_feature_size("cifar10", 32) == 8
     assert aux_feature_size("imagenet", 224) == 7
     model = NetworkImageNet(8, 5, 3, True, DARTS).train()
-    _, aux = model(torch.randn(2, 3, 224, 224))
+    _, aux = model(torch.randn(2, 3, 224, 224), aux=True)
     assert aux.shape == (2, 5)
 
 
@@ -226,17 +226,17 @@ def test_auxiliary_head_is_used_in_training_only():
     model = NetworkCIFAR(4, 10, 3, True, DARTS)
     x = torch.randn(4, 3, 32, 32)
     model.train()
-    logits, aux = model(x)
+    logits, aux = model(x, aux=True)
     assert logits.shape == aux.shape == (4, 10)
     (logits.sum() + aux.sum()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing  # every parameter, the head's included, is trained
     model.eval()
     with torch.no_grad():
-        before, aux_eval = model(x)
+        before, aux_eval = model(x, aux=True)
         for p in model.auxiliary_head.parameters():
             p.add_(1.0)
-        after, _ = model(x)
+        after = model(x)
     assert aux_eval is None
     torch.testing.assert_close(before, after, rtol=0, atol=0)
 

@@ -104,7 +104,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             y = y.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
-                logits, _ = model(x)
+                logits = model(x)
             logits = logits.float()
             n = y.shape[0]
             top1, top5 = accuracy(logits, y, topk=(1, 5))
@@ -241,6 +241,44 @@ def resolve_genotype(arch: str | None, loaded: LoadedWeights) -> tuple[Genotype,
     return load_genotype("DARTS", kind="cnn"), "DARTS (no --arch given, the weights name none)"  # type: ignore[return-value]
 
 
+@dataclass
+class LoadedCNN:
+    model: torch.nn.Module
+    loaded: LoadedWeights
+    network: str  # 'cifar10' or 'imagenet'
+    arch_name: str
+    sizes: dict[str, Any]  # init_channels, layers, auxiliary, num_classes
+
+
+def load_cnn_model(path: str | Path, network: str | None = None, arch: str | None = None, *,
+                   init_channels: int | None = None, layers: int | None = None,
+                   auxiliary: bool | None = None) -> LoadedCNN:
+    """The evaluation network of a weights file (ours, or the authors' released ones), built and loaded.
+
+    ``network`` ('cifar10'/'imagenet') defaults to what the file says, else to what its stem looks
+    like; sizes not given are read off the weights.
+    """
+    loaded = load_weights(path)
+    if network is None:
+        network = loaded.model if loaded.model in NETWORK_NAMES else (
+            "imagenet" if "stem0.3.weight" in loaded.state_dict else "cifar10")
+    if loaded.model and loaded.model != network:
+        raise UserError(f"{path} holds a {NETWORK_NAMES.get(loaded.model, loaded.model)} network; "
+                        f"use dartsnas test {loaded.model}")
+    genotype, arch_name = resolve_genotype(arch, loaded)
+    found = infer_network(loaded.state_dict, network, str(path))
+    given = {"init_channels": init_channels, "layers": layers, "auxiliary": auxiliary}
+    sizes = {key: value if value is not None else found[key] for key, value in given.items()}
+    sizes["num_classes"] = found["num_classes"]
+    try:
+        model = build_network(network, genotype, sizes["init_channels"], sizes["layers"], sizes["auxiliary"],
+                              found["num_classes"])
+    except ValueError as exc:
+        raise UserError(f"cannot build the network: {exc}") from None
+    load_into(model, loaded.state_dict, what=str(path))
+    return LoadedCNN(model, loaded, network, arch_name, sizes)
+
+
 # -- dartsnas test ------------------------------------------------------------------------------
 
 
@@ -273,20 +311,9 @@ def run_test(cfg: TestConfig, network: str) -> TestResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     assert cfg.model_path is not None
-    loaded = load_weights(cfg.model_path)
-    if loaded.model and loaded.model != network:
-        raise UserError(f"{cfg.model_path} holds a {NETWORK_NAMES.get(loaded.model, loaded.model)} network; "
-                        f"use dartsnas test {loaded.model}")
-    genotype, arch_name = resolve_genotype(cfg.arch, loaded)
-    found = infer_network(loaded.state_dict, network, cfg.model_path)
-    sizes = {key: getattr(cfg, key) if getattr(cfg, key) is not None else found[key]
-             for key in ("init_channels", "layers", "auxiliary")}
-    try:
-        model = build_network(network, genotype, sizes["init_channels"], sizes["layers"], sizes["auxiliary"],
-                              found["num_classes"])
-    except ValueError as exc:
-        raise UserError(f"cannot build the network: {exc}") from None
-    load_into(model, loaded.state_dict, what=str(cfg.model_path))
+    net = load_cnn_model(cfg.model_path, network, cfg.arch, init_channels=cfg.init_channels, layers=cfg.layers,
+                         auxiliary=cfg.auxiliary)
+    model, loaded, arch_name, sizes = net.model, net.loaded, net.arch_name, net.sizes
     amp_dtype = resolve_amp(cfg.amp, device)
     channels_last = use_channels_last(cfg.channels_last, device, amp_dtype, model)
     model = model.to(device)
@@ -316,9 +343,9 @@ def run_test(cfg: TestConfig, network: str) -> TestResult:
 
         image_size = cfg.image_size or trained.get("image_size") or 224
         folder = load_image_folder(cfg.data or trained.get("data"), image_size, train=False)
-        if folder.num_classes != found["num_classes"]:
+        if folder.num_classes != sizes["num_classes"]:
             raise UserError(f"{cfg.data or trained.get('data')}/val has {folder.num_classes} classes but the network "
-                            f"predicts {found['num_classes']}")
+                            f"predicts {sizes['num_classes']}")
         batches = make_loader(folder.val, batch_size, train=False, workers=cfg.workers, device=device)
         source = str(Path(cfg.data or trained.get("data")) / "val")
     result = evaluate(model, batches, device, amp_dtype, channels_last, cfg.eval_batches)

@@ -211,7 +211,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     """One SGD step on a batch; returns the (detached) loss and logits."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(x.device, amp_dtype):
-        logits, aux_logits = model(x)
+        logits, aux_logits = model(x, aux=True)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         if aux_logits is not None:
             # Auxiliary tower (paper section A.2): extra gradient signal for the lower cells.

@@ -170,7 +170,11 @@ class _Network(nn.Module):
     def stem_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits, like any classifier (so ``nn.CrossEntropyLoss()(model(x), y)``, ``torch.jit.trace``
+        and exports work). Training asks for the auxiliary tower's logits too (paper appendix A.2.1):
+        ``aux=True`` returns ``(logits, aux_logits)``, the latter None outside training or without the
+        head."""
         aux_logits = None
         s0, s1 = self.stem_forward(x)
         for i, cell in enumerate(self.cells):
@@ -182,8 +186,8 @@ class _Network(nn.Module):
                         f"{self.aux_min_size} after cell {i}, got {tuple(s1.shape[-2:])}; use larger images "
                         f"or train without the auxiliary head")
                 aux_logits = self.auxiliary_head(s1)
-        out = self.global_pooling(s1)
-        return self.classifier(out.flatten(1)), aux_logits
+        logits = self.classifier(self.global_pooling(s1).flatten(1))
+        return (logits, aux_logits) if aux else logits
 
 
 class NetworkCIFAR(_Network):
