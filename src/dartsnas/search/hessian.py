@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,3 +75,20 @@ def buffers_kept(module: torch.nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for name, b in module.named_buffers():
                 b.copy_(saved[name])
+
+
+def search_eigenvalue(architect: Any, model: torch.nn.Module, batch: Any, seed: int,
+                      iterations: int = ITERATIONS) -> float:
+    """:func:`dominant_eigenvalue` of ``architect.loss_fn`` on ``batch`` (the search's validation loss)
+    in the architect's alphas, the weights held fixed; the model in training mode, as in the alpha
+    step, its buffers restored afterwards."""
+    params = {**{n: w.detach() for n, w in zip(architect.weight_names, architect.weights)},
+              **dict(zip(architect.alpha_names, architect.alphas))}
+    was_training = model.training
+    model.train()
+    try:
+        with buffers_kept(model):
+            return dominant_eigenvalue(lambda: architect.loss_fn(params, batch), architect.alphas, iterations, seed,
+                                       architect.reduce)
+    finally:
+        model.train(was_training)
