@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dartsnas.engine import search_cnn
+from dartsnas.engine import search_cnn, search_rnn
 from dartsnas.errors import UserError
 from dartsnas.search.early_stop import (
     Rule,
@@ -165,8 +166,9 @@ def test_eigen_tracker_keeps_the_cell_k_epochs_before_and_survives_a_state_round
 # -- end to end on a tiny digits search ------------------------------------------------------------------
 
 def _tiny(tmp_path, **kw) -> SearchConfig:
-    return SearchConfig(dataset="digits", layers=3, init_channels=2, nodes=2, batch_size=256, epochs=4,
-                        plots=False, save=str(tmp_path / "run"), **kw)
+    settings = {"epochs": 4, **kw}
+    return SearchConfig(dataset="digits", layers=3, init_channels=2, nodes=2, batch_size=256, plots=False,
+                        save=str(tmp_path / "run"), **settings)
 
 
 def test_eigen_stop_writes_the_cell_of_the_epoch_before_and_a_resume_stays_stopped(tmp_path, monkeypatch):
@@ -187,3 +189,19 @@ def test_eigen_stop_writes_the_cell_of_the_epoch_before_and_a_resume_stays_stopp
     again = search_cnn.run(resume=run_dir)
     assert [m["epoch"] for m in again.metrics] == [1, 2, 3]
     assert json.loads((run_dir / "genotype.json").read_text()) == kept
+
+
+def test_the_eigenvalue_leaves_the_cnn_search_unchanged(tmp_path):
+    plain = search_cnn.run(_tiny(tmp_path / "a", epochs=1))
+    measured = search_cnn.run(_tiny(tmp_path / "b", epochs=1, hessian_eig_every=1))
+    (a,), (b,) = plain.metrics, measured.metrics
+    assert "hessian_eig" not in a and math.isfinite(b["hessian_eig"]) and b["hessian_eig"] != 0.0
+    for key in ("train_loss", "valid_loss", "valid_acc", "genotype"):
+        assert a[key] == b[key]
+
+
+def test_rnn_search_records_the_eigenvalue_every_n_epochs(tiny_corpus, tmp_path):
+    cfg = RNNSearchConfig(data=str(tiny_corpus), save=str(tmp_path / "rnn"), batch_size=8, bptt=10, eval_batches=1,
+                          emsize=8, nhid=8, nhidlast=8, epochs=2, plots=False, hessian_eig_every=2)
+    metrics = search_rnn.run(cfg).metrics
+    assert "hessian_eig" not in metrics[0] and math.isfinite(metrics[1]["hessian_eig"])
