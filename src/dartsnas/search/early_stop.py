@@ -5,12 +5,15 @@ Two rules, given as ``--early_stop SPEC``:
 * ``skip:N`` (DARTS+, Liang et al., arXiv:1909.06035, section 3, "Criterion 1"): stop as soon as
   the normal cell derived after an epoch holds N or more skip connections (the paper uses N = 2);
   the cell kept is the one of that epoch, the cell at stopping.
-* ``eigen:RATIO[:K]`` (R-DARTS, Zela et al., ICLR 2020, section 4.3, DARTS-ES): with
-  ``lambda(i)`` the dominant eigenvalue of the alpha Hessian of the validation loss after epoch i
-  and ``avg(i)`` its mean over the last K epochs (fewer at the start), stop after epoch i when
-  ``avg(i) / avg(i - K) > RATIO``, i.e. when the paper's ``avg(i - K) / avg(i) < T`` with
-  ``T = 1 / RATIO`` (the paper: T = 0.75, K = 5, so RATIO = 1.33). The cell kept is the one of
-  epoch ``i - K``, from before the curvature grew. K defaults to 5.
+* ``eigen:RATIO[:K]`` (R-DARTS, Zela et al., ICLR 2020, section 4, the early-stopping variant
+  DARTS-ES): with ``lambda(i)`` the dominant eigenvalue of the alpha Hessian of the validation loss
+  after epoch i and ``avg(i)`` its mean over the last K epochs (fewer at the start), stop after
+  epoch i when ``avg(i) / avg(i - K) > RATIO``: the paper's test ``avg(i - K) / avg(i) < T`` with
+  ``T = 1 / RATIO`` (the paper: T = 0.75, k = 5, i.e. eigen:1.33:5; the authors' code defaults to a
+  growth factor of 1.3 over local averages of 5 eigenvalues). The cell kept is the one of epoch
+  ``i - K``, from before the curvature grew. K defaults to 5. Our averages trail (they use what is
+  known after epoch i); the authors' code centres them, so its test runs two measurements late, and
+  it does not test before epoch 10; neither is done here.
 
 :class:`Tracker` keeps the per-epoch history a rule needs; its :meth:`Tracker.state` goes into the
 checkpoint, so a resumed run decides exactly as an uninterrupted one.
@@ -28,7 +31,7 @@ from ..genotype import AnyGenotype, from_dict
 
 logger = logging.getLogger("dartsnas")
 
-EIGEN_WINDOW = 5  # R-DARTS section 4.3: k = 5 epochs
+EIGEN_WINDOW = 5  # R-DARTS section 4 (DARTS-ES): k = 5 epochs
 
 
 @dataclass(frozen=True)
