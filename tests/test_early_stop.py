@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_rnn_engine import Interrupted, interrupt_after
 from torch import nn
 
 from dartsnas.engine import search_cnn, search_rnn
 from dartsnas.errors import UserError
+from dartsnas.search import early_stop
 from dartsnas.search.early_stop import (
     Rule,
     Tracker,
@@ -190,6 +192,29 @@ def test_eigen_stop_writes_the_cell_of_the_epoch_before_and_a_resume_stays_stopp
     assert [m["epoch"] for m in again.metrics] == [1, 2, 3]
     assert json.loads((run_dir / "genotype.json").read_text()) == kept
 
+
+
+def test_eigen_stop_after_a_resume_decides_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    values = iter([1.0, 1.1, 2.0, 9.0])
+    monkeypatch.setattr(search_cnn, "search_eigenvalue", lambda *args, **kw: next(values))
+    cfg = _tiny(tmp_path, hessian_eig_every=1, early_stop="eigen:1.5:1")
+    with pytest.raises(Interrupted):
+        search_cnn.run(cfg, on_epoch_end=interrupt_after(1))
+    result = search_cnn.run(resume=cfg.save)  # the eigenvalue of epoch 1 comes from the checkpoint
+    assert [m["epoch"] for m in result.metrics] == [1, 2, 3]
+    assert "keeping the cell of epoch 2" in result.metrics[-1]["stopped"]
+    kept = json.loads((result.run_dir / "genotypes" / "epoch_002.json").read_text())
+    assert json.loads((result.run_dir / "genotype.json").read_text()) == kept
+
+
+def test_skip_stop_keeps_the_cell_of_the_stopping_epoch(tmp_path, monkeypatch):
+    counts = iter([1, 2, 3])
+    monkeypatch.setattr(early_stop, "normal_skips", lambda genotype: next(counts))
+    result = search_cnn.run(_tiny(tmp_path, early_stop="skip:2"))
+    assert [m["epoch"] for m in result.metrics] == [1, 2]
+    assert "2 skip connections" in result.metrics[-1]["stopped"]
+    last = json.loads((result.run_dir / "genotypes" / "epoch_002.json").read_text())
+    assert json.loads((result.run_dir / "genotype.json").read_text()) == last
 
 def test_the_eigenvalue_leaves_the_cnn_search_unchanged(tmp_path):
     plain = search_cnn.run(_tiny(tmp_path / "a", epochs=1))
