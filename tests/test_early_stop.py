@@ -174,22 +174,23 @@ def _tiny(tmp_path, **kw) -> SearchConfig:
 
 
 def test_eigen_stop_writes_the_cell_of_the_epoch_before_and_a_resume_stays_stopped(tmp_path, monkeypatch):
-    values = iter([1.0, 1.1, 2.0, 9.0])
+    values = iter([1.0, 2.0, 9.0])
     monkeypatch.setattr(search_cnn, "search_eigenvalue", lambda *args, **kw: next(values))
     result = search_cnn.run(_tiny(tmp_path, hessian_eig_every=1, early_stop="eigen:1.5:1"))
     metrics = result.metrics
-    assert [m["epoch"] for m in metrics] == [1, 2, 3]
-    assert [m["hessian_eig"] for m in metrics] == [1.0, 1.1, 2.0]
-    assert "keeping the cell of epoch 2" in metrics[-1]["stopped"]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert [m["hessian_eig"] for m in metrics] == [1.0, 2.0]
+    assert "stopped" not in metrics[0] and "keeping the cell of epoch 1" in metrics[-1]["stopped"]
     run_dir = result.run_dir
-    kept = json.loads((run_dir / "genotypes" / "epoch_002.json").read_text())
+    kept = json.loads((run_dir / "genotypes" / "epoch_001.json").read_text())
+    assert kept != json.loads((run_dir / "genotypes" / "epoch_002.json").read_text())  # the cells differ here
     assert json.loads((run_dir / "genotype.json").read_text()) == kept
     assert result.genotype.to_dict() == kept
-    assert "genotype.json is the cell of epoch 2" in (run_dir / "log.txt").read_text()
+    assert "genotype.json is the cell of epoch 1" in (run_dir / "log.txt").read_text()
     # A resume finds the run stopped and writes the same cell again from its checkpoint.
     (run_dir / "genotype.json").unlink()
     again = search_cnn.run(resume=run_dir)
-    assert [m["epoch"] for m in again.metrics] == [1, 2, 3]
+    assert [m["epoch"] for m in again.metrics] == [1, 2]
     assert json.loads((run_dir / "genotype.json").read_text()) == kept
 
 
