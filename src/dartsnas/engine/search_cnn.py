@@ -25,7 +25,7 @@ from ..ops.cnn import narrow_strided_pointwise
 from ..search.architect import Architect, VirtualStep
 from ..search.cnn import SearchNetwork
 from ..search.early_stop import Tracker, kept_genotype, parse_rule
-from ..search.hessian import search_eigenvalue
+from ..search.hessian import due, search_eigenvalue
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
 from . import common
@@ -234,8 +234,7 @@ class CNNSearch(Job):
     def curvature(self, epoch: int) -> dict[str, float]:
         """Every --hessian_eig_every epochs, the dominant eigenvalue of the alpha Hessian of the
         validation loss (R-DARTS section 4) on the first validation batch, the same every time."""
-        every = self.cfg.hessian_eig_every
-        if not every or (epoch + 1) % every:
+        if not due(self.cfg.hessian_eig_every, epoch):
             return {}
         batch = next(iter(self.eval_stream.batches()))  # in order, unaugmented: no random stream moves
         return {"hessian_eig": search_eigenvalue(self.architect, self.model, batch, self.cfg.seed)}

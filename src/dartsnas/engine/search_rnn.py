@@ -30,7 +30,7 @@ from ..genotype import RecurrentGenotype
 from ..ops.loss import cross_entropy
 from ..search.architect import Architect, VirtualStep
 from ..search.early_stop import Tracker, kept_genotype, parse_rule
-from ..search.hessian import search_eigenvalue
+from ..search.hessian import due, search_eigenvalue
 from ..search.rnn import RNNSearchModel
 from ..settings.search_rnn import RESUMABLE_OVERRIDES, RNNSearchConfig
 from .common import (
@@ -230,8 +230,7 @@ class RNNSearch(Job):
         """Every --hessian_eig_every epochs, the dominant eigenvalue of the alpha Hessian of the
         validation loss (R-DARTS section 4) on the first alpha chunk, with fresh hidden states and
         dropout masks of a fixed seed: the same batch every time, and no random stream moves."""
-        every = self.cfg.hessian_eig_every
-        if not every or (epoch + 1) % every:
+        if not due(self.cfg.hessian_eig_every, epoch):
             return {}
         data, targets = get_batch(self.search_data, 0, self.cfg.bptt)
         batch = TextBatch(data, targets, self.model.init_hidden(data.shape[1]), self.cfg.seed)

@@ -77,6 +77,11 @@ def buffers_kept(module: torch.nn.Module) -> Iterator[None]:
                 b.copy_(saved[name])
 
 
+def due(every: int, epoch: int) -> bool:
+    """Whether ``--hessian_eig_every every`` measures after the (0-based) ``epoch``."""
+    return every > 0 and (epoch + 1) % every == 0
+
+
 def search_eigenvalue(architect: Any, model: torch.nn.Module, batch: Any, seed: int,
                       iterations: int = ITERATIONS) -> float:
     """:func:`dominant_eigenvalue` of ``architect.loss_fn`` on ``batch`` (the search's validation loss)
