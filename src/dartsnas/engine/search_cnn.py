@@ -24,6 +24,8 @@ from ..ops import fastconv
 from ..ops.cnn import narrow_strided_pointwise
 from ..search.architect import Architect, VirtualStep
 from ..search.cnn import SearchNetwork
+from ..search.early_stop import Tracker, kept_genotype, parse_rule
+from ..search.hessian import due, search_eigenvalue
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
 from . import common
@@ -160,11 +162,15 @@ class CNNSearch(Job):
             raise UserError(f"the global batch of {batch} images is larger than the {len(train_idx)} / "
                             f"{len(valid_idx)} images of the weight / alpha split; use a smaller --batch_size or "
                             f"--global_batch keep")
+        rule = parse_rule(cfg.early_stop)
+        self.stopper = Tracker(rule) if rule is not None else None
         if state is not None:
             self.restore(model, state["model"])
             self.w_opt.load_state_dict(state["w_optimizer"])
             self.architect.arch_optimizer.load_state_dict(state["a_optimizer"])  # type: ignore[union-attr]
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.stopper is not None:
+                self.stopper.load_state(state.get("early_stop"))
 
     def describe(self) -> None:
         data, cfg = self.data, self.cfg
@@ -223,7 +229,18 @@ class CNNSearch(Job):
         valid_loss, valid_acc = _evaluate(model, self.eval_stream, self.cfg.eval_batches)
         self.genotype = model.genotype()
         return {"train_loss": loss_m.avg, "train_acc": acc_m.avg, "valid_loss": valid_loss, "valid_acc": valid_acc,
-                "lr": self.lr, "genotype": self.genotype.to_dict()}
+                "lr": self.lr, "genotype": self.genotype.to_dict(), **self.curvature(epoch)}
+
+    def curvature(self, epoch: int) -> dict[str, float]:
+        """Every --hessian_eig_every epochs, the dominant eigenvalue of the alpha Hessian of the
+        validation loss (R-DARTS section 4) on the first validation batch, the same every time."""
+        if not due(self.cfg.hessian_eig_every, epoch):
+            return {}
+        batch = next(iter(self.eval_stream.batches()))  # in order, unaugmented: no random stream moves
+        return {"hessian_eig": search_eigenvalue(self.architect, self.model, batch, self.cfg.seed)}
+
+    def stop_reason(self, epoch: int, record: dict[str, Any]) -> str | None:
+        return None if self.stopper is None else self.stopper.update(epoch, record)
 
     def log_epoch(self, record: dict[str, Any], finished: bool) -> None:
         if not finished:
@@ -236,11 +253,12 @@ class CNNSearch(Job):
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "w_optimizer": self.w_opt.state_dict(),
                 "a_optimizer": self.architect.arch_optimizer.state_dict(),  # type: ignore[union-attr]
-                "scheduler": self.scheduler.state_dict(), "genotype": self.genotype.to_dict()}
+                "scheduler": self.scheduler.state_dict(), "genotype": self.genotype.to_dict(),
+                **({"early_stop": self.stopper.state()} if self.stopper is not None else {})}
 
     def finish(self, resumed_finished: bool) -> SearchResult:
         assert self.rd is not None
-        genotype = self.model.genotype()
+        genotype = kept_genotype(self.model.genotype(), self.stopper)
         if distributed.is_main():
             finish_search(self.rd, genotype, self.cfg.plots and not resumed_finished)
         return SearchResult(self.rd.path, genotype, self.rd.read_metrics())

@@ -29,6 +29,8 @@ from ..data.text import Corpus, batchify, get_batch
 from ..genotype import RecurrentGenotype
 from ..ops.loss import cross_entropy
 from ..search.architect import Architect, VirtualStep
+from ..search.early_stop import Tracker, kept_genotype, parse_rule
+from ..search.hessian import due, search_eigenvalue
 from ..search.rnn import RNNSearchModel
 from ..settings.search_rnn import RESUMABLE_OVERRIDES, RNNSearchConfig
 from .common import (
@@ -149,10 +151,14 @@ class RNNSearch(Job):
         self.model, self.w_opt, self.architect = build_search(cfg, len(corpus), device)
         assert self.architect.arch_optimizer is not None
         self.a_opt = self.architect.arch_optimizer
+        rule = parse_rule(cfg.early_stop)
+        self.stopper = Tracker(rule) if rule is not None else None
         if state is not None:
             self.restore(self.model, state["model"])
             self.w_opt.load_state_dict(state["w_optimizer"])
             self.a_opt.load_state_dict(state["a_optimizer"])
+            if self.stopper is not None:
+                self.stopper.load_state(state.get("early_stop"))
 
     def describe(self) -> None:
         cfg, corpus = self.cfg, self.corpus
@@ -217,7 +223,21 @@ class RNNSearch(Job):
         valid_loss = evaluate_sharded(model, self.val_data, self.cfg.bptt, self.cfg.eval_batches)
         self.genotype = model.genotype()
         return {"train_loss": train_loss, "train_ppl": perplexity(train_loss), "valid_loss": valid_loss,
-                "valid_ppl": perplexity(valid_loss), "lr": self.lr, "genotype": self.genotype.to_dict()}
+                "valid_ppl": perplexity(valid_loss), "lr": self.lr, "genotype": self.genotype.to_dict(),
+                **self.curvature(epoch)}
+
+    def curvature(self, epoch: int) -> dict[str, float]:
+        """Every --hessian_eig_every epochs, the dominant eigenvalue of the alpha Hessian of the
+        validation loss (R-DARTS section 4) on the first alpha chunk, with fresh hidden states and
+        dropout masks of a fixed seed: the same batch every time, and no random stream moves."""
+        if not due(self.cfg.hessian_eig_every, epoch):
+            return {}
+        data, targets = get_batch(self.search_data, 0, self.cfg.bptt)
+        batch = TextBatch(data, targets, self.model.init_hidden(data.shape[1]), self.cfg.seed)
+        return {"hessian_eig": search_eigenvalue(self.architect, self.model, batch, self.cfg.seed)}
+
+    def stop_reason(self, epoch: int, record: dict[str, Any]) -> str | None:
+        return None if self.stopper is None else self.stopper.update(epoch, record)
 
     def log_epoch(self, record: dict[str, Any], finished: bool) -> None:
         if not finished:
@@ -229,11 +249,12 @@ class RNNSearch(Job):
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "w_optimizer": self.w_opt.state_dict(),
-                "a_optimizer": self.a_opt.state_dict(), "genotype": self.genotype.to_dict()}
+                "a_optimizer": self.a_opt.state_dict(), "genotype": self.genotype.to_dict(),
+                **({"early_stop": self.stopper.state()} if self.stopper is not None else {})}
 
     def finish(self, resumed_finished: bool) -> RNNSearchResult:
         assert self.rd is not None
-        genotype = self.model.genotype()
+        genotype = kept_genotype(self.model.genotype(), self.stopper)
         if distributed.is_main():
             finish_search(self.rd, genotype, self.cfg.plots and not resumed_finished)
         return RNNSearchResult(self.rd.path, genotype, self.rd.read_metrics())

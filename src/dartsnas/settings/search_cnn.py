@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import check, option
+from ..search.early_stop import parse_rule
 from .choices import DATASETS
 from .runtime import RunOptions
 
@@ -37,6 +38,15 @@ class SearchConfig(RunOptions):
     hvp_r: float = option(0.01, "finite-difference step: eps = hvp_r / ||v||", group="search")
     hvp_check: bool = option(False, "once per epoch, log the cosine between the finite-difference and the "
                                     "exact Hessian-vector product on one batch", group="search")
+    hessian_eig_every: int = option(0, "every N epochs, record the dominant eigenvalue of the Hessian of the "
+                                       "validation loss in alpha (hessian_eig; R-DARTS), by 20 power iterations on "
+                                       "one fixed validation batch (0: off)", group="search")
+    early_stop: str | None = option(None, "end the search early: skip:N when the normal cell has N or more skip "
+                                          "connections (DARTS+; keeps that cell), or eigen:RATIO[:K] "
+                                          "when the local average of the dominant Hessian eigenvalue "
+                                          "grew more than RATIO-fold over K epochs (R-DARTS; K 5; keeps "
+                                          "the cell of K epochs before; needs --hessian_eig_every 1)",
+                                    group="search")
     grad_clip: float = option(5.0, "gradient-norm clip of the weight step", group="optimisation")
     seed: int = option(2, "random seed", group="optimisation")
     workers: int = option(0, "data-loading worker processes (images are kept in memory and augmented on the "
@@ -76,11 +86,19 @@ class SearchConfig(RunOptions):
         check(self.layers >= 3, f"--layers must be at least 3 (the search network has two reduction cells), "
                                 f"got {self.layers}")
         check(self.nodes >= 2, f"--nodes must be at least 2, got {self.nodes}")
+        check(self.hessian_eig_every >= 0, f"--hessian_eig_every must be >= 0, got {self.hessian_eig_every}")
+        check(not (self.sync_bn and self.hessian_eig_every), "--sync_bn cannot be combined with --hessian_eig_every "
+                                                             "(SyncBatchNorm has no double backward)")
+        rule = parse_rule(self.early_stop)
+        check(rule is None or rule.kind != "eigen" or self.hessian_eig_every == 1,
+              f"--early_stop {self.early_stop} needs the eigenvalue after every epoch: add --hessian_eig_every 1")
         super().validate()
         if self.dataset == "npz":
             check(bool(self.data), "--dataset npz needs --data FILE.npz")
 
 
-# Settings that may differ when a run is resumed: they do not change the mathematics.
+# Settings that may differ when a run is resumed: they do not change the mathematics. The eigenvalue is a
+# diagnostic that leaves the search where it was; --early_stop decides where the run ends, so it may not change.
 RESUMABLE_OVERRIDES = {"device", "channels_last", "checkpoint_cells", "lean_memory", "flip_conv_backward", "workers",
-                       "threads", "max_steps", "tensorboard", "plots", "report_freq", "download", "data", "sync_bn"}
+                       "threads", "max_steps", "tensorboard", "plots", "report_freq", "download", "data", "sync_bn",
+                       "hessian_eig_every"}

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import check, option
+from ..search.early_stop import parse_rule
 from .choices import RNN_STEPS
 from .runtime import RunOptions
 
@@ -40,6 +41,14 @@ class RNNSearchConfig(RunOptions):
     hvp_r: float = option(0.01, "finite-difference step: eps = hvp_r / ||v||", group="search")
     hvp_check: bool = option(False, "once per epoch, log the cosine between the finite-difference and the "
                                     "exact Hessian-vector product on one batch", group="search")
+    hessian_eig_every: int = option(0, "every N epochs, record the dominant eigenvalue of the Hessian of the "
+                                       "validation loss in alpha (hessian_eig; R-DARTS), by 20 power iterations on "
+                                       "one fixed validation batch (0: off)", group="search")
+    early_stop: str | None = option(None, "end the search early: eigen:RATIO[:K] when the local average of the "
+                                          "dominant Hessian eigenvalue grew more than RATIO-fold over K epochs "
+                                          "(R-DARTS; K 5), keeping the cell of K epochs before; needs "
+                                          "--hessian_eig_every 1 (skip:N is for CNN searches)",
+                                    group="search")
     eval_batch_size: int = option(10, "validation batch size", group="evaluation")
     seed: int = option(3, "random seed", group="optimisation")
     sync_bn: bool = option(False, "with several processes on CUDA: the search cell's batch norm over the global "
@@ -68,9 +77,19 @@ class RNNSearchConfig(RunOptions):
             check(0.0 <= value < 1.0, f"--{name} must be in [0, 1), got {value}")
         check(self.beta >= 0 and self.weight_decay >= 0 and self.arch_weight_decay >= 0,
               "--beta, --weight_decay and --arch_weight_decay must be >= 0")
+        check(self.hessian_eig_every >= 0, f"--hessian_eig_every must be >= 0, got {self.hessian_eig_every}")
+        check(not (self.sync_bn and self.hessian_eig_every), "--sync_bn cannot be combined with --hessian_eig_every "
+                                                             "(SyncBatchNorm has no double backward)")
+        rule = parse_rule(self.early_stop)
+        check(rule is None or rule.kind != "skip",
+              f"--early_stop {self.early_stop}: skip:N counts skip connections of a convolutional normal cell; "
+              f"recurrent cells have none, use eigen:RATIO")
+        check(rule is None or rule.kind != "eigen" or self.hessian_eig_every == 1,
+              f"--early_stop {self.early_stop} needs the eigenvalue after every epoch: add --hessian_eig_every 1")
         super().validate()
 
 
-# Settings that may differ when a run is resumed: they do not change the mathematics.
+# Settings that may differ when a run is resumed: they do not change the mathematics. The eigenvalue is a
+# diagnostic that leaves the search where it was; --early_stop decides where the run ends, so it may not change.
 RESUMABLE_OVERRIDES = {"device", "threads", "max_steps", "tensorboard", "plots", "report_freq", "data",
-                       "eval_batches", "sync_bn", "compile"}
+                       "eval_batches", "sync_bn", "compile", "hessian_eig_every"}
