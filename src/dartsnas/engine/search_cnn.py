@@ -22,7 +22,9 @@ from ..errors import UserError
 from ..genotype import Genotype
 from ..ops import fastconv
 from ..ops.cnn import narrow_strided_pointwise
+from ..search.alpha_noise import noise_bound, perturbed_weights
 from ..search.architect import Architect, VirtualStep
+from ..search.beta_decay import beta_decay_loss, beta_decay_weight
 from ..search.cnn import SearchNetwork
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
@@ -108,14 +110,16 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
 
 
 def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step of the weights with alpha held fixed (no alpha gradient is computed)."""
+                grad_clip: float, mixing: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of the weights with alpha held fixed (no alpha gradient is computed); ``mixing``, when
+    given, replaces the network's mixing weights (SDARTS-RS, :mod:`dartsnas.search.alpha_noise`)."""
     alphas = model.arch_parameters()
     for a in alphas:
         a.requires_grad_(False)
     try:
         w_opt.zero_grad(set_to_none=True)
-        logits = model(x)
+        logits = model(x, mixing)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         distributed.average_gradients(model.weight_parameters())  # no-op in a single process
@@ -187,6 +191,7 @@ class CNNSearch(Job):
         self.lr = self.scheduler.get_last_lr()[0]
         logger.info("epoch %d/%d lr %.6g", epoch + 1, self.cfg.epochs, self.lr)
         distributed.seed_rank(self.cfg.seed, epoch)
+        self._set_beta_decay(epoch)
         if self.cfg.hvp_check:
             return _hvp_check(self.architect, self.train_stream, self.alpha_stream, self.cfg.seed, epoch, self.lr)
         return {}
@@ -195,6 +200,9 @@ class CNNSearch(Job):
         cfg = self.cfg
         train_gen = epoch_generator(cfg.seed, epoch, 0)
         alpha_batches = self.alpha_stream.forever(epoch_generator(cfg.seed, epoch, 1))
+        # SDARTS-RS noise: a stream of its own, so that it shifts no batch and a resumed epoch draws it again.
+        noise_gen = epoch_generator(cfg.seed, epoch, 3) if cfg.alpha_noise > 0 else None
+        bound = noise_bound(cfg.alpha_noise, epoch, cfg.epochs)
         self.loss_m, self.acc_m = loss_m, acc_m = AverageMeter(), AverageMeter()
         for i, (x, y) in enumerate(self.train_stream.batches(train_gen)):
             if i >= ctx.total:
@@ -202,12 +210,24 @@ class CNNSearch(Job):
             x_val, y_val = next(alpha_batches)
             # Paper section 2.3 / Alg. 1: update alpha first, then the weights.
             self.architect.step((x, y), (x_val, y_val), self.lr)
-            loss, logits = weight_step(self.model, self.w_opt, x, y, cfg.grad_clip)
+            mixing = None
+            if noise_gen is not None:
+                mixing = (perturbed_weights(self.model.alphas_normal, bound, noise_gen),
+                          perturbed_weights(self.model.alphas_reduce, bound, noise_gen))
+            loss, logits = weight_step(self.model, self.w_opt, x, y, cfg.grad_clip, mixing)
             n = y.shape[0]
             loss_m.update(loss.item(), n)
             acc_m.update(accuracy(logits, y)[0], n)
             ctx.advance(loss_m.avg, acc=acc_m.avg)
         return {}
+
+    def _set_beta_decay(self, epoch: int) -> None:
+        # beta-DARTS: lambda_e * L_Beta joins the alpha objective (search/beta_decay.py); off: plain DARTS.
+        if self.cfg.beta_decay == 0:
+            self.architect.alpha_penalty = None
+            return
+        weight = beta_decay_weight(self.cfg.beta_decay, epoch, self.cfg.epochs)
+        self.architect.alpha_penalty = lambda alphas: weight * beta_decay_loss(alphas)
 
     def end_epoch(self, epoch: int, finished: bool) -> dict[str, Any]:
         model, loss_m, acc_m = self.model, self.loss_m, self.acc_m

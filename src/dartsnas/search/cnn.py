@@ -214,9 +214,14 @@ class SearchNetwork(nn.Module):
     def weight_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_weight_parameters()]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_normal = F.softmax(self.alphas_normal, dim=-1)
-        w_reduce = F.softmax(self.alphas_reduce, dim=-1)
+    def mixing_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixing weights of the normal and the reduction cells: ``softmax(alpha)`` (paper eq. 2)."""
+        return F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
+
+    def forward(self, x: torch.Tensor, mixing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of ``x``; ``mixing`` = (normal, reduce) weights replaces :meth:`mixing_weights` (the
+        perturbed weights of a smoothed weight step, :mod:`.alpha_noise`)."""
+        w_normal, w_reduce = self.mixing_weights() if mixing is None else mixing
         s0 = s1 = self.stem(x)
         # Without a graph there is nothing to keep, hence nothing to save by recomputing.
         recompute = self.checkpoint_cells and torch.is_grad_enabled()

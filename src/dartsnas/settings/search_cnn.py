@@ -37,6 +37,12 @@ class SearchConfig(RunOptions):
     hvp_r: float = option(0.01, "finite-difference step: eps = hvp_r / ||v||", group="search")
     hvp_check: bool = option(False, "once per epoch, log the cosine between the finite-difference and the "
                                     "exact Hessian-vector product on one batch", group="search")
+    beta_decay: float = option(0.0, "beta-DARTS: weight lambda of the Beta-Decay regulariser (mean log-sum-exp of each "
+                                    "edge's alphas) in the alpha objective, growing linearly from 0 to lambda over "
+                                    "the epochs (0: off)", group="search")
+    alpha_noise: float = option(0.0, "SDARTS-RS: the weight step sees softmax(alpha) plus uniform noise in [-eps, eps] "
+                                     "(clipped back to the simplex), eps growing linearly from eps/10 to this value "
+                                     "over the epochs; the paper uses 0.3 (0: off)", group="search")
     grad_clip: float = option(5.0, "gradient-norm clip of the weight step", group="optimisation")
     seed: int = option(2, "random seed", group="optimisation")
     workers: int = option(0, "data-loading worker processes (images are kept in memory and augmented on the "
@@ -67,7 +73,8 @@ class SearchConfig(RunOptions):
         for name in ("learning_rate", "arch_learning_rate", "hvp_r", "grad_clip"):
             value = getattr(self, name)
             check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
-        for name in ("learning_rate_min", "weight_decay", "arch_weight_decay", "momentum"):
+        for name in ("learning_rate_min", "weight_decay", "arch_weight_decay", "momentum", "beta_decay",
+                     "alpha_noise"):
             value = getattr(self, name)
             check(value >= 0 and math.isfinite(value), f"--{name} must be >= 0, got {value}")
         check(self.learning_rate_min <= self.learning_rate,
