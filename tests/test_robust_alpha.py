@@ -198,3 +198,81 @@ def test_bad_values_are_one_line_errors(tiny_images, tmp_path):
         with pytest.raises(UserError, match=f"--{field} must be >= 0"):
             tiny(tiny_images, tmp_path / "bad", **{field: -1.0}).validate()
     assert {"beta_decay", "alpha_noise"}.isdisjoint(search_cnn.RESUMABLE_OVERRIDES)
+
+
+# -- diagnostics ---------------------------------------------------------------------------------
+
+def cell(*edges):
+    return tuple(edges)
+
+
+def test_diagnostics_on_hand_made_genotypes():
+    from dartsnas.genotype import Genotype, RecurrentGenotype
+    from dartsnas.search.diagnostics import cnn_diagnostics, edges_changed, mean_entropy, rnn_diagnostics
+
+    before = Genotype(normal=cell(("skip_connect", 0), ("sep_conv_3x3", 1), ("skip_connect", 0), ("max_pool_3x3", 2)),
+                      normal_concat=(2, 3),
+                      reduce=cell(("avg_pool_3x3", 0), ("max_pool_3x3", 1), ("dil_conv_3x3", 0), ("skip_connect", 1)),
+                      reduce_concat=(2, 3))
+    after = Genotype(normal=cell(("skip_connect", 0), ("sep_conv_3x3", 0), ("sep_conv_5x5", 0), ("max_pool_3x3", 2)),
+                     normal_concat=(2, 3), reduce=before.reduce, reduce_concat=(2, 3))
+    uniform = torch.zeros(5, 8)
+    one_hot = torch.full((5, 8), -1e4)
+    one_hot[:, 3] = 0.0
+    d = cnn_diagnostics(after, before, uniform, one_hot)
+    assert d["skip_normal"] == 1 and d["skip_reduce"] == 1
+    assert d["param_free_normal"] == 2 and d["param_free_reduce"] == 3
+    assert d["entropy_normal"] == pytest.approx(math.log(8)) and d["entropy_reduce"] == pytest.approx(0.0, abs=1e-9)
+    assert d["genotype_changes"] == 2  # an input changed on edge 1, an operation on edge 2
+    assert cnn_diagnostics(before, before, uniform, uniform)["genotype_changes"] == 0
+    # Half the edges uniform over 2 of 4 operations (log 2), half one-hot (0).
+    two = torch.tensor([[0.0, 0.0, -1e4, -1e4], [5e3, 0.0, 0.0, 0.0]])
+    assert mean_entropy(two) == pytest.approx(math.log(2) / 2)
+    with pytest.raises(ValueError):
+        edges_changed(before.normal, before.normal[:2])
+    r0 = RecurrentGenotype(recurrent=cell(("tanh", 0), ("identity", 1), ("relu", 1)), concat=(1, 2, 3))
+    r1 = RecurrentGenotype(recurrent=cell(("tanh", 0), ("identity", 0), ("identity", 1)), concat=(1, 2, 3))
+    rd = rnn_diagnostics(r1, r0, torch.zeros(6, 5))
+    assert rd == {"identity": 2, "entropy": pytest.approx(math.log(5)), "genotype_changes": 2}
+
+
+def test_search_records_diagnostics_and_resume_compares_with_the_checkpoint(tiny_images, tmp_path):
+    kw = {"epochs": 3}
+    full = run(tiny(tiny_images, tmp_path / "full", **kw))
+    keys = {"skip_normal", "skip_reduce", "param_free_normal", "param_free_reduce", "entropy_normal",
+            "entropy_reduce", "genotype_changes"}
+    for m in full.metrics:
+        assert keys <= set(m)
+        assert 0 <= m["skip_normal"] <= m["param_free_normal"] <= 4 and 0 < m["entropy_normal"] <= math.log(8) + 1e-9
+    genotypes = [m["genotype"] for m in full.metrics]
+    for prev, m in zip(genotypes, full.metrics[1:]):
+        changed = sum(a != b for key in ("normal", "reduce") for a, b in zip(prev[key], m["genotype"][key]))
+        assert m["genotype_changes"] == changed
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch, record):
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(tiny(tiny_images, tmp_path / "cut", **kw), on_epoch_end=crash)
+    resumed = run(resume=tmp_path / "cut")
+    drop = {"time"}
+    assert [{k: v for k, v in m.items() if k not in drop} for m in resumed.metrics] == \
+        [{k: v for k, v in m.items() if k not in drop} for m in full.metrics]
+
+
+def test_recurrent_search_records_diagnostics(tiny_corpus, tmp_path):
+    from dartsnas.engine import search_rnn
+    from dartsnas.engine.search_rnn import RNNSearchConfig
+
+    cfg = RNNSearchConfig(data=str(tiny_corpus), save=str(tmp_path / "rnn"), batch_size=8, bptt=10, eval_batches=1,
+                          epochs=2, emsize=8, nhid=8, nhidlast=8, plots=False)
+    metrics = search_rnn.run(cfg).metrics
+    first = metrics[0]
+    assert {"identity", "entropy", "genotype_changes"} <= set(first)
+    assert 0 < first["entropy"] <= math.log(5) + 1e-9
+    changed = sum(a != b for a, b in zip(metrics[0]["genotype"]["recurrent"], metrics[1]["genotype"]["recurrent"]))
+    assert metrics[1]["genotype_changes"] == changed

@@ -19,13 +19,14 @@ from torch.func import functional_call
 from .. import distributed
 from ..data.images import BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
 from ..errors import UserError
-from ..genotype import Genotype
+from ..genotype import Genotype, from_dict
 from ..ops import fastconv
 from ..ops.cnn import narrow_strided_pointwise
 from ..search.alpha_noise import noise_bound, perturbed_weights
 from ..search.architect import Architect, VirtualStep
 from ..search.beta_decay import beta_decay_loss, beta_decay_weight
 from ..search.cnn import SearchNetwork
+from ..search.diagnostics import cnn_diagnostics
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
 from . import common
@@ -169,6 +170,10 @@ class CNNSearch(Job):
             self.w_opt.load_state_dict(state["w_optimizer"])
             self.architect.arch_optimizer.load_state_dict(state["a_optimizer"])  # type: ignore[union-attr]
             self.scheduler.load_state_dict(state["scheduler"])
+        # The genotype each epoch's diagnostics compare with: the checkpoint's after a resume, else the
+        # one the initial alphas derive.
+        stored = state.get("genotype") if state is not None else None
+        self.previous_genotype = from_dict(stored) if stored is not None else model.genotype()
 
     def describe(self) -> None:
         data, cfg = self.data, self.cfg
@@ -242,8 +247,10 @@ class CNNSearch(Job):
             acc_m.count = loss_m.count
         valid_loss, valid_acc = _evaluate(model, self.eval_stream, self.cfg.eval_batches)
         self.genotype = model.genotype()
+        diagnostics = cnn_diagnostics(self.genotype, self.previous_genotype, model.alphas_normal, model.alphas_reduce)
+        self.previous_genotype = self.genotype
         return {"train_loss": loss_m.avg, "train_acc": acc_m.avg, "valid_loss": valid_loss, "valid_acc": valid_acc,
-                "lr": self.lr, "genotype": self.genotype.to_dict()}
+                "lr": self.lr, "genotype": self.genotype.to_dict(), **diagnostics}
 
     def log_epoch(self, record: dict[str, Any], finished: bool) -> None:
         if not finished:

@@ -26,9 +26,10 @@ from torch.func import functional_call
 from .. import distributed
 from ..config import check
 from ..data.text import Corpus, batchify, get_batch
-from ..genotype import RecurrentGenotype
+from ..genotype import RecurrentGenotype, from_dict
 from ..ops.loss import cross_entropy
 from ..search.architect import Architect, VirtualStep
+from ..search.diagnostics import rnn_diagnostics
 from ..search.rnn import RNNSearchModel
 from ..settings.search_rnn import RESUMABLE_OVERRIDES, RNNSearchConfig
 from .common import (
@@ -153,6 +154,10 @@ class RNNSearch(Job):
             self.restore(self.model, state["model"])
             self.w_opt.load_state_dict(state["w_optimizer"])
             self.a_opt.load_state_dict(state["a_optimizer"])
+        # The genotype each epoch's diagnostics compare with: the checkpoint's after a resume, else the
+        # one the initial alphas derive.
+        stored = state.get("genotype") if state is not None else None
+        self.previous_genotype = from_dict(stored) if stored is not None else self.model.genotype()
 
     def describe(self) -> None:
         cfg, corpus = self.cfg, self.corpus
@@ -216,8 +221,10 @@ class RNNSearch(Job):
         train_loss = loss_sum / max(self.n_batches, 1)
         valid_loss = evaluate_sharded(model, self.val_data, self.cfg.bptt, self.cfg.eval_batches)
         self.genotype = model.genotype()
+        diagnostics = rnn_diagnostics(self.genotype, self.previous_genotype, model.alphas)
+        self.previous_genotype = self.genotype
         return {"train_loss": train_loss, "train_ppl": perplexity(train_loss), "valid_loss": valid_loss,
-                "valid_ppl": perplexity(valid_loss), "lr": self.lr, "genotype": self.genotype.to_dict()}
+                "valid_ppl": perplexity(valid_loss), "lr": self.lr, "genotype": self.genotype.to_dict(), **diagnostics}
 
     def log_epoch(self, record: dict[str, Any], finished: bool) -> None:
         if not finished:
