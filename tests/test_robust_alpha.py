@@ -276,3 +276,87 @@ def test_recurrent_search_records_diagnostics(tiny_corpus, tmp_path):
     assert 0 < first["entropy"] <= math.log(5) + 1e-9
     changed = sum(a != b for a, b in zip(metrics[0]["genotype"]["recurrent"], metrics[1]["genotype"]["recurrent"]))
     assert metrics[1]["genotype_changes"] == changed
+
+
+# -- DrNAS ---------------------------------------------------------------------------------------
+
+def test_dirichlet_weights_known_answers():
+    from dartsnas.search.dirichlet import concentration, kl_to_uniform, mean_weights, sample_weights
+
+    alpha = torch.tensor([[0.0, -1.0, 2.0]], dtype=torch.float64)
+    beta = torch.tensor([[1.0, math.exp(-1.0), 3.0]], dtype=torch.float64)  # elu(alpha) + 1
+    torch.testing.assert_close(concentration(alpha), beta)
+    torch.testing.assert_close(mean_weights(alpha), beta / beta.sum())
+    # At alpha = 0 the concentration is the uniform anchor: no divergence.
+    assert kl_to_uniform([torch.zeros(4, 8, dtype=torch.float64)]).item() == pytest.approx(0.0, abs=1e-12)
+    a = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    w1, = sample_weights([a], seed=7)
+    w2, = sample_weights([a], seed=7)
+    assert torch.equal(w1, w2) and (w1 > 0).all()  # a seed gives the same sample again
+    torch.testing.assert_close(w1.sum(-1), torch.ones(5, dtype=torch.float64))
+    state = torch.get_rng_state()
+    sample_weights([a], seed=8)
+    assert torch.equal(state, torch.get_rng_state())  # the global generator is left alone
+    # Pathwise derivative: the sample depends on alpha differentiably.
+    g, = torch.autograd.grad((w1 * torch.arange(8.0, dtype=torch.float64)).sum(), a)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    # The KL anchor: autograd against finite differences in float64.
+    assert torch.autograd.gradcheck(lambda x: kl_to_uniform([x]), (torch.randn(3, 4, dtype=torch.float64,
+                                                                               requires_grad=True),))
+
+
+def test_dirichlet_network_samples_in_training_and_uses_the_mean_otherwise():
+    from dartsnas.search.dirichlet import mean_weights
+
+    torch.manual_seed(0)
+    model = SearchNetwork(C=2, num_classes=3, layers=3, steps=2, multiplier=2, dirichlet=True).double()
+    with torch.no_grad():
+        model.alphas_normal.normal_()
+    model.eval()
+    wn, _ = model.mixing_weights()
+    torch.testing.assert_close(wn, mean_weights(model.alphas_normal))
+    assert model.arch_weights()["normal"] == mean_weights(model.alphas_normal.float()).tolist()
+    model.train()
+    model.dirichlet_seed = 3
+    a, b = model.mixing_weights(), model.mixing_weights()
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[0], wn)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.equal(model(x), model(x))  # one seed: the same sample in every loss of an alpha step
+    plain = SearchNetwork(C=2, num_classes=3, layers=3, steps=2, multiplier=2).double()
+    assert torch.equal(plain.mixing_weights()[0], F.softmax(plain.alphas_normal, dim=-1))
+
+
+@pytest.mark.parametrize("unrolled,hvp", [(False, "fd"), (True, "fd"), (True, "exact")])
+def test_dirichlet_search_runs_first_and_second_order(tiny_images, tmp_path, unrolled, hvp):
+    result = run(tiny(tiny_images, tmp_path / "dr", epochs=1, max_steps=2, unrolled=unrolled, hvp=hvp,
+                      dirichlet=True, dirichlet_kl=0.01))
+    alphas = final_alphas(result.run_dir)
+    assert all(torch.isfinite(a).all() for a in alphas.values())
+    assert "dirichlet: true" in (result.run_dir / "config.yaml").read_text()
+
+
+def test_dirichlet_resume_matches_an_uninterrupted_run(tiny_images, tmp_path):
+    kw = {"epochs": 3, "dirichlet": True, "dirichlet_kl": 0.01}
+    full = run(tiny(tiny_images, tmp_path / "full", **kw))
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch, record):
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(tiny(tiny_images, tmp_path / "cut", **kw), on_epoch_end=crash)
+    resumed = run(resume=tmp_path / "cut")
+    a, b = final_alphas(tmp_path / "full"), final_alphas(tmp_path / "cut")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed.genotype == full.genotype
+
+
+def test_dirichlet_option_errors(tiny_images, tmp_path):
+    with pytest.raises(UserError, match="--dirichlet_kl needs --dirichlet"):
+        tiny(tiny_images, tmp_path / "x", dirichlet_kl=0.1).validate()
+    with pytest.raises(UserError, match="use one of them"):
+        tiny(tiny_images, tmp_path / "x", dirichlet=True, alpha_noise=0.3).validate()

@@ -27,6 +27,7 @@ from ..search.architect import Architect, VirtualStep
 from ..search.beta_decay import beta_decay_loss, beta_decay_weight
 from ..search.cnn import SearchNetwork
 from ..search.diagnostics import cnn_diagnostics
+from ..search.dirichlet import kl_to_uniform
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
 from . import common
@@ -83,7 +84,7 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
     """The search network, its two optimisers (paper section 3.1.1) and the architect."""
     model = SearchNetwork(cfg.init_channels, data.num_classes, cfg.layers, steps=cfg.nodes, multiplier=cfg.nodes,
                           in_channels=data.in_channels, lean_memory=cfg.lean_memory,
-                          checkpoint_cells=cfg.checkpoint_cells).to(device=device, dtype=dtype)
+                          checkpoint_cells=cfg.checkpoint_cells, dirichlet=cfg.dirichlet).to(device=device, dtype=dtype)
     if cfg.flip_conv_backward:
         fastconv.use_flipped_backward(model)
     model = distributed.convert_sync_bn(model, cfg.sync_bn)
@@ -196,7 +197,7 @@ class CNNSearch(Job):
         self.lr = self.scheduler.get_last_lr()[0]
         logger.info("epoch %d/%d lr %.6g", epoch + 1, self.cfg.epochs, self.lr)
         distributed.seed_rank(self.cfg.seed, epoch)
-        self._set_beta_decay(epoch)
+        self._set_alpha_penalty(epoch)
         if self.cfg.hvp_check:
             return _hvp_check(self.architect, self.train_stream, self.alpha_stream, self.cfg.seed, epoch, self.lr)
         return {}
@@ -208,13 +209,20 @@ class CNNSearch(Job):
         # SDARTS-RS noise: a stream of its own, so that it shifts no batch and a resumed epoch draws it again.
         noise_gen = epoch_generator(cfg.seed, epoch, 3) if cfg.alpha_noise > 0 else None
         bound = noise_bound(cfg.alpha_noise, epoch, cfg.epochs)
+        # DrNAS samples: two seeds per step (the alpha step's, shared by all its losses, and the weight step's).
+        sample_gen = epoch_generator(cfg.seed, epoch, 4) if cfg.dirichlet else None
         self.loss_m, self.acc_m = loss_m, acc_m = AverageMeter(), AverageMeter()
         for i, (x, y) in enumerate(self.train_stream.batches(train_gen)):
             if i >= ctx.total:
                 break
             x_val, y_val = next(alpha_batches)
+            if sample_gen is not None:
+                alpha_seed, weight_seed = torch.randint(2**62, (2,), generator=sample_gen).tolist()
+                self.model.dirichlet_seed = alpha_seed
             # Paper section 2.3 / Alg. 1: update alpha first, then the weights.
             self.architect.step((x, y), (x_val, y_val), self.lr)
+            if sample_gen is not None:
+                self.model.dirichlet_seed = weight_seed
             mixing = None
             if noise_gen is not None:
                 mixing = (perturbed_weights(self.model.alphas_normal, bound, noise_gen),
@@ -224,15 +232,20 @@ class CNNSearch(Job):
             loss_m.update(loss.item(), n)
             acc_m.update(accuracy(logits, y)[0], n)
             ctx.advance(loss_m.avg, acc=acc_m.avg)
+        self.model.dirichlet_seed = None
         return {}
 
-    def _set_beta_decay(self, epoch: int) -> None:
-        # beta-DARTS: lambda_e * L_Beta joins the alpha objective (search/beta_decay.py); off: plain DARTS.
-        if self.cfg.beta_decay == 0:
-            self.architect.alpha_penalty = None
-            return
-        weight = beta_decay_weight(self.cfg.beta_decay, epoch, self.cfg.epochs)
-        self.architect.alpha_penalty = lambda alphas: weight * beta_decay_loss(alphas)
+    def _set_alpha_penalty(self, epoch: int) -> None:
+        # Terms of the alpha objective on alpha alone: beta-DARTS' lambda_e * L_Beta (search/beta_decay.py)
+        # and DrNAS' KL anchor (search/dirichlet.py). None of them: plain DARTS.
+        cfg = self.cfg
+        terms = []
+        if cfg.beta_decay > 0:
+            beta_weight = beta_decay_weight(cfg.beta_decay, epoch, cfg.epochs)
+            terms.append(lambda alphas: beta_weight * beta_decay_loss(alphas))
+        if cfg.dirichlet_kl > 0:
+            terms.append(lambda alphas: cfg.dirichlet_kl * kl_to_uniform(alphas))
+        self.architect.alpha_penalty = (lambda alphas: sum(t(alphas) for t in terms)) if terms else None
 
     def end_epoch(self, epoch: int, finished: bool) -> dict[str, Any]:
         model, loss_m, acc_m = self.model, self.loss_m, self.acc_m
