@@ -1,8 +1,8 @@
 """Random smoothing of the mixing weights in the weight step (SDARTS-RS: Chen & Hsieh, ICML 2020,
 "Stabilizing Differentiable Architecture Search via Perturbation-based Regularization").
 
-SDARTS-RS trains the weights for a neighbourhood of the architecture instead of one point
-(section 4.1, the random-smoothing objective):
+SDARTS-RS trains the weights for a neighbourhood of the architecture instead of one point (the
+paper's "Proposed method" section, the random-smoothing objective, SDARTS-RS):
 
     min_alpha L_val(w*(alpha), alpha),   w*(alpha) = argmin_w E_{delta ~ U[-eps, eps]} L_train(w, A + delta).
 
@@ -12,8 +12,8 @@ simplex: clamp to [0, 1] and divide by the row sum; a row that clamps to all zer
 at its noisy maximum). One sample per weight step; the alpha step sees the clean alphas.
 
 The noise bound grows linearly over the search, from a tenth of ``eps`` to ``eps``:
-``eps_e = eps * (0.1 + 0.9 * e / E)``, which is the authors' schedule 0.03 -> 0.3 for their
-``eps = 0.3`` (section 5, experimental settings).
+``eps_e = eps * (0.1 + 0.9 * e / E)``, which is the authors' schedule 0.03 -> 0.3 for their default
+``eps = 0.3`` (their search script: ``0.03 + (eps - 0.03) * epoch / epochs``).
 """
 
 from __future__ import annotations

@@ -7,13 +7,15 @@ log-sum-exp of its alphas (the smooth maximum, whose gradient is the edge's soft
     L_Beta = mean over edges (i, j) of  log sum_k exp(alpha_k^(i,j)),
     min_alpha  L_val(w*(alpha), alpha) + lambda_e * L_Beta,
 
-(beta-DARTS section 3, "Beta-Decay regularization": the regulariser and the regularised objective).
+(beta-DARTS, the "Beta-Decay regularization" method section: the regulariser, written on the alphas
+as a log-sum-exp, and the regularised alpha objective; the authors' code computes it as
+``mean(logsumexp(alpha, dim=-1))``).
 Its gradient ``softmax(alpha) / n_edges`` pushes the larger alphas down harder than the smaller ones,
 which keeps the activated weights (and their variance) from growing: the "decay".
 
 The weight grows linearly over the search, ``lambda_e = lambda * e / E`` for epoch ``e = 0 .. E-1``
-(beta-DARTS section 4, implementation details; the authors' code sets ``0 + 50 * epoch / 100``): 0 in
-the first epoch, ``lambda * (E - 1) / E`` in the last.
+(the paper's linearly increasing regularisation weight; the authors' code sets ``0 + 50 * epoch / 100``
+for 50 epochs): 0 in the first epoch, ``lambda * (E - 1) / E`` in the last.
 
 The penalty depends on alpha only, so it adds the same term to the first- and the second-order alpha
 gradient (DARTS eq. 7): it does not enter the virtual weight step.

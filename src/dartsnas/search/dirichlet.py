@@ -1,7 +1,7 @@
 """Dirichlet mixing weights (DrNAS: Chen et al., ICLR 2021, "DrNAS: Dirichlet Neural Architecture Search").
 
 DrNAS treats each edge's mixing weights as a random variable, ``theta ~ Dir(beta)``, and learns the
-concentration ``beta`` (section 3.1, the distribution-learning objective):
+concentration ``beta`` (the paper's method section: the distribution-learning objective):
 
     min_beta  E_{theta ~ Dir(beta)} [ L_val(w*, theta) ] + lambda * d(beta, beta_hat),
     w* = argmin_w E_{theta ~ Dir(beta)} [ L_train(w, theta) ].
@@ -9,9 +9,10 @@ concentration ``beta`` (section 3.1, the distribution-learning objective):
 * ``beta = elu(alpha) + 1`` keeps the concentration positive (the authors' code, DARTS-space
   ``model_search.py``: ``F.elu(alpha) + 1``);
 * the expectation is estimated with one sample per step, differentiated by the pathwise
-  (reparameterised) derivative of the Dirichlet (section 3.1; ``torch.distributions.Dirichlet.rsample``);
+  (reparameterised) derivative of the Dirichlet (the paper's "pathwise derivative estimator";
+  ``torch.distributions.Dirichlet.rsample``);
 * the anchor regulariser ``d`` pulls ``beta`` towards ``beta_hat = 1`` (the uniform Dirichlet): here
-  the KL divergence ``sum_edges KL(Dir(beta) || Dir(1))`` (section 3.1, "the KL divergence"); the
+  the KL divergence ``sum_edges KL(Dir(beta) || Dir(1))`` (the authors' ``reg_type='kl'``); the
   paper's other choice, an L2 penalty (its DARTS-space setting, 1e-3), is Adam's weight decay of alpha,
   ``--arch_weight_decay`` (1e-3 by default);
 * outside training (evaluation, derivation of the cell) the weights are the Dirichlet mean

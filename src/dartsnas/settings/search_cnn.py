@@ -38,8 +38,8 @@ class SearchConfig(RunOptions):
     hvp_check: bool = option(False, "once per epoch, log the cosine between the finite-difference and the "
                                     "exact Hessian-vector product on one batch", group="search")
     beta_decay: float = option(0.0, "beta-DARTS: weight lambda of the Beta-Decay regulariser (mean log-sum-exp of each "
-                                    "edge's alphas) in the alpha objective, growing linearly from 0 to lambda over "
-                                    "the epochs (0: off)", group="search")
+                                    "edge's alphas) in the alpha objective, growing linearly over the epochs: lambda * "
+                                    "epoch / epochs, 0 in the first (0: off)", group="search")
     alpha_noise: float = option(0.0, "SDARTS-RS: the weight step sees softmax(alpha) plus uniform noise in [-eps, eps] "
                                      "(clipped back to the simplex), eps growing linearly from eps/10 to this value "
                                      "over the epochs; the paper uses 0.3 (0: off)", group="search")
