@@ -42,9 +42,11 @@ def final_alphas(save: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.items() if k.startswith("alphas_")}
 
 
-def tiny_architect(unrolled: bool, hvp: str) -> tuple[Architect, tuple, tuple]:
+def tiny_architect(unrolled: bool, hvp: str, dirichlet: bool = False) -> tuple[Architect, tuple, tuple]:
     torch.manual_seed(0)
-    model = SearchNetwork(C=2, num_classes=3, layers=3, steps=2, multiplier=2, lean_memory=False).double()
+    model = SearchNetwork(C=2, num_classes=3, layers=3, steps=2, multiplier=2, lean_memory=False,
+                          dirichlet=dirichlet).double()
+    model.dirichlet_seed = 11
     with torch.no_grad():
         model.alphas_normal.normal_()
         model.alphas_reduce.normal_()
@@ -326,12 +328,25 @@ def test_dirichlet_network_samples_in_training_and_uses_the_mean_otherwise():
     assert torch.equal(plain.mixing_weights()[0], F.softmax(plain.alphas_normal, dim=-1))
 
 
+def test_dirichlet_losses_of_one_step_share_the_sample():
+    # Every loss of the alpha step sees the same theta, so the finite-difference Hessian-vector product
+    # (DARTS eq. 8) differentiates L_train(w, theta(alpha)) and agrees with the exact one.
+    arch, batch, _ = tiny_architect(True, "fd", dirichlet=True)
+    gen = torch.Generator().manual_seed(2)
+    v = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in arch.weights]
+    # A small step keeps both sides of the difference between the same ReLU and max-pool kinks.
+    fd, exact = arch.hvp_fd(v, batch, r=1e-6), arch.hvp_exact(v, batch)
+    for a, b in zip(fd, exact):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("unrolled,hvp", [(False, "fd"), (True, "fd"), (True, "exact")])
 def test_dirichlet_search_runs_first_and_second_order(tiny_images, tmp_path, unrolled, hvp):
     result = run(tiny(tiny_images, tmp_path / "dr", epochs=1, max_steps=2, unrolled=unrolled, hvp=hvp,
-                      dirichlet=True, dirichlet_kl=0.01))
+                      dirichlet=True, dirichlet_kl=0.01, hvp_check=unrolled))
     alphas = final_alphas(result.run_dir)
     assert all(torch.isfinite(a).all() for a in alphas.values())
+    assert ("hvp_cosine" in result.metrics[0]) == unrolled
     assert "dirichlet: true" in (result.run_dir / "config.yaml").read_text()
 
 

@@ -199,7 +199,13 @@ class CNNSearch(Job):
         distributed.seed_rank(self.cfg.seed, epoch)
         self._set_alpha_penalty(epoch)
         if self.cfg.hvp_check:
-            return _hvp_check(self.architect, self.train_stream, self.alpha_stream, self.cfg.seed, epoch, self.lr)
+            # DrNAS: one sample for all the losses of the check, from a stream of its own.
+            if self.cfg.dirichlet:
+                self.model.dirichlet_seed = int(torch.randint(2**62, (1,), generator=epoch_generator(self.cfg.seed,
+                                                                                                       epoch, 5)))
+            stats = _hvp_check(self.architect, self.train_stream, self.alpha_stream, self.cfg.seed, epoch, self.lr)
+            self.model.dirichlet_seed = None
+            return stats
         return {}
 
     def train_epoch(self, epoch: int, ctx: EpochContext) -> dict[str, Any]:
