@@ -119,7 +119,8 @@ class Architect:
         self.virtual = virtual
         self.reduce = reduce
         # An extra term of the alpha objective that depends on alpha alone (beta-DARTS' Beta-Decay,
-        # search/beta_decay.py): its gradient is added to the first- or second-order gradient.
+        # search/beta_decay.py; DrNAS' KL anchor, search/dirichlet.py): its gradient is added to the
+        # first- or second-order gradient (it does not enter the virtual weight step).
         self.alpha_penalty: Callable[[list[Tensor]], Tensor] | None = None
 
     # -- helpers -------------------------------------------------------------------------------

@@ -226,8 +226,9 @@ class SearchNetwork(nn.Module):
             return F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
         if self.training:
             w_normal, w_reduce = drnas.sample_weights([self.alphas_normal, self.alphas_reduce], self.dirichlet_seed)
-            return w_normal, w_reduce
-        return drnas.mean_weights(self.alphas_normal), drnas.mean_weights(self.alphas_reduce)
+        else:
+            w_normal, w_reduce = drnas.mean_weights(self.alphas_normal), drnas.mean_weights(self.alphas_reduce)
+        return w_normal, w_reduce
 
     def forward(self, x: torch.Tensor, mixing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits of ``x``; ``mixing`` = (normal, reduce) weights replaces :meth:`mixing_weights` (the
