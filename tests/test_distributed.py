@@ -145,6 +145,30 @@ def test_two_process_cnn_search_keeps_ranks_identical(small_npz: Path, tmp_path:
         assert "disagree on a test value" in message and "\n" not in message
 
 
+def _search_cnn_robust(rank: int, tmp: Path, data: str) -> None:
+    # beta-DARTS with SDARTS-RS noise, then DrNAS: the seeded noise and samples must be the same in every
+    # process (the engine stops with one error when the alphas or genotypes disagree after an epoch).
+    from dartsnas.engine import search_cnn
+
+    for name, options in (("rs", {"alpha_noise": 0.3, "beta_decay": 2.0}), ("dr", {"dirichlet": True,
+                                                                                    "dirichlet_kl": 0.01})):
+        box: dict = {}
+        _capture(search_cnn, "build_search", box)
+        cfg = search_cnn.SearchConfig(data=data, save=str(tmp / name), init_channels=2, layers=3, batch_size=6,
+                                      epochs=2, max_steps=3, plots=False, seed=5, **options)
+        search_cnn.run(cfg)
+        torch.save(_parameters(box["model"]), tmp / f"{name}{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_process_robust_search_options_keep_ranks_identical(small_npz: Path, tmp_path: Path):
+    spawn("_search_cnn_robust", tmp_path, str(small_npz))
+    for name in ("rs", "dr"):
+        a, b = (torch.load(tmp_path / f"{name}{r}.pt", weights_only=True) for r in range(WORLD))
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+
+
 def _search_rnn(rank: int, tmp: Path, corpus: str) -> None:
     from dartsnas.engine import search_rnn
 

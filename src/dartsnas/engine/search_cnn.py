@@ -19,11 +19,15 @@ from torch.func import functional_call
 from .. import distributed
 from ..data.images import BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
 from ..errors import UserError
-from ..genotype import Genotype
+from ..genotype import Genotype, from_dict
 from ..ops import fastconv
 from ..ops.cnn import narrow_strided_pointwise
+from ..search.alpha_noise import noise_bound, perturbed_weights
 from ..search.architect import Architect, VirtualStep
+from ..search.beta_decay import beta_decay_loss, beta_decay_weight
 from ..search.cnn import SearchNetwork
+from ..search.diagnostics import cnn_diagnostics
+from ..search.dirichlet import kl_to_uniform
 from ..search.early_stop import Tracker, kept_genotype, parse_rule
 from ..search.hessian import due, search_eigenvalue
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
@@ -82,7 +86,7 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
     """The search network, its two optimisers (paper section 3.1.1) and the architect."""
     model = SearchNetwork(cfg.init_channels, data.num_classes, cfg.layers, steps=cfg.nodes, multiplier=cfg.nodes,
                           in_channels=data.in_channels, lean_memory=cfg.lean_memory,
-                          checkpoint_cells=cfg.checkpoint_cells).to(device=device, dtype=dtype)
+                          checkpoint_cells=cfg.checkpoint_cells, dirichlet=cfg.dirichlet).to(device=device, dtype=dtype)
     if cfg.flip_conv_backward:
         fastconv.use_flipped_backward(model)
     model = distributed.convert_sync_bn(model, cfg.sync_bn)
@@ -110,14 +114,16 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
 
 
 def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step of the weights with alpha held fixed (no alpha gradient is computed)."""
+                grad_clip: float, mixing: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of the weights with alpha held fixed (no alpha gradient is computed); ``mixing``, when
+    given, replaces the network's mixing weights (SDARTS-RS, :mod:`dartsnas.search.alpha_noise`)."""
     alphas = model.arch_parameters()
     for a in alphas:
         a.requires_grad_(False)
     try:
         w_opt.zero_grad(set_to_none=True)
-        logits = model(x)
+        logits = model(x, mixing)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         distributed.average_gradients(model.weight_parameters())  # no-op in a single process
@@ -171,6 +177,10 @@ class CNNSearch(Job):
             self.scheduler.load_state_dict(state["scheduler"])
             if self.stopper is not None:
                 self.stopper.load_state(state.get("early_stop"))
+        # The genotype each epoch's diagnostics compare with: the checkpoint's after a resume, else the
+        # one the initial alphas derive.
+        stored = state.get("genotype") if state is not None else None
+        self.previous_genotype = from_dict(stored) if stored is not None else model.genotype()
 
     def describe(self) -> None:
         data, cfg = self.data, self.cfg
@@ -193,27 +203,61 @@ class CNNSearch(Job):
         self.lr = self.scheduler.get_last_lr()[0]
         logger.info("epoch %d/%d lr %.6g", epoch + 1, self.cfg.epochs, self.lr)
         distributed.seed_rank(self.cfg.seed, epoch)
+        self._set_alpha_penalty(epoch)
         if self.cfg.hvp_check:
-            return _hvp_check(self.architect, self.train_stream, self.alpha_stream, self.cfg.seed, epoch, self.lr)
+            # DrNAS: one sample for all the losses of the check, from a stream of its own.
+            if self.cfg.dirichlet:
+                self.model.dirichlet_seed = int(torch.randint(2**62, (1,), generator=epoch_generator(self.cfg.seed,
+                                                                                                       epoch, 5)))
+            stats = _hvp_check(self.architect, self.train_stream, self.alpha_stream, self.cfg.seed, epoch, self.lr)
+            self.model.dirichlet_seed = None
+            return stats
         return {}
 
     def train_epoch(self, epoch: int, ctx: EpochContext) -> dict[str, Any]:
         cfg = self.cfg
         train_gen = epoch_generator(cfg.seed, epoch, 0)
         alpha_batches = self.alpha_stream.forever(epoch_generator(cfg.seed, epoch, 1))
+        # SDARTS-RS noise: a stream of its own, so that it shifts no batch and a resumed epoch draws it again.
+        noise_gen = epoch_generator(cfg.seed, epoch, 3) if cfg.alpha_noise > 0 else None
+        bound = noise_bound(cfg.alpha_noise, epoch, cfg.epochs)
+        # DrNAS samples: two seeds per step (the alpha step's, shared by all its losses, and the weight step's).
+        sample_gen = epoch_generator(cfg.seed, epoch, 4) if cfg.dirichlet else None
         self.loss_m, self.acc_m = loss_m, acc_m = AverageMeter(), AverageMeter()
         for i, (x, y) in enumerate(self.train_stream.batches(train_gen)):
             if i >= ctx.total:
                 break
             x_val, y_val = next(alpha_batches)
+            if sample_gen is not None:
+                alpha_seed, weight_seed = torch.randint(2**62, (2,), generator=sample_gen).tolist()
+                self.model.dirichlet_seed = alpha_seed
             # Paper section 2.3 / Alg. 1: update alpha first, then the weights.
             self.architect.step((x, y), (x_val, y_val), self.lr)
-            loss, logits = weight_step(self.model, self.w_opt, x, y, cfg.grad_clip)
+            if sample_gen is not None:
+                self.model.dirichlet_seed = weight_seed
+            mixing = None
+            if noise_gen is not None:
+                mixing = (perturbed_weights(self.model.alphas_normal, bound, noise_gen),
+                          perturbed_weights(self.model.alphas_reduce, bound, noise_gen))
+            loss, logits = weight_step(self.model, self.w_opt, x, y, cfg.grad_clip, mixing)
             n = y.shape[0]
             loss_m.update(loss.item(), n)
             acc_m.update(accuracy(logits, y)[0], n)
             ctx.advance(loss_m.avg, acc=acc_m.avg)
+        self.model.dirichlet_seed = None
         return {}
+
+    def _set_alpha_penalty(self, epoch: int) -> None:
+        # Terms of the alpha objective on alpha alone: beta-DARTS' lambda_e * L_Beta (search/beta_decay.py)
+        # and DrNAS' KL anchor (search/dirichlet.py). None of them: plain DARTS.
+        cfg = self.cfg
+        terms = []
+        if cfg.beta_decay > 0:
+            beta_weight = beta_decay_weight(cfg.beta_decay, epoch, cfg.epochs)
+            terms.append(lambda alphas: beta_weight * beta_decay_loss(alphas))
+        if cfg.dirichlet_kl > 0:
+            terms.append(lambda alphas: cfg.dirichlet_kl * kl_to_uniform(alphas))
+        self.architect.alpha_penalty = (lambda alphas: sum(t(alphas) for t in terms)) if terms else None
 
     def end_epoch(self, epoch: int, finished: bool) -> dict[str, Any]:
         model, loss_m, acc_m = self.model, self.loss_m, self.acc_m
@@ -228,8 +272,10 @@ class CNNSearch(Job):
             acc_m.count = loss_m.count
         valid_loss, valid_acc = _evaluate(model, self.eval_stream, self.cfg.eval_batches)
         self.genotype = model.genotype()
+        diagnostics = cnn_diagnostics(self.genotype, self.previous_genotype, model.alphas_normal, model.alphas_reduce)
+        self.previous_genotype = self.genotype
         return {"train_loss": loss_m.avg, "train_acc": acc_m.avg, "valid_loss": valid_loss, "valid_acc": valid_acc,
-                "lr": self.lr, "genotype": self.genotype.to_dict(), **self.curvature(epoch)}
+                "lr": self.lr, "genotype": self.genotype.to_dict(), **diagnostics, **self.curvature(epoch)}
 
     def curvature(self, epoch: int) -> dict[str, float]:
         """Every --hessian_eig_every epochs, the dominant eigenvalue of the alpha Hessian of the

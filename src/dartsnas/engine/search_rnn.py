@@ -26,9 +26,10 @@ from torch.func import functional_call
 from .. import distributed
 from ..config import check
 from ..data.text import Corpus, batchify, get_batch
-from ..genotype import RecurrentGenotype
+from ..genotype import RecurrentGenotype, from_dict
 from ..ops.loss import cross_entropy
 from ..search.architect import Architect, VirtualStep
+from ..search.diagnostics import rnn_diagnostics
 from ..search.early_stop import Tracker, kept_genotype, parse_rule
 from ..search.hessian import due, search_eigenvalue
 from ..search.rnn import RNNSearchModel
@@ -159,6 +160,10 @@ class RNNSearch(Job):
             self.a_opt.load_state_dict(state["a_optimizer"])
             if self.stopper is not None:
                 self.stopper.load_state(state.get("early_stop"))
+        # The genotype each epoch's diagnostics compare with: the checkpoint's after a resume, else the
+        # one the initial alphas derive.
+        stored = state.get("genotype") if state is not None else None
+        self.previous_genotype = from_dict(stored) if stored is not None else self.model.genotype()
 
     def describe(self) -> None:
         cfg, corpus = self.cfg, self.corpus
@@ -222,9 +227,11 @@ class RNNSearch(Job):
         train_loss = loss_sum / max(self.n_batches, 1)
         valid_loss = evaluate_sharded(model, self.val_data, self.cfg.bptt, self.cfg.eval_batches)
         self.genotype = model.genotype()
+        diagnostics = rnn_diagnostics(self.genotype, self.previous_genotype, model.alphas)
+        self.previous_genotype = self.genotype
         return {"train_loss": train_loss, "train_ppl": perplexity(train_loss), "valid_loss": valid_loss,
                 "valid_ppl": perplexity(valid_loss), "lr": self.lr, "genotype": self.genotype.to_dict(),
-                **self.curvature(epoch)}
+                **diagnostics, **self.curvature(epoch)}
 
     def curvature(self, epoch: int) -> dict[str, float]:
         """Every --hessian_eig_every epochs, the dominant eigenvalue of the alpha Hessian of the

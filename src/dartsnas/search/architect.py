@@ -118,6 +118,10 @@ class Architect:
         self.hvp_r = hvp_r
         self.virtual = virtual
         self.reduce = reduce
+        # An extra term of the alpha objective that depends on alpha alone (beta-DARTS' Beta-Decay,
+        # search/beta_decay.py; DrNAS' KL anchor, search/dirichlet.py): its gradient is added to the
+        # first- or second-order gradient (it does not enter the virtual weight step).
+        self.alpha_penalty: Callable[[list[Tensor]], Tensor] | None = None
 
     # -- helpers -------------------------------------------------------------------------------
     def _params(self, weights: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
@@ -221,10 +225,20 @@ class Architect:
         }
 
     # -- the step ------------------------------------------------------------------------------
+    def penalty_grad(self) -> list[Tensor]:
+        """``grad_alpha`` of :attr:`alpha_penalty` (the same on every process: no reduction)."""
+        assert self.alpha_penalty is not None
+        with torch.enable_grad():
+            return _grads(self.alpha_penalty(self.alphas), self.alphas)
+
     def grad(self, train_batch: Any, valid_batch: Any, lr: float) -> list[Tensor]:
         if self.unrolled:
-            return self.unrolled_grad(train_batch, valid_batch, lr)
-        return self.first_order_grad(valid_batch)
+            grads = self.unrolled_grad(train_batch, valid_batch, lr)
+        else:
+            grads = self.first_order_grad(valid_batch)
+        if self.alpha_penalty is not None:
+            grads = [g + p for g, p in zip(grads, self.penalty_grad())]
+        return grads
 
     def step(self, train_batch: Any, valid_batch: Any, lr: float) -> None:
         """One alpha update; leaves every weight's ``.grad`` untouched."""

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..genotype import CNN_PRIMITIVES, Genotype, derive_cnn_cell
 from ..ops import lean
 from ..ops.cnn import OPS, FactorizedReduce, ReLUConvBN, forward_after_relu, starts_with_relu
+from . import dirichlet as drnas
 
 
 class MixedOp(nn.Module):
@@ -172,7 +173,7 @@ class SearchNetwork(nn.Module):
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, steps: int = 4, multiplier: int = 4,
                  stem_multiplier: int = 3, in_channels: int = 3, primitives: Sequence[str] = CNN_PRIMITIVES,
-                 lean_memory: bool = True, checkpoint_cells: bool = False):
+                 lean_memory: bool = True, checkpoint_cells: bool = False, dirichlet: bool = False):
         super().__init__()
         if layers < 3:
             raise ValueError(f"the search network needs at least 3 cells (two of them reduction cells), got {layers}")
@@ -182,6 +183,10 @@ class SearchNetwork(nn.Module):
         # Keep only each cell's inputs during the forward and recompute its activations in the
         # backward (see _checkpointed_cell): much less memory, a slower step, the same numbers.
         self.checkpoint_cells = checkpoint_cells
+        # DrNAS (search/dirichlet.py): Dirichlet mixing weights instead of softmax; a sample in training
+        # (from ``dirichlet_seed`` when set), the mean otherwise.
+        self.dirichlet = dirichlet
+        self.dirichlet_seed: int | None = None
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
@@ -214,9 +219,21 @@ class SearchNetwork(nn.Module):
     def weight_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_weight_parameters()]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_normal = F.softmax(self.alphas_normal, dim=-1)
-        w_reduce = F.softmax(self.alphas_reduce, dim=-1)
+    def mixing_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixing weights of the normal and the reduction cells: ``softmax(alpha)`` (paper eq. 2), or
+        with ``dirichlet`` a sample of ``Dir(elu(alpha) + 1)`` in training and its mean otherwise."""
+        if not self.dirichlet:
+            return F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
+        if self.training:
+            w_normal, w_reduce = drnas.sample_weights([self.alphas_normal, self.alphas_reduce], self.dirichlet_seed)
+        else:
+            w_normal, w_reduce = drnas.mean_weights(self.alphas_normal), drnas.mean_weights(self.alphas_reduce)
+        return w_normal, w_reduce
+
+    def forward(self, x: torch.Tensor, mixing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of ``x``; ``mixing`` = (normal, reduce) weights replaces :meth:`mixing_weights` (the
+        perturbed weights of a smoothed weight step, :mod:`.alpha_noise`)."""
+        w_normal, w_reduce = self.mixing_weights() if mixing is None else mixing
         s0 = s1 = self.stem(x)
         # Without a graph there is nothing to keep, hence nothing to save by recomputing.
         recompute = self.checkpoint_cells and torch.is_grad_enabled()
@@ -228,10 +245,12 @@ class SearchNetwork(nn.Module):
 
     @torch.no_grad()
     def arch_weights(self) -> dict[str, list[list[float]]]:
-        """Softmaxed alphas as nested lists (the per-epoch record behind plots and animations)."""
+        """Softmaxed alphas (with ``dirichlet``: the Dirichlet means) as nested lists (the per-epoch record
+        behind plots and animations, and the weights the cell is derived from)."""
+        weigh = drnas.mean_weights if self.dirichlet else (lambda a: F.softmax(a, dim=-1))
         return {
-            "normal": F.softmax(self.alphas_normal.float(), dim=-1).tolist(),
-            "reduce": F.softmax(self.alphas_reduce.float(), dim=-1).tolist(),
+            "normal": weigh(self.alphas_normal.float()).tolist(),
+            "reduce": weigh(self.alphas_reduce.float()).tolist(),
         }
 
     def genotype(self) -> Genotype:

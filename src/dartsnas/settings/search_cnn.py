@@ -47,6 +47,18 @@ class SearchConfig(RunOptions):
                                           "grew more than RATIO-fold over K epochs (R-DARTS; K 5; keeps "
                                           "the cell of K epochs before; needs --hessian_eig_every 1)",
                                     group="search")
+    beta_decay: float = option(0.0, "beta-DARTS: weight lambda of the Beta-Decay regulariser (mean log-sum-exp of each "
+                                    "edge's alphas) in the alpha objective, growing linearly over the epochs: lambda * "
+                                    "epoch / epochs, 0 in the first (0: off)", group="search")
+    alpha_noise: float = option(0.0, "SDARTS-RS: the weight step sees softmax(alpha) plus uniform noise in [-eps, eps] "
+                                     "(clipped back to the simplex), eps growing linearly from eps/10 to this value "
+                                     "over the epochs; the paper uses 0.3 (0: off)", group="search")
+    dirichlet: bool = option(False, "DrNAS: each edge's mixing weights are a sample of Dirichlet(elu(alpha) + 1) "
+                                    "(pathwise gradient) in training and its mean in evaluation and derivation, "
+                                    "instead of softmax(alpha)", group="search")
+    dirichlet_kl: float = option(0.0, "DrNAS: weight of the anchor regulariser KL(Dir(elu(alpha) + 1) || Dir(1)) "
+                                      "(summed over edges) in the alpha objective; needs --dirichlet (0: off)",
+                                 group="search")
     grad_clip: float = option(5.0, "gradient-norm clip of the weight step", group="optimisation")
     seed: int = option(2, "random seed", group="optimisation")
     workers: int = option(0, "data-loading worker processes (images are kept in memory and augmented on the "
@@ -77,9 +89,13 @@ class SearchConfig(RunOptions):
         for name in ("learning_rate", "arch_learning_rate", "hvp_r", "grad_clip"):
             value = getattr(self, name)
             check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
-        for name in ("learning_rate_min", "weight_decay", "arch_weight_decay", "momentum"):
+        for name in ("learning_rate_min", "weight_decay", "arch_weight_decay", "momentum", "beta_decay",
+                     "alpha_noise", "dirichlet_kl"):
             value = getattr(self, name)
             check(value >= 0 and math.isfinite(value), f"--{name} must be >= 0, got {value}")
+        check(not (self.dirichlet and self.alpha_noise > 0),
+              "--alpha_noise perturbs softmax(alpha), which --dirichlet replaces; use one of them")
+        check(self.dirichlet or self.dirichlet_kl == 0, "--dirichlet_kl needs --dirichlet")
         check(self.learning_rate_min <= self.learning_rate,
               f"--learning_rate_min ({self.learning_rate_min}) must not exceed --learning_rate ({self.learning_rate})")
         check(self.init_channels >= 1, f"--init_channels must be at least 1, got {self.init_channels}")
