@@ -24,6 +24,7 @@ from ..ops import fastconv
 from ..ops.cnn import narrow_strided_pointwise
 from ..search.architect import Architect, VirtualStep
 from ..search.cnn import SearchNetwork
+from ..search.robust import aux_skip_coefficient
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
 from . import common
@@ -80,7 +81,9 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
     """The search network, its two optimisers (paper section 3.1.1) and the architect."""
     model = SearchNetwork(cfg.init_channels, data.num_classes, cfg.layers, steps=cfg.nodes, multiplier=cfg.nodes,
                           in_channels=data.in_channels, lean_memory=cfg.lean_memory,
-                          checkpoint_cells=cfg.checkpoint_cells).to(device=device, dtype=dtype)
+                          checkpoint_cells=cfg.checkpoint_cells, partial_channels=cfg.partial_channels,
+                          edge_normalization=cfg.edge_normalization, aux_skip=cfg.aux_skip > 0,
+                          ).to(device=device, dtype=dtype)
     if cfg.flip_conv_backward:
         fastconv.use_flipped_backward(model)
     model = distributed.convert_sync_bn(model, cfg.sync_bn)
@@ -98,7 +101,7 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
 
     architect = Architect(
         dict(model.named_weight_parameters()),
-        {"alphas_normal": model.alphas_normal, "alphas_reduce": model.alphas_reduce},
+        dict(model.named_arch_parameters()),  # alphas, and PC-DARTS's edge betas when on
         loss_fn, a_opt, w_opt, unrolled=cfg.unrolled, hvp=cfg.hvp, hvp_r=cfg.hvp_r,
         virtual=VirtualStep(momentum=cfg.momentum, weight_decay=cfg.weight_decay),
         # Several processes: every gradient the alpha step uses is averaged over them.
@@ -186,6 +189,8 @@ class CNNSearch(Job):
     def start_epoch(self, epoch: int) -> dict[str, Any]:
         self.lr = self.scheduler.get_last_lr()[0]
         logger.info("epoch %d/%d lr %.6g", epoch + 1, self.cfg.epochs, self.lr)
+        # DARTS-'s coefficient is a function of the epoch alone, so a resumed run sets the same value.
+        self.model.aux_skip_coef = aux_skip_coefficient(self.cfg.aux_skip, epoch, self.cfg.epochs)
         distributed.seed_rank(self.cfg.seed, epoch)
         if self.cfg.hvp_check:
             return _hvp_check(self.architect, self.train_stream, self.alpha_stream, self.cfg.seed, epoch, self.lr)
