@@ -36,6 +36,8 @@ def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int,
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
+    # The process before the search network exists (interpreter, torch): subtracted for "search_gib".
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if dev.type == "cpu" else 0.0
     cfg = SearchConfig(unrolled=order == 2, hvp=hvp, channels_last=channels_last, checkpoint_cells=checkpoint_cells,
                        layers=layers, **(settings or {}))
     cfg.validate()
@@ -64,7 +66,7 @@ def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int,
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return {"order": order, "batch": batch, "median_s": statistics.median(times), "steps": steps,
-            "peak_gib": peak, "device": device, "hvp": hvp, "threads": threads, "channels_last": channels_last,
+            "peak_gib": peak, "search_gib": peak - base, "device": device, "hvp": hvp, "threads": threads, "channels_last": channels_last,
             "checkpoint_cells": checkpoint_cells}
 
 

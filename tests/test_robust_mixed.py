@@ -103,8 +103,8 @@ def test_partial_mixed_op_equals_hand_computation(stride):
     group = C // K
     expected = torch.stack([cat[:, g * group + i] for i in range(group) for g in range(K)], 1)
     assert torch.allclose(op(x, w), expected, rtol=0, atol=1e-12)
-    # The ReLU shared by the cell gives the same values.
-    assert torch.allclose(op(x, w, F.relu(x)), expected, rtol=0, atol=1e-12)
+    # The ReLU of the selected channels, shared by the cell, gives the same values.
+    assert torch.allclose(op(x, w, F.relu(selected)), expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -119,6 +119,13 @@ def test_aux_skip_adds_beta_times_skip(stride):
         assert type(op.aux).__name__ == "FactorizedReduce"
     assert torch.allclose(op(x, w, aux_coef=0.3), plain + 0.3 * skip, rtol=0, atol=1e-12)
     assert torch.allclose(op(x, w, F.relu(x), aux_coef=0.3), plain + 0.3 * skip, rtol=0, atol=1e-12)
+
+
+def test_partial_reduction_edge_on_odd_sizes_keeps_the_operations_size():
+    op = MixedOp(4, 2, partial_channels=2)
+    w = torch.full((len(CNN_PRIMITIVES),), 1 / len(CNN_PRIMITIVES))
+    assert op(torch.randn(2, 4, 5, 5), w).shape == (2, 4, 3, 3)
+    assert op(torch.randn(2, 4, 6, 6), w).shape == (2, 4, 3, 3)
 
 
 def test_aux_skip_schedule_decays_linearly_to_zero():

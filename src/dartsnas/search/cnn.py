@@ -58,8 +58,11 @@ class MixedOp(nn.Module):
             self.ops.append(lean.make_lean(op) if lean_memory else op)
             self.op_index.append(i)
         self.relu_first = [starts_with_relu(op) for op in self.ops]
-        # ceil_mode: on odd sizes the bypass keeps the operations' output size (same as floor on even sizes).
-        self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True) if partial_channels > 1 and stride == 2 else None
+        self.bypass_pool: nn.Module | None = None
+        if partial_channels > 1 and stride == 2:
+            self.bypass_pool = nn.MaxPool2d(2, 2)
+            if lean_memory:
+                self.bypass_pool = lean.make_lean(self.bypass_pool)
         self.aux: nn.Module | None = None
         if aux_skip:
             self.aux = nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine=False)
@@ -77,19 +80,23 @@ class MixedOp(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, x_relu: torch.Tensor | None = None,
                 aux_coef: float = 0.0) -> torch.Tensor:
+        """The edge's output; ``x_relu``, when given, is ``relu`` of the channels that go through the
+        operations (``x[:, :C/K]``; all of ``x`` when K = 1)."""
         k = self.partial_channels
         if k == 1:
             out = self.mix(x, weights, x_relu)
         else:
             # PC-DARTS eq. (3): S * x through the operations, (1 - S) * x past them, then the shuffle.
-            c = x.shape[1] // k
-            mixed = self.mix(x[:, :c], weights, None if x_relu is None else x_relu[:, :c])
-            rest = x[:, c:]
+            # One split (not two slices): the backward assembles one gradient of x, not two zero-padded ones.
+            selected, rest = x.split([x.shape[1] // k, x.shape[1] - x.shape[1] // k], dim=1)
+            mixed = self.mix(robust.like_format(selected, x), weights, x_relu)
             if self.bypass_pool is not None:
-                rest = self.bypass_pool(rest)
+                # On odd sizes, rounding up keeps the operations' output size.
+                odd = rest.shape[-1] % 2 or rest.shape[-2] % 2
+                rest = F.max_pool2d(rest, 2, 2, ceil_mode=True) if odd else self.bypass_pool(rest)
             out = robust.channel_shuffle(torch.cat([mixed, rest], dim=1), k)
         if self.aux is not None:
-            share = x_relu is not None and isinstance(self.aux, FactorizedReduce)
+            share = k == 1 and x_relu is not None and isinstance(self.aux, FactorizedReduce)
             out = out + aux_coef * (self.aux.forward_after_relu(x_relu) if share else self.aux(x))
         return out
 
@@ -118,6 +125,11 @@ class SearchCell(nn.Module):
                 stride = 2 if reduction and j < 2 else 1
                 self.edges.append(MixedOp(C, stride, primitives, lean_memory, partial_channels, aux_skip))
 
+    def _relu(self, h: torch.Tensor) -> torch.Tensor:
+        # With partial channels, the operations of every edge leaving h see only its first C/K channels.
+        k = self.edges[0].partial_channels
+        return F.relu(h if k == 1 else robust.like_format(h[:, :h.shape[1] // k], h))
+
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_weights: torch.Tensor | None = None, aux_coef: float = 0.0) -> torch.Tensor:
         """The cell's output; ``edge_weights`` (one per edge, PC-DARTS eq. 4) scale each edge's output
@@ -125,7 +137,7 @@ class SearchCell(nn.Module):
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         # One ReLU per state, shared by all operations on all edges leaving it: the same values as
         # a ReLU per operation, with a fraction of the memory and time.
-        relus = [F.relu(h) for h in states]
+        relus = [self._relu(h) for h in states]
         offset = 0
         for step in range(self.steps):
             s = None
@@ -137,7 +149,7 @@ class SearchCell(nn.Module):
             offset += len(states)
             states.append(s)
             if step + 1 < self.steps:
-                relus.append(F.relu(s))
+                relus.append(self._relu(s))
         return torch.cat(states[-self.multiplier:], dim=1)
 
 

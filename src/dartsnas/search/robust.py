@@ -26,6 +26,17 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return shuffled
 
 
+def like_format(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``part`` (a channel slice of ``whole``) laid out densely in ``whole``'s memory format.
+
+    A channel slice of a channels-last tensor is strided; elementwise operations would return it in the
+    plain layout, and the CPU's convolutions are several times slower on that layout.
+    """
+    if whole.is_contiguous(memory_format=torch.channels_last) and not whole.is_contiguous():
+        return part.contiguous(memory_format=torch.channels_last)
+    return part.contiguous()
+
+
 def node_softmax(betas: torch.Tensor, steps: int) -> torch.Tensor:
     """PC-DARTS eq. (4): ``softmax(beta)`` taken separately over the ``2 + i`` edges entering node ``i``.
 
