@@ -57,7 +57,8 @@ def search_steps(n: int = 2, **kw) -> list[torch.Tensor]:
     return [t.detach().clone() for t in model.state_dict().values()]
 
 
-@pytest.mark.parametrize("extra", [{}, {"unrolled": True, "hvp": "exact"}, {"checkpoint_cells": True}])
+@pytest.mark.parametrize("extra", [{}, {"unrolled": True, "hvp": "exact"}, {"unrolled": True, "hvp": "fd"},
+                                   {"checkpoint_cells": True}, {"lean_memory": False}, {"channels_last": "on"}])
 def test_identity_settings_reproduce_plain_darts_bit_for_bit(extra):
     plain = search_steps(**extra)
     identity = search_steps(partial_channels=1, edge_normalization=False, aux_skip=0.0, **extra)
