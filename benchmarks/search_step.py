@@ -26,7 +26,8 @@ import time
 
 
 def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int, channels_last: str,
-        checkpoint_cells: bool = False) -> dict:
+        checkpoint_cells: bool = False, layers: int = 8, settings: dict | None = None) -> dict:
+    """Median seconds per step and peak memory of ``steps`` search steps; ``settings``: further SearchConfig fields."""
     import torch
 
     from dartsnas.data.images import ImageData, ImageSet
@@ -35,7 +36,11 @@ def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int,
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
-    cfg = SearchConfig(unrolled=order == 2, hvp=hvp, channels_last=channels_last, checkpoint_cells=checkpoint_cells)
+    # The process before the search network exists (interpreter, torch): subtracted for "search_gib".
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if dev.type == "cpu" else 0.0
+    cfg = SearchConfig(unrolled=order == 2, hvp=hvp, channels_last=channels_last, checkpoint_cells=checkpoint_cells,
+                       layers=layers, **(settings or {}))
+    cfg.validate()
     data = ImageData("bench", ImageSet(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)),
                      None, 10, (0.5,) * 3, (0.25,) * 3, pad=4, flip=True)
     model, w_opt, _, architect = build_search(cfg, data, dev)
@@ -61,7 +66,7 @@ def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int,
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return {"order": order, "batch": batch, "median_s": statistics.median(times), "steps": steps,
-            "peak_gib": peak, "device": device, "hvp": hvp, "threads": threads, "channels_last": channels_last,
+            "peak_gib": peak, "search_gib": peak - base, "device": device, "hvp": hvp, "threads": threads, "channels_last": channels_last,
             "checkpoint_cells": checkpoint_cells}
 
 

@@ -30,6 +30,7 @@ from ..search.diagnostics import cnn_diagnostics
 from ..search.dirichlet import kl_to_uniform
 from ..search.early_stop import Tracker, kept_genotype, parse_rule
 from ..search.hessian import due, search_eigenvalue
+from ..search.robust import aux_skip_coefficient
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
 from . import common
@@ -86,7 +87,9 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
     """The search network, its two optimisers (paper section 3.1.1) and the architect."""
     model = SearchNetwork(cfg.init_channels, data.num_classes, cfg.layers, steps=cfg.nodes, multiplier=cfg.nodes,
                           in_channels=data.in_channels, lean_memory=cfg.lean_memory,
-                          checkpoint_cells=cfg.checkpoint_cells, dirichlet=cfg.dirichlet).to(device=device, dtype=dtype)
+                          checkpoint_cells=cfg.checkpoint_cells, dirichlet=cfg.dirichlet,
+                          partial_channels=cfg.partial_channels, edge_normalization=cfg.edge_normalization,
+                          aux_skip=cfg.aux_skip > 0).to(device=device, dtype=dtype)
     if cfg.flip_conv_backward:
         fastconv.use_flipped_backward(model)
     model = distributed.convert_sync_bn(model, cfg.sync_bn)
@@ -104,7 +107,7 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
 
     architect = Architect(
         dict(model.named_weight_parameters()),
-        {"alphas_normal": model.alphas_normal, "alphas_reduce": model.alphas_reduce},
+        dict(model.named_arch_parameters()),  # alphas, and PC-DARTS's edge betas when on
         loss_fn, a_opt, w_opt, unrolled=cfg.unrolled, hvp=cfg.hvp, hvp_r=cfg.hvp_r,
         virtual=VirtualStep(momentum=cfg.momentum, weight_decay=cfg.weight_decay),
         # Several processes: every gradient the alpha step uses is averaged over them.
@@ -202,6 +205,8 @@ class CNNSearch(Job):
     def start_epoch(self, epoch: int) -> dict[str, Any]:
         self.lr = self.scheduler.get_last_lr()[0]
         logger.info("epoch %d/%d lr %.6g", epoch + 1, self.cfg.epochs, self.lr)
+        # DARTS-'s coefficient is a function of the epoch alone, so a resumed run sets the same value.
+        self.model.aux_skip_coef = aux_skip_coefficient(self.cfg.aux_skip, epoch, self.cfg.epochs)
         distributed.seed_rank(self.cfg.seed, epoch)
         self._set_alpha_penalty(epoch)
         if self.cfg.hvp_check:

@@ -59,6 +59,15 @@ class SearchConfig(RunOptions):
     dirichlet_kl: float = option(0.0, "DrNAS: weight of the anchor regulariser KL(Dir(elu(alpha) + 1) || Dir(1)) "
                                       "(summed over edges) in the alpha objective; needs --dirichlet (0: off)",
                                  group="search")
+    partial_channels: int = option(1, "PC-DARTS partial channel connections: 1/K of each edge's channels go through the "
+                                      "mixed operation, the rest bypass it, then a channel shuffle (1: off, every "
+                                      "channel; --init_channels must be divisible by K)", group="search")
+    edge_normalization: bool = option(False, "PC-DARTS edge normalisation: each node weighs its incoming edges by a "
+                                             "softmax over learned edge parameters (beta), and the derived cell ranks "
+                                             "edges by edge weight times operation weight", group="search")
+    aux_skip: float = option(0.0, "DARTS- auxiliary skip connection on every edge, outside the softmax, with a "
+                                  "coefficient decaying linearly from this value to 0 over the search epochs (0: off)",
+                             group="search")
     grad_clip: float = option(5.0, "gradient-norm clip of the weight step", group="optimisation")
     seed: int = option(2, "random seed", group="optimisation")
     workers: int = option(0, "data-loading worker processes (images are kept in memory and augmented on the "
@@ -101,6 +110,11 @@ class SearchConfig(RunOptions):
         check(self.init_channels >= 1, f"--init_channels must be at least 1, got {self.init_channels}")
         check(self.layers >= 3, f"--layers must be at least 3 (the search network has two reduction cells), "
                                 f"got {self.layers}")
+        check(self.partial_channels >= 1, f"--partial_channels must be at least 1, got {self.partial_channels}")
+        check(self.init_channels % self.partial_channels == 0,
+              f"--partial_channels {self.partial_channels} must divide --init_channels ({self.init_channels}): each "
+              f"edge sends 1/{self.partial_channels} of its channels through the mixed operation")
+        check(self.aux_skip >= 0 and math.isfinite(self.aux_skip), f"--aux_skip must be >= 0, got {self.aux_skip}")
         check(self.nodes >= 2, f"--nodes must be at least 2, got {self.nodes}")
         check(self.hessian_eig_every >= 0, f"--hessian_eig_every must be >= 0, got {self.hessian_eig_every}")
         check(not (self.sync_bn and self.hessian_eig_every), "--sync_bn cannot be combined with --hessian_eig_every "
