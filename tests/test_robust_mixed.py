@@ -279,3 +279,22 @@ def test_cli_runs_every_method_records_it_and_refuses_to_change_it_on_resume(tmp
             resume_config(save, {key: value})
     state = torch.load(save / "checkpoints" / "last.pt", weights_only=False)
     assert "betas_normal" in state["model"]
+
+
+def test_alpha_regularisers_leave_the_edge_betas_alone():
+    """beta-DARTS and DrNAS's anchor act on the operation alphas; with edge normalisation the betas
+    follow them in the architecture parameters and get no gradient from those terms."""
+    from dartsnas.data.images import load_image_data
+    from dartsnas.engine import search_cnn
+    from dartsnas.engine.search_cnn import SearchConfig
+
+    cfg = SearchConfig(dataset="digits", layers=3, init_channels=2, nodes=2, edge_normalization=True,
+                       beta_decay=25.0, epochs=4)
+    model, _, _, architect = search_cnn.build_search(cfg, load_image_data("digits"), torch.device("cpu"))
+    job = search_cnn.CNNSearch(cfg)
+    job.architect = architect
+    job._set_alpha_penalty(2)
+    grads = architect.penalty_grad()
+    names = [name for name, _ in model.named_arch_parameters()]
+    assert names == ["alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"]
+    assert all(g.abs().sum() > 0 for g in grads[:2]) and all(g.abs().sum() == 0 for g in grads[2:])

@@ -255,14 +255,16 @@ class CNNSearch(Job):
     def _set_alpha_penalty(self, epoch: int) -> None:
         # Terms of the alpha objective on alpha alone: beta-DARTS' lambda_e * L_Beta (search/beta_decay.py)
         # and DrNAS' KL anchor (search/dirichlet.py). None of them: plain DARTS.
+        # Both act on the operation alphas only: the first two architecture parameters (PC-DARTS's edge
+        # betas, when on, follow them and get no gradient from these terms).
         cfg = self.cfg
         terms = []
         if cfg.beta_decay > 0:
             beta_weight = beta_decay_weight(cfg.beta_decay, epoch, cfg.epochs)
-            terms.append(lambda alphas: beta_weight * beta_decay_loss(alphas))
+            terms.append(lambda arch: beta_weight * beta_decay_loss(arch[:2]))
         if cfg.dirichlet_kl > 0:
-            terms.append(lambda alphas: cfg.dirichlet_kl * kl_to_uniform(alphas))
-        self.architect.alpha_penalty = (lambda alphas: sum(t(alphas) for t in terms)) if terms else None
+            terms.append(lambda arch: cfg.dirichlet_kl * kl_to_uniform(arch[:2]))
+        self.architect.alpha_penalty = (lambda arch: sum(t(arch) for t in terms)) if terms else None
 
     def end_epoch(self, epoch: int, finished: bool) -> dict[str, Any]:
         model, loss_m, acc_m = self.model, self.loss_m, self.acc_m
