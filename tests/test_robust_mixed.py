@@ -298,3 +298,30 @@ def test_alpha_regularisers_leave_the_edge_betas_alone():
     names = [name for name, _ in model.named_arch_parameters()]
     assert names == ["alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"]
     assert all(g.abs().sum() > 0 for g in grads[:2]) and all(g.abs().sum() == 0 for g in grads[2:])
+
+
+@pytest.mark.parametrize("options", [{"partial_channels": 2, "edge_normalization": True}, {"aux_skip": 1.0}],
+                         ids=["pc-darts", "darts-minus"])
+def test_kill_and_resume_mid_search_gives_the_uninterrupted_alphas(options: dict, tmp_path: Path):
+    from dartsnas.engine import search_cnn
+
+    def cfg(save: Path) -> SearchConfig:
+        return SearchConfig(dataset="digits", layers=3, init_channels=2, nodes=2, batch_size=256, epochs=3,
+                            plots=False, threads=1, save=str(save), **options)
+
+    full = search_cnn.run(cfg(tmp_path / "full"))
+
+    class Kill(Exception):
+        pass
+
+    def kill(epoch, record):
+        if epoch == 1:
+            raise Kill
+
+    with pytest.raises(Kill):
+        search_cnn.run(cfg(tmp_path / "cut"), on_epoch_end=kill)
+    resumed = search_cnn.run(resume=tmp_path / "cut")
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("alphas", "betas")))
+    assert resumed.genotype == full.genotype
