@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch.func import functional_call
 from .. import distributed
 from ..data.images import BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
 from ..errors import UserError
-from ..genotype import Genotype, from_dict
+from ..genotype import from_dict
 from ..ops import fastconv
 from ..ops.cnn import narrow_strided_pointwise
 from ..search.alpha_noise import noise_bound, perturbed_weights
@@ -28,25 +27,19 @@ from ..search.beta_decay import beta_decay_loss, beta_decay_weight
 from ..search.cnn import SearchNetwork
 from ..search.diagnostics import cnn_diagnostics
 from ..search.dirichlet import kl_to_uniform
-from ..search.early_stop import Tracker, kept_genotype, parse_rule
+from ..search.early_stop import Tracker, parse_rule
 from ..search.hessian import due, search_eigenvalue
 from ..search.robust import aux_skip_coefficient
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
 from . import common
-from .common import finish_search, log_distributed, write_search_epoch
-from .loop import EpochContext, Job, run_job
+from .common import log_distributed
+from .loop import EpochContext, run_job
+from .search_job import SearchJob, SearchResult
 
 logger = logging.getLogger("dartsnas")
 
 COMMAND = "search-cnn"
-
-
-@dataclass
-class SearchResult:
-    run_dir: Path
-    genotype: Genotype
-    metrics: list[dict[str, Any]]
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> SearchConfig:
@@ -138,7 +131,7 @@ def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Ten
     return loss.detach(), logits.detach()
 
 
-class CNNSearch(Job):
+class CNNSearch(SearchJob):
     """The convolutional search as a job of the epoch loop (:mod:`.loop`)."""
 
     kind = COMMAND
@@ -292,29 +285,10 @@ class CNNSearch(Job):
         batch = next(iter(self.eval_stream.batches()))  # in order, unaugmented: no random stream moves
         return {"hessian_eig": search_eigenvalue(self.architect, self.model, batch, self.cfg.seed)}
 
-    def stop_reason(self, epoch: int, record: dict[str, Any]) -> str | None:
-        return None if self.stopper is None else self.stopper.update(epoch, record)
-
-    def log_epoch(self, record: dict[str, Any], finished: bool) -> None:
-        if not finished:
-            logger.info("genotype = %s", self.genotype)
-
-    def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
-        assert self.rd is not None
-        write_search_epoch(self.rd, self.model, self.model.genotype(), record)
-
     def state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "w_optimizer": self.w_opt.state_dict(),
+        return {**self.search_state(), "w_optimizer": self.w_opt.state_dict(),
                 "a_optimizer": self.architect.arch_optimizer.state_dict(),  # type: ignore[union-attr]
-                "scheduler": self.scheduler.state_dict(), "genotype": self.genotype.to_dict(),
-                **({"early_stop": self.stopper.state()} if self.stopper is not None else {})}
-
-    def finish(self, resumed_finished: bool) -> SearchResult:
-        assert self.rd is not None
-        genotype = kept_genotype(self.model.genotype(), self.stopper)
-        if distributed.is_main():
-            finish_search(self.rd, genotype, self.cfg.plots and not resumed_finished)
-        return SearchResult(self.rd.path, genotype, self.rd.read_metrics())
+                "scheduler": self.scheduler.state_dict()}
 
 
 def run(config: SearchConfig | None = None, resume: str | Path | None = None,

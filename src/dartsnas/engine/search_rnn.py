@@ -26,25 +26,23 @@ from torch.func import functional_call
 from .. import distributed
 from ..config import check
 from ..data.text import Corpus, batchify, get_batch
-from ..genotype import RecurrentGenotype, from_dict
+from ..genotype import from_dict
 from ..ops.loss import cross_entropy
 from ..search.architect import Architect, VirtualStep
 from ..search.diagnostics import rnn_diagnostics
-from ..search.early_stop import Tracker, kept_genotype, parse_rule
+from ..search.early_stop import Tracker, parse_rule
 from ..search.hessian import due, search_eigenvalue
 from ..search.rnn import RNNSearchModel
 from ..settings.search_rnn import RESUMABLE_OVERRIDES, RNNSearchConfig
-from .common import (
-    finish_search,
-    log_distributed,
-    resume_config,
-    write_search_epoch,
-)
+from .common import log_distributed, resume_config
 from .evaluate_rnn import evaluate_sharded, perplexity
-from .loop import EpochContext, Job, run_job
+from .loop import EpochContext, run_job
+from .search_job import SearchJob, SearchResult
 from .train_rnn import weight_step
 
 logger = logging.getLogger("dartsnas")
+
+RNNSearchResult = SearchResult  # the earlier name of the same result
 
 COMMAND = "search-rnn"
 
@@ -60,13 +58,6 @@ class TextBatch:
     hidden: Tensor
     seed: int
     hidden_out: Tensor | None = field(default=None, repr=False)
-
-
-@dataclass
-class RNNSearchResult:
-    run_dir: Path
-    genotype: RecurrentGenotype
-    metrics: list[dict[str, Any]]
 
 
 def make_loss_fn(model: RNNSearchModel) -> Callable[[dict[str, Tensor], TextBatch], Tensor]:
@@ -128,7 +119,7 @@ def _new_seed() -> int:
     return int(torch.randint(0, 2**62, ()).item())
 
 
-class RNNSearch(Job):
+class RNNSearch(SearchJob):
     """The recurrent search as a job of the epoch loop (:mod:`.loop`)."""
 
     kind = COMMAND
@@ -243,32 +234,13 @@ class RNNSearch(Job):
         batch = TextBatch(data, targets, self.model.init_hidden(data.shape[1]), self.cfg.seed)
         return {"hessian_eig": search_eigenvalue(self.architect, self.model, batch, self.cfg.seed)}
 
-    def stop_reason(self, epoch: int, record: dict[str, Any]) -> str | None:
-        return None if self.stopper is None else self.stopper.update(epoch, record)
-
-    def log_epoch(self, record: dict[str, Any], finished: bool) -> None:
-        if not finished:
-            logger.info("genotype = %s", self.genotype)
-
-    def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
-        assert self.rd is not None
-        write_search_epoch(self.rd, self.model, self.model.genotype(), record)
-
     def state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "w_optimizer": self.w_opt.state_dict(),
-                "a_optimizer": self.a_opt.state_dict(), "genotype": self.genotype.to_dict(),
-                **({"early_stop": self.stopper.state()} if self.stopper is not None else {})}
-
-    def finish(self, resumed_finished: bool) -> RNNSearchResult:
-        assert self.rd is not None
-        genotype = kept_genotype(self.model.genotype(), self.stopper)
-        if distributed.is_main():
-            finish_search(self.rd, genotype, self.cfg.plots and not resumed_finished)
-        return RNNSearchResult(self.rd.path, genotype, self.rd.read_metrics())
+        return {**self.search_state(), "w_optimizer": self.w_opt.state_dict(),
+                "a_optimizer": self.a_opt.state_dict()}
 
 
 def run(config: RNNSearchConfig | None = None, resume: str | Path | None = None,
-        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> RNNSearchResult:
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> SearchResult:
     """Search a recurrent cell and return the run directory, final genotype and metrics."""
     if resume is not None:
         cfg = (config if config is not None and config.save == str(resume)
