@@ -224,7 +224,8 @@ def test_plot_search_writes_gifs_alphas_and_curves(tmp_path: Path, capsys):
     run = make_search_run(tmp_path / "run", epochs=3)
     assert main(["plot", "search", str(run)]) == 0
     printed = capsys.readouterr().out.split()
-    names = ["progress_normal.gif", "progress_reduce.gif", "alphas_normal.png", "alphas_reduce.png", "curves.png"]
+    names = ["progress_normal.gif", "progress_reduce.gif", "alphas_normal.png", "alphas_reduce.png",
+             "alpha_heatmap_normal.png", "alpha_heatmap_reduce.png", "curves.png"]
     assert printed == [str(run / "figures" / n) for n in names]
     for name in names[:2]:
         with Image.open(run / "figures" / name) as im:
@@ -244,7 +245,8 @@ def test_recurrent_search_run(tmp_path: Path):
 
     run = make_search_run(tmp_path / "rnn", epochs=2, kind="rnn")
     files = plot_search(run, tmp_path / "out")
-    assert sorted(f.name for f in files) == ["alphas_recurrent.png", "curves.png", "progress_recurrent.gif"]
+    assert sorted(f.name for f in files) == ["alpha_heatmap_recurrent.png", "alphas_recurrent.png", "curves.png",
+                                             "progress_recurrent.gif"]
     with Image.open(tmp_path / "out" / "progress_recurrent.gif") as im:
         assert im.n_frames == 2
 
@@ -325,8 +327,9 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(tmp_path: P
     text = report.read_text(encoding="utf-8")
     # Self-contained: every image is a data URI and nothing else is fetched.
     sources = re.findall(r'<img src="([^"]+)"', text)
-    # Two cell diagrams and two animations need Graphviz; two alpha figures and the curves do not.
-    assert len(sources) == (7 if HAVE_DOT else 3) and all(s.startswith("data:image/") for s in sources)
+    # Two cell diagrams and two animations need Graphviz; two alpha figures, two alpha heat-maps and the
+    # curves do not.
+    assert len(sources) == (9 if HAVE_DOT else 5) and all(s.startswith("data:image/") for s in sources)
     assert not re.search(r'(src|href)="(?!data:)', text)
     for expected in ("Final numbers", "Architecture", "Learning curves", "Search progress", "Configuration",
                      load_genotype(run).normal[0][0]):
@@ -403,7 +406,31 @@ def test_search_figures_without_graphviz_keep_everything_else(tmp_path: Path, mo
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with caplog.at_level(logging.WARNING, logger="dartsnas"):
         files = finalize_run(run)
-    assert sorted(f.name for f in files) == ["alphas_normal.png", "alphas_reduce.png", "cell_normal.dot",
+    assert sorted(f.name for f in files) == ["alpha_heatmap_normal.png", "alpha_heatmap_reduce.png",
+                                             "alphas_normal.png", "alphas_reduce.png", "cell_normal.dot",
                                              "cell_reduce.dot", "curves.png", "report.html"]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "search animation was not drawn" in warning and "apt install graphviz" in warning
+
+
+def test_alpha_heatmaps_and_diagnostics_figure(tmp_path: Path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[viz]')")
+    from dartsnas.viz import write_alpha_heatmaps, write_diagnostics_figure, write_report
+
+    run = make_search_run(tmp_path / "run", epochs=3)
+    assert write_diagnostics_figure(run, tmp_path / "out") == []  # nothing recorded, nothing drawn
+    rd = RunDir(run)
+    records = rd.read_metrics()
+    rd.metrics.unlink()
+    for r in records:
+        r.update(skip_normal=r["epoch"] - 1, skip_reduce=0, param_free_normal=r["epoch"], entropy_normal=1.5,
+                 entropy_reduce=1.4, genotype_changes=3 - r["epoch"])
+        rd.append_metrics(r)
+    heatmaps = write_alpha_heatmaps(run, tmp_path / "out")
+    assert [p.name for p in heatmaps] == ["alpha_heatmap_normal.png", "alpha_heatmap_reduce.png"]
+    diagnostics = write_diagnostics_figure(run, tmp_path / "out")
+    assert [p.name for p in diagnostics] == ["diagnostics.png"]
+    for p in heatmaps + diagnostics:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = Path(write_report(run, figures=heatmaps + diagnostics)).read_text()
+    assert "Collapse diagnostics" in html and "edges x operations" in html

@@ -11,7 +11,15 @@ from __future__ import annotations
 from .cells import cell_graph, cell_names, dot_problem, to_dot, write_cell_diagrams
 from .curves import aggregate, plot_curves
 from .report import finalize_run, render_report, write_report, write_run_figures
-from .search import load_history, plot_search, progress_frames, write_alpha_figures, write_progress_gifs
+from .search import (
+    load_history,
+    plot_search,
+    progress_frames,
+    write_alpha_figures,
+    write_alpha_heatmaps,
+    write_diagnostics_figure,
+    write_progress_gifs,
+)
 
 __all__ = [
     "aggregate",
@@ -26,7 +34,9 @@ __all__ = [
     "render_report",
     "to_dot",
     "write_alpha_figures",
+    "write_alpha_heatmaps",
     "write_cell_diagrams",
+    "write_diagnostics_figure",
     "write_progress_gifs",
     "write_report",
     "write_run_figures",

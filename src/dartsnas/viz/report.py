@@ -68,7 +68,13 @@ def write_run_figures(run_dir: str | Path, out_dir: str | Path | None = None, st
     With ``strict=False`` a figure that fails is a logged warning, not an exception.
     """
     from .curves import plot_curves
-    from .search import load_history, write_alpha_figures, write_progress_gifs
+    from .search import (
+        load_history,
+        write_alpha_figures,
+        write_alpha_heatmaps,
+        write_diagnostics_figure,
+        write_progress_gifs,
+    )
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -91,6 +97,8 @@ def write_run_figures(run_dir: str | Path, out_dir: str | Path | None = None, st
 
         files += _guard("search animation", strict, progress)
         files += _guard("alpha figure", strict, lambda: write_alpha_figures(run_dir, out, history))
+        files += _guard("alpha heat-map", strict, lambda: write_alpha_heatmaps(run_dir, out, history))
+        files += _guard("diagnostics", strict, lambda: write_diagnostics_figure(run_dir, out))
 
     def curves() -> list[Path]:
         if not (run_dir / "metrics.jsonl").is_file() or not metric_keys(read_run_metrics(run_dir)):
@@ -249,7 +257,8 @@ def render_report(run_dir: str | Path, figures: Sequence[Path]) -> str:
 
     gifs = sorted(n for n in by_name if n.startswith("progress_") and n.endswith(".gif"))
     alphas = sorted(n for n in by_name if n.startswith("alphas_") and n.endswith(".png"))
-    if gifs or alphas:
+    heatmaps = sorted(n for n in by_name if n.startswith("alpha_heatmap_") and n.endswith(".png"))
+    if gifs or alphas or heatmaps:
         parts.append("<h2>Search progress</h2>")
         for n in gifs:
             cell = n[len("progress_"):-len(".gif")]
@@ -257,6 +266,13 @@ def render_report(run_dir: str | Path, figures: Sequence[Path]) -> str:
         for n in alphas:
             cell = n[len("alphas_"):-len(".png")]
             parts.append(_figure(by_name[n], f"softmax(alpha) of every {cell} edge over the epochs"))
+        for n in heatmaps:
+            cell = n[len("alpha_heatmap_"):-len(".png")]
+            parts.append(_figure(by_name[n], f"final softmax(alpha) of the {cell} cell, edges x operations"))
+    if "diagnostics.png" in by_name:
+        parts += ["<h2>Collapse diagnostics</h2>",
+                  _figure(by_name["diagnostics.png"], "skip connections, parameter-free edges, alpha entropy, "
+                                                      "changed edges and curvature per epoch")]
 
     settings = config.get("config")
     if isinstance(settings, dict) and settings:

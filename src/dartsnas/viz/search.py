@@ -237,6 +237,78 @@ def write_alpha_figures(run_dir: str | Path, out_dir: str | Path, history: Searc
     return files
 
 
+def write_alpha_heatmaps(run_dir: str | Path, out_dir: str | Path, history: SearchHistory | None = None
+                         ) -> list[Path]:
+    """``alpha_heatmap_<cell>.png``: the final epoch's softmaxed alphas as an edges x operations grid,
+    each cell's value written in it, the edges the final genotype keeps marked with ``*``."""
+    history = history or load_history(run_dir)
+    epochs = sorted(history.alphas)
+    if not epochs:
+        return []
+    from .plotting import new_figure, save_figure
+
+    final, last = history.genotypes[-1], history.alphas[epochs[-1]]
+    files = []
+    for cell in cell_names(final):
+        if cell not in last:
+            continue
+        rows, primitives = last[cell], last["primitives"]
+        titles = _edge_titles(cell, _steps_from_rows(cell, len(rows)))
+        kept = {(src, dst) for (src, dst, _), _op in edge_keys(cell_graph(final, cell))}
+        labels = [("* " if tuple(t.split(" → ")) in kept else "") + t for _, _, t in titles]
+        fig = new_figure(figsize=(0.9 * len(primitives) + 2.2, 0.32 * len(rows) + 1.4))
+        ax = fig.subplots()
+        image = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(max(r) for r in rows))
+        ax.set_xticks(range(len(primitives)), primitives, rotation=40, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        for i, row in enumerate(rows):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if value < 0.6 * max(row) else "black")
+        fig.colorbar(image, ax=ax, fraction=0.04)
+        ax.set_title(f"softmax(alpha) of the {cell} cell after epoch {epochs[-1]} (* edge kept)", fontsize=10)
+        files.append(save_figure(fig, Path(out_dir) / f"alpha_heatmap_{cell}.png"))
+    return files
+
+
+# Per-epoch collapse diagnostics of a search's metrics (see docs/variants.md) and how to draw them.
+DIAGNOSTIC_PANELS = (
+    ("skip connections in the cell", ("skip_normal", "skip_reduce", "identity")),
+    ("parameter-free edges in the cell", ("param_free_normal", "param_free_reduce")),
+    ("mean alpha entropy", ("entropy_normal", "entropy_reduce", "entropy")),
+    ("edges changed since the last epoch", ("genotype_changes",)),
+    ("dominant Hessian eigenvalue", ("hessian_eig",)),
+)
+
+
+def write_diagnostics_figure(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """``diagnostics.png``: the search's collapse diagnostics per epoch, one panel per kind that the
+    run recorded (skip connections, parameter-free edges, entropy, changed edges, Hessian eigenvalue)."""
+    records = _metrics(RunDir(run_dir))
+    panels = [(title, [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)])
+              for title, keys in DIAGNOSTIC_PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        return []
+    from matplotlib.ticker import MaxNLocator
+
+    from .plotting import new_figure, save_figure
+
+    fig = new_figure(figsize=(3.3 * len(panels), 2.9))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            ax.plot([e for e, _ in points], [v for _, v in points], marker="o", ms=3, label=key)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        if len(keys) > 1:
+            ax.legend(fontsize=7, frameon=False)
+    return [save_figure(fig, Path(out_dir) / "diagnostics.png")]
+
+
 def plot_search(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Every search picture: progress GIFs, alpha figures and the search curves (``curves.png``).
 
@@ -248,6 +320,8 @@ def plot_search(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "figures"
     files = write_progress_gifs(run_dir, out, history)
     files += write_alpha_figures(run_dir, out, history)
+    files += write_alpha_heatmaps(run_dir, out, history)
     if RunDir(run_dir).metrics.is_file():
+        files += write_diagnostics_figure(run_dir, out)
         files.append(plot_curves([run_dir], out / "curves.png", title="search"))
     return files
