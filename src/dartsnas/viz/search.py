@@ -258,13 +258,16 @@ def write_alpha_heatmaps(run_dir: str | Path, out_dir: str | Path, history: Sear
         labels = [("* " if tuple(t.split(" → ")) in kept else "") + t for _, _, t in titles]
         fig = new_figure(figsize=(0.9 * len(primitives) + 2.2, 0.32 * len(rows) + 1.4))
         ax = fig.subplots()
-        image = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(max(r) for r in rows))
+        # Colours span the values present (early in a search they all sit near 1/|ops|); the numbers
+        # written in the squares give the absolute weights.
+        low, high = min(min(r) for r in rows), max(max(r) for r in rows)
+        image = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=low, vmax=high)
         ax.set_xticks(range(len(primitives)), primitives, rotation=40, ha="right", fontsize=8)
         ax.set_yticks(range(len(rows)), labels, fontsize=8)
         for i, row in enumerate(rows):
             for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if value < 0.6 * max(row) else "black")
+                dark = value - low < 0.5 * (high - low)  # viridis is dark in its lower half
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
         fig.colorbar(image, ax=ax, fraction=0.04)
         ax.set_title(f"softmax(alpha) of the {cell} cell after epoch {epochs[-1]} (* edge kept)", fontsize=10)
         files.append(save_figure(fig, Path(out_dir) / f"alpha_heatmap_{cell}.png"))
@@ -303,6 +306,8 @@ def write_diagnostics_figure(run_dir: str | Path, out_dir: str | Path) -> list[P
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not any(k.startswith("entropy") or k == "hessian_eig" for k in keys):  # counts
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         if len(keys) > 1:
             ax.legend(fontsize=7, frameon=False)
