@@ -375,3 +375,65 @@ def test_dirichlet_option_errors(tiny_images, tmp_path):
         tiny(tiny_images, tmp_path / "x", dirichlet_kl=0.1).validate()
     with pytest.raises(UserError, match="use one of them"):
         tiny(tiny_images, tmp_path / "x", dirichlet=True, alpha_noise=0.3).validate()
+
+
+def test_adversarial_weights_raise_the_loss_within_the_ball():
+    """SDARTS-ADV's attack on a loss with a known worst case: L(A) = sum(A * c) is largest on each row at
+    the simplex point that moves weight towards the largest c, within eps of softmax(alpha)."""
+    from dartsnas.search.alpha_noise import adversarial_weights, project_rows
+
+    torch.manual_seed(0)
+    alphas = [torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)]
+    costs = [torch.randn(5, 8, dtype=torch.float64) for _ in alphas]
+
+    def loss_of(mixing):
+        return sum((m * c).sum() for m, c in zip(mixing, costs))
+
+    eps = 0.1
+    clean = [F.softmax(a, -1) for a in alphas]
+    gen = torch.Generator().manual_seed(1)
+    attacked = adversarial_weights(loss_of, alphas, eps, 7, gen)
+    again = adversarial_weights(loss_of, alphas, eps, 7, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(attacked, again))  # seeded: a resume attacks alike
+    for a, c in zip(attacked, clean):
+        assert torch.allclose(a.sum(-1), torch.ones(5, dtype=torch.float64)) and (a >= 0).all()
+        # Within the ball before the projection rescales: every entry moved by at most about eps.
+        assert (a - c).abs().max() < 3 * eps
+    assert loss_of(attacked) > loss_of(clean)
+    # And above a random perturbation of the same size, on average.
+    noise = [project_rows(c + (2 * torch.rand(c.shape, dtype=torch.float64) - 1) * eps) for c in clean]
+    assert loss_of(attacked) > loss_of(noise)
+
+
+def test_alpha_adversarial_off_is_plain_darts_and_on_runs_first_and_second_order(tiny_images, tmp_path):
+    plain = final_alphas(run(tiny(tiny_images, tmp_path / "plain", epochs=1)).run_dir)
+    off = final_alphas(run(tiny(tiny_images, tmp_path / "off", epochs=1, alpha_adversarial=0.0)).run_dir)
+    assert all(torch.equal(plain[k], off[k]) for k in plain)
+    on = final_alphas(run(tiny(tiny_images, tmp_path / "on", epochs=1, max_steps=2, alpha_adversarial=0.3,
+                               adversarial_steps=2)).run_dir)
+    assert not torch.equal(plain["alphas_normal"], on["alphas_normal"])
+    second = run(tiny(tiny_images, tmp_path / "u", epochs=1, max_steps=2, unrolled=True, hvp="exact",
+                      alpha_adversarial=0.3, adversarial_steps=2))
+    assert all(torch.isfinite(a).all() for a in final_alphas(second.run_dir).values())
+
+
+def test_alpha_adversarial_resume_and_errors(tiny_images, tmp_path):
+    kw = {"epochs": 2, "alpha_adversarial": 0.3, "adversarial_steps": 2}
+    full = run(tiny(tiny_images, tmp_path / "full", **kw))
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch, record):
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(tiny(tiny_images, tmp_path / "cut", **kw), on_epoch_end=crash)
+    resumed = run(resume=tmp_path / "cut")
+    a, b = final_alphas(tmp_path / "full"), final_alphas(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed.genotype == full.genotype
+    with pytest.raises(UserError, match="cannot be combined"):
+        tiny(tiny_images, tmp_path / "x", alpha_adversarial=0.3, alpha_noise=0.3).validate()
+    with pytest.raises(UserError, match="--adversarial_steps must be at least 1"):
+        tiny(tiny_images, tmp_path / "x", alpha_adversarial=0.3, adversarial_steps=0).validate()

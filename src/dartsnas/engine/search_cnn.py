@@ -6,8 +6,9 @@ the command line and the tests call it too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,14 @@ from ..errors import UserError
 from ..genotype import from_dict
 from ..ops import fastconv
 from ..ops.cnn import narrow_strided_pointwise
-from ..search.alpha_noise import noise_bound, perturbed_weights
+from ..search.alpha_noise import adversarial_weights, noise_bound, perturbed_weights
 from ..search.architect import Architect, VirtualStep
 from ..search.beta_decay import beta_decay_loss, beta_decay_weight
 from ..search.cnn import SearchNetwork
 from ..search.diagnostics import cnn_diagnostics
 from ..search.dirichlet import kl_to_uniform
 from ..search.early_stop import Tracker, parse_rule
-from ..search.hessian import due, search_eigenvalue
+from ..search.hessian import buffers_kept, due, search_eigenvalue
 from ..search.robust import aux_skip_coefficient
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
@@ -109,15 +110,25 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
     return model, w_opt, scheduler, architect
 
 
+@contextlib.contextmanager
+def _frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Parameters that need no gradient for the duration (restored afterwards)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 grad_clip: float, mixing: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step of the weights with alpha held fixed (no alpha gradient is computed); ``mixing``, when
-    given, replaces the network's mixing weights (SDARTS-RS, :mod:`dartsnas.search.alpha_noise`)."""
-    alphas = model.arch_parameters()
-    for a in alphas:
-        a.requires_grad_(False)
-    try:
+    given, replaces the network's mixing weights (SDARTS-RS and -ADV, :mod:`dartsnas.search.alpha_noise`)."""
+    with _frozen(model.arch_parameters()):
         w_opt.zero_grad(set_to_none=True)
         logits = model(x, mixing)
         loss = F.cross_entropy(logits, y)
@@ -125,9 +136,6 @@ def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Ten
         distributed.average_gradients(model.weight_parameters())  # no-op in a single process
         torch.nn.utils.clip_grad_norm_(model.weight_parameters(), grad_clip)
         w_opt.step()
-    finally:
-        for a in alphas:
-            a.requires_grad_(True)
     return loss.detach(), logits.detach()
 
 
@@ -219,6 +227,9 @@ class CNNSearch(SearchJob):
         # SDARTS-RS noise: a stream of its own, so that it shifts no batch and a resumed epoch draws it again.
         noise_gen = epoch_generator(cfg.seed, epoch, 3) if cfg.alpha_noise > 0 else None
         bound = noise_bound(cfg.alpha_noise, epoch, cfg.epochs)
+        # SDARTS-ADV: the attack's random starts, a stream of their own too.
+        attack_gen = epoch_generator(cfg.seed, epoch, 5) if cfg.alpha_adversarial > 0 else None
+        attack_bound = noise_bound(cfg.alpha_adversarial, epoch, cfg.epochs)
         # DrNAS samples: two seeds per step (the alpha step's, shared by all its losses, and the weight step's).
         sample_gen = epoch_generator(cfg.seed, epoch, 4) if cfg.dirichlet else None
         self.loss_m, self.acc_m = loss_m, acc_m = AverageMeter(), AverageMeter()
@@ -237,6 +248,8 @@ class CNNSearch(SearchJob):
             if noise_gen is not None:
                 mixing = (perturbed_weights(self.model.alphas_normal, bound, noise_gen),
                           perturbed_weights(self.model.alphas_reduce, bound, noise_gen))
+            if attack_gen is not None:
+                mixing = self._attack(x, y, attack_bound, attack_gen)
             loss, logits = weight_step(self.model, self.w_opt, x, y, cfg.grad_clip, mixing)
             n = y.shape[0]
             loss_m.update(loss.item(), n)
@@ -244,6 +257,21 @@ class CNNSearch(SearchJob):
             ctx.advance(loss_m.avg, acc=acc_m.avg)
         self.model.dirichlet_seed = None
         return {}
+
+    def _attack(self, x: torch.Tensor, y: torch.Tensor, bound: float, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDARTS-ADV's mixing weights for this weight step (:func:`adversarial_weights`): the network's
+        weights fixed, its batch-norm statistics put back afterwards (the attack's forwards are not
+        training steps)."""
+        model = self.model
+
+        def loss_of(mixing: list[torch.Tensor]) -> torch.Tensor:
+            return F.cross_entropy(model(x, (mixing[0], mixing[1])), y)
+
+        with buffers_kept(model), _frozen(model.weight_parameters()):
+            normal, reduce = adversarial_weights(loss_of, [model.alphas_normal, model.alphas_reduce], bound,
+                                                 self.cfg.adversarial_steps, generator)
+        return normal, reduce
 
     def _set_alpha_penalty(self, epoch: int) -> None:
         # Terms of the alpha objective on alpha alone: beta-DARTS' lambda_e * L_Beta (search/beta_decay.py)

@@ -53,6 +53,12 @@ class SearchConfig(RunOptions):
     alpha_noise: float = option(0.0, "SDARTS-RS: the weight step sees softmax(alpha) plus uniform noise in [-eps, eps] "
                                      "(clipped back to the simplex), eps growing linearly from eps/10 to this value "
                                      "over the epochs; the paper uses 0.3 (0: off)", group="search")
+    alpha_adversarial: float = option(0.0, "SDARTS-ADV: the weight step sees softmax(alpha) plus the perturbation in "
+                                           "[-eps, eps] that most raises its loss (projected gradient ascent, "
+                                           "--adversarial_steps steps from a random start), eps growing as for "
+                                           "--alpha_noise; the paper uses 0.3 (0: off)", group="search")
+    adversarial_steps: int = option(7, "SDARTS-ADV: gradient steps of the attack on the mixing weights",
+                                    group="search")
     dirichlet: bool = option(False, "DrNAS: each edge's mixing weights are a sample of Dirichlet(elu(alpha) + 1) "
                                     "(pathwise gradient) in training and its mean in evaluation and derivation, "
                                     "instead of softmax(alpha)", group="search")
@@ -99,12 +105,15 @@ class SearchConfig(RunOptions):
             value = getattr(self, name)
             check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
         for name in ("learning_rate_min", "weight_decay", "arch_weight_decay", "momentum", "beta_decay",
-                     "alpha_noise", "dirichlet_kl"):
+                     "alpha_noise", "alpha_adversarial", "dirichlet_kl"):
             value = getattr(self, name)
             check(value >= 0 and math.isfinite(value), f"--{name} must be >= 0, got {value}")
         check(not (self.dirichlet and self.alpha_noise > 0),
               "--alpha_noise perturbs softmax(alpha), which --dirichlet replaces; use one of them")
         check(self.dirichlet or self.dirichlet_kl == 0, "--dirichlet_kl needs --dirichlet")
+        check(not (self.alpha_adversarial > 0 and (self.alpha_noise > 0 or self.dirichlet)),
+              "--alpha_adversarial cannot be combined with --alpha_noise or --dirichlet; use one of them")
+        check(self.adversarial_steps >= 1, f"--adversarial_steps must be at least 1, got {self.adversarial_steps}")
         check(self.learning_rate_min <= self.learning_rate,
               f"--learning_rate_min ({self.learning_rate_min}) must not exceed --learning_rate ({self.learning_rate})")
         check(self.init_channels >= 1, f"--init_channels must be at least 1, got {self.init_channels}")
