@@ -73,7 +73,14 @@ def _is_recurrent(path: Path) -> bool:
             return "command: train-rnn" in config.read_text(encoding="utf-8", errors="replace")
         return False
     if path.suffix == ".safetensors":
-        return load_weights(path).model in RNN_NETWORKS
+        # The header alone says: the weights themselves are read once, by the loader that builds the model.
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get("model") in RNN_NETWORKS
+        except (SafetensorError, OSError):
+            return False  # the loader reports what is wrong with the file
     try:
         return "encoder.weight" in load_weights(path).state_dict
     except UserError:

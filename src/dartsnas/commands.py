@@ -45,12 +45,9 @@ def search_cnn(args: argparse.Namespace) -> int:
 
 
 def search_rnn(args: argparse.Namespace) -> int:
-    from .engine import common
     from .engine import search_rnn as engine
 
-    cfg = _settings(args, engine.RNNSearchConfig,
-                    lambda run_dir, given: common.resume_config(engine.RNNSearchConfig, engine.COMMAND, run_dir, given,
-                                                                engine.RESUMABLE_OVERRIDES),
+    cfg = _settings(args, engine.RNNSearchConfig, engine.resume_config,
                     lambda: make_config(engine.RNNSearchConfig, args, args.config))
     result = engine.run(cfg, resume=args.resume)
     print(f"genotype = {result.genotype}")
@@ -75,12 +72,9 @@ def train_cnn(args: argparse.Namespace) -> int:
 
 
 def train_rnn(args: argparse.Namespace) -> int:
-    from .engine import common
     from .engine import train_rnn as engine
 
-    cfg = _settings(args, engine.TrainConfig,
-                    lambda run_dir, given: common.resume_config(engine.TrainConfig, engine.COMMAND, run_dir, given,
-                                                                engine.RESUMABLE_OVERRIDES),
+    cfg = _settings(args, engine.TrainConfig, engine.resume_config,
                     lambda: engine.config_from_args(args, args.target))
     result = engine.run(cfg, resume=args.resume)
     print(f"best valid ppl {engine.perplexity(result.best_valid_loss):.2f}")

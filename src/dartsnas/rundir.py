@@ -201,8 +201,8 @@ class RunDir:
         if command is None or stored != command:
             raise UserError(f"{self.path} is not empty and does not hold a {command or 'dartsnas'} run; choose a new "
                             f"or empty folder with --save")
-        # An earlier start of this command that wrote no checkpoint: its epoch records are void.
-        self.truncate_metrics(0)
+        # An earlier start of this command that wrote no checkpoint: the run restarts here (the loop
+        # drops that start's epoch records).
 
     def _remove_stale_temporaries(self) -> None:
         """Half-written files of a killed run (atomic writes never finished): nobody else writes here."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import distributed
 from ..genotype import AnyGenotype
+from ..genotype import from_dict as genotype_from_dict
 from ..search.early_stop import Tracker, kept_genotype
 from .common import finish_search, write_search_epoch
 from .loop import Job
@@ -44,7 +45,8 @@ class SearchJob(Job):
 
     def write_epoch(self, record: dict[str, Any], finished: bool) -> None:
         assert self.rd is not None
-        write_search_epoch(self.rd, self.model, self.model.genotype(), record)
+        # The record holds the epoch's derived cell: no second derivation, and the same after a resume.
+        write_search_epoch(self.rd, self.model, genotype_from_dict(record["genotype"]), record)
 
     def search_state(self) -> dict[str, Any]:
         """The checkpoint entries every search has besides its optimisers."""

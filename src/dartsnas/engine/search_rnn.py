@@ -34,7 +34,8 @@ from ..search.early_stop import Tracker, parse_rule
 from ..search.hessian import due, search_eigenvalue
 from ..search.rnn import RNNSearchModel
 from ..settings.search_rnn import RESUMABLE_OVERRIDES, RNNSearchConfig
-from .common import log_distributed, resume_config
+from . import common
+from .common import log_distributed
 from .evaluate_rnn import evaluate_sharded, perplexity
 from .loop import EpochContext, run_job
 from .search_job import SearchJob, SearchResult
@@ -239,12 +240,17 @@ class RNNSearch(SearchJob):
                 "a_optimizer": self.a_opt.state_dict()}
 
 
+def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RNNSearchConfig:
+    """The stored config of the run in ``run_dir`` with the allowed ``overrides`` applied."""
+    return common.resume_config(RNNSearchConfig, COMMAND, run_dir, overrides, RESUMABLE_OVERRIDES)
+
+
 def run(config: RNNSearchConfig | None = None, resume: str | Path | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> SearchResult:
     """Search a recurrent cell and return the run directory, final genotype and metrics."""
     if resume is not None:
         cfg = (config if config is not None and config.save == str(resume)
-               else resume_config(RNNSearchConfig, COMMAND, resume, {}, RESUMABLE_OVERRIDES))
+               else resume_config(resume, {}))
     else:
         cfg = config if config is not None else RNNSearchConfig()
     return run_job(RNNSearch(cfg), resume, on_epoch_end)

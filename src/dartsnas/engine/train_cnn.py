@@ -192,11 +192,7 @@ class _ImageNetData:
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     """The stored config of ``run_dir`` with the allowed ``overrides`` applied."""
-    rd = RunDir(run_dir)
-    if not rd.checkpoint.is_file():
-        raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from; start a new run instead")
-    stored = rd.read_config()
-    command = stored.get("command")
+    command = RunDir(run_dir).read_config().get("command")  # no config.yaml: one line saying so
     network = next((n for n, c in CONFIGS.items() if f"train-{n}" == command), None)
     if network is None:
         raise UserError(f"{run_dir} is a {command!r} run, not a CIFAR-10 or ImageNet training run; "
@@ -253,8 +249,6 @@ def _set_determinism(deterministic: bool, device: torch.device) -> None:
 
 class CNNTraining(Job):
     """Training a network from scratch as a job of the epoch loop (:mod:`.loop`)."""
-
-    command_line = "train"
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)

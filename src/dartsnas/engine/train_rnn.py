@@ -38,11 +38,8 @@ from ..settings.train_rnn import (  # noqa: F401 -- the settings' names stay imp
     TrainConfig,
     config_from_args,
 )
-from .common import (
-    log_distributed,
-    resume_config,
-    write_figures,
-)
+from . import common
+from .common import log_distributed, write_figures
 from .evaluate_rnn import evaluate, evaluate_sharded, perplexity
 from .loop import EpochContext, Job, run_job
 
@@ -289,6 +286,11 @@ class RNNTraining(Job):
         return TrainResult(rd.path, self.genotype, rd.read_metrics(), self.stored_loss, test_loss)
 
 
+def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The stored config of the run in ``run_dir`` with the allowed ``overrides`` applied."""
+    return common.resume_config(TrainConfig, COMMAND, run_dir, overrides, RESUMABLE_OVERRIDES)
+
+
 def run(config: TrainConfig | None = None, resume: str | Path | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Train a recurrent cell and return the run directory, metrics and best/test losses.
@@ -300,7 +302,7 @@ def run(config: TrainConfig | None = None, resume: str | Path | None = None,
     """
     if resume is not None:
         cfg = (config if config is not None and config.save == str(resume)
-               else resume_config(TrainConfig, COMMAND, resume, {}, RESUMABLE_OVERRIDES))
+               else resume_config(resume, {}))
     else:
         cfg = config if config is not None else TrainConfig()
     return run_job(RNNTraining(cfg), resume, on_epoch_end)
