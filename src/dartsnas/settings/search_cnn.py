@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 
 from ..config import check, option
-from ..search.early_stop import parse_rule
 from .choices import DATASETS
 from .runtime import RunOptions
+from .search import check_search_options
 
 
 @dataclass
@@ -94,14 +94,12 @@ class SearchConfig(RunOptions):
                                   "instead of each process's slice", group="distributed")
 
     def validate(self) -> None:
-        check(not (self.sync_bn and (self.hvp_check or (self.unrolled and self.hvp == "exact"))),
-              "--sync_bn cannot be combined with --hvp exact or --hvp_check (SyncBatchNorm has no double backward); "
-              "use --hvp fd")
+        check_search_options(self)
         check(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
         check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         check(0.0 < self.train_portion < 1.0,
               f"--train_portion must be between 0 and 1 (exclusive), got {self.train_portion}")
-        for name in ("learning_rate", "arch_learning_rate", "hvp_r", "grad_clip"):
+        for name in ("learning_rate", "arch_learning_rate", "grad_clip"):
             value = getattr(self, name)
             check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
         for name in ("learning_rate_min", "weight_decay", "arch_weight_decay", "momentum", "beta_decay",
@@ -125,12 +123,6 @@ class SearchConfig(RunOptions):
               f"edge sends 1/{self.partial_channels} of its channels through the mixed operation")
         check(self.aux_skip >= 0 and math.isfinite(self.aux_skip), f"--aux_skip must be >= 0, got {self.aux_skip}")
         check(self.nodes >= 2, f"--nodes must be at least 2, got {self.nodes}")
-        check(self.hessian_eig_every >= 0, f"--hessian_eig_every must be >= 0, got {self.hessian_eig_every}")
-        check(not (self.sync_bn and self.hessian_eig_every), "--sync_bn cannot be combined with --hessian_eig_every "
-                                                             "(SyncBatchNorm has no double backward)")
-        rule = parse_rule(self.early_stop)
-        check(rule is None or rule.kind != "eigen" or self.hessian_eig_every == 1,
-              f"--early_stop {self.early_stop} needs the eigenvalue after every epoch: add --hessian_eig_every 1")
         super().validate()
         if self.dataset == "npz":
             check(bool(self.data), "--dataset npz needs --data FILE.npz")

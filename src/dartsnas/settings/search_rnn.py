@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 
 from ..config import check, option
-from ..search.early_stop import parse_rule
 from .choices import RNN_STEPS
 from .runtime import RunOptions
+from .search import check_search_options
 
 
 @dataclass
@@ -59,9 +59,7 @@ class RNNSearchConfig(RunOptions):
                                   "plain PyTorch with a warning if compiling fails", group="speed")
 
     def validate(self) -> None:
-        check(not (self.sync_bn and (self.hvp_check or (self.unrolled and self.hvp == "exact"))),
-              "--sync_bn cannot be combined with --hvp exact or --hvp_check (SyncBatchNorm has no double backward); "
-              "use --hvp fd")
+        rule = check_search_options(self)
         for name in ("emsize", "nhid", "nhidlast", "nodes", "epochs", "batch_size", "bptt", "eval_batch_size"):
             check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
         check(self.batch_size >= 2, "--batch_size must be at least 2 (the search cell normalises node states over "
@@ -69,7 +67,7 @@ class RNNSearchConfig(RunOptions):
         check(self.emsize == self.nhid == self.nhidlast,
               f"--emsize, --nhid and --nhidlast must be equal (the decoder is tied to the embedding), got "
               f"{self.emsize}, {self.nhid}, {self.nhidlast}")
-        for name in ("learning_rate", "grad_clip", "arch_learning_rate", "hvp_r"):
+        for name in ("learning_rate", "grad_clip", "arch_learning_rate"):
             value = getattr(self, name)
             check(value > 0 and math.isfinite(value), f"--{name} must be a positive number, got {value}")
         for name in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute"):
@@ -77,15 +75,9 @@ class RNNSearchConfig(RunOptions):
             check(0.0 <= value < 1.0, f"--{name} must be in [0, 1), got {value}")
         check(self.beta >= 0 and self.weight_decay >= 0 and self.arch_weight_decay >= 0,
               "--beta, --weight_decay and --arch_weight_decay must be >= 0")
-        check(self.hessian_eig_every >= 0, f"--hessian_eig_every must be >= 0, got {self.hessian_eig_every}")
-        check(not (self.sync_bn and self.hessian_eig_every), "--sync_bn cannot be combined with --hessian_eig_every "
-                                                             "(SyncBatchNorm has no double backward)")
-        rule = parse_rule(self.early_stop)
         check(rule is None or rule.kind != "skip",
               f"--early_stop {self.early_stop}: skip:N counts skip connections of a convolutional normal cell; "
               f"recurrent cells have none, use eigen:RATIO")
-        check(rule is None or rule.kind != "eigen" or self.hessian_eig_every == 1,
-              f"--early_stop {self.early_stop} needs the eigenvalue after every epoch: add --hessian_eig_every 1")
         super().validate()
 
 

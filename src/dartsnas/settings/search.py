@@ -1,0 +1,26 @@
+"""Checks the convolutional and the recurrent search share: the second-order step, the Hessian
+eigenvalue and early stopping against ``--sync_bn``, and what an early-stopping rule needs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..config import check
+from ..search.early_stop import Rule, parse_rule
+
+
+def check_search_options(cfg: Any) -> Rule | None:
+    """The shared checks of a search config (``unrolled``, ``hvp``, ``hvp_r``, ``hvp_check``,
+    ``hessian_eig_every``, ``early_stop``, ``sync_bn``); returns the parsed early-stopping rule."""
+    check(not (cfg.sync_bn and (cfg.hvp_check or (cfg.unrolled and cfg.hvp == "exact"))),
+          "--sync_bn cannot be combined with --hvp exact or --hvp_check (SyncBatchNorm has no double backward); "
+          "use --hvp fd")
+    check(cfg.hvp_r > 0 and math.isfinite(cfg.hvp_r), f"--hvp_r must be a positive number, got {cfg.hvp_r}")
+    check(cfg.hessian_eig_every >= 0, f"--hessian_eig_every must be >= 0, got {cfg.hessian_eig_every}")
+    check(not (cfg.sync_bn and cfg.hessian_eig_every), "--sync_bn cannot be combined with --hessian_eig_every "
+                                                       "(SyncBatchNorm has no double backward)")
+    rule = parse_rule(cfg.early_stop)
+    check(rule is None or rule.kind != "eigen" or cfg.hessian_eig_every == 1,
+          f"--early_stop {cfg.early_stop} needs the eigenvalue after every epoch: add --hessian_eig_every 1")
+    return rule
