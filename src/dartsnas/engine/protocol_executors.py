@@ -10,10 +10,12 @@ import concurrent.futures as cf
 import functools
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 from .protocol_plan import Stage
@@ -27,6 +29,16 @@ def _watch_parent(parent: int) -> None:
         time.sleep(1.0)
         if os.getppid() != parent:
             os._exit(1)
+
+
+def prepare_stage_dir(stage_dir: Path) -> bool:
+    """Whether a stage resumes: only from an epoch checkpoint. A stage directory without one was
+    killed before its first epoch ended and holds nothing that can be resumed, so it is removed."""
+    if (stage_dir / "checkpoints" / "last.pt").is_file():
+        return True
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    return False
 
 
 def run_stage(module: str, cls_name: str, config: dict[str, Any], resume: bool, in_process: bool = True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from ..config import to_dict
 from ..rundir import RunDir
 from ..utils import default_threads
-from .protocol_executors import InProcessExecutor, ProcessExecutor
+from .protocol_executors import InProcessExecutor, ProcessExecutor, prepare_stage_dir
 from .protocol_manifest import Manifest
 from .protocol_plan import Stage, StageContext, stage_config
 from .protocol_settings import Protocol
@@ -79,10 +78,7 @@ def schedule(stages: list[Stage], ctx: StageContext, manifest: Manifest, rd: Run
                     slot = free.pop(0)
                     cfg = stage_config(stage, ctx, selected.get("search"), devices[slot], threads)
                     stage_dir = proto_dir / stage.name
-                    resume = (stage_dir / "checkpoints" / "last.pt").is_file()
-                    if not resume and stage_dir.exists():
-                        # Killed before its first checkpoint: nothing in it can be resumed.
-                        shutil.rmtree(stage_dir)
+                    resume = prepare_stage_dir(stage_dir)
                     entry = manifest.stage(stage.name)
                     entry.update(status="running", attempts=entry["attempts"] + 1, dir=stage.name)
                     manifest.save()

@@ -1,0 +1,160 @@
+"""``benchmarks/study/study.py``: the plan's checks, the permutation test, and a tiny study end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from dartsnas.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("study", REPO / "benchmarks" / "study" / "study.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+study = _module()
+
+
+def test_permutation_test_known_answers():
+    # Completely separated groups of 2 and 2: 2 of the 6 splits are as extreme (the observed one and
+    # its mirror), so p = 1/3.
+    assert study.permutation_test([10.0, 11.0], [1.0, 2.0]) == pytest.approx(2 / 6)
+    # Identical groups: every split is at least as extreme as a difference of 0.
+    assert study.permutation_test([5.0, 5.0], [5.0, 5.0, 5.0]) == 1.0
+    # 3 cells far above 6 cells: only the observed split is as extreme; p = 1 / C(9, 3).
+    assert study.permutation_test([90.0, 91.0, 92.0], [50.0, 51.0, 52.0, 53.0, 54.0, 55.0]) == pytest.approx(
+        1 / math.comb(9, 3))
+
+
+def _plan(tmp_path: Path, cifar: Path, **extra: str) -> Path:
+    text = f"""
+data:
+  train: {cifar / 'cifar10_train_first4000_exact.npz'}
+  test: {cifar / 'cifar10_test_first1000_exact.npz'}
+search_seeds: [0]
+train_seeds: [0]
+random_cells: 2
+fixed_cells: [DARTS_V2]
+threads: 1
+search: {{init_channels: 4, layers: 3, batch_size: 16, epochs: 1, max_steps: 2, plots: false}}
+train: {{init_channels: 4, layers: 3, batch_size: 32, epochs: 1, max_steps: 2, auxiliary: false, plots: false}}
+groups:
+  first-order: {{}}
+""" + "".join(f"{k}: {v}\n" for k, v in extra.items())
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def cifar(cifar_train_npz: Path, cifar_test_npz: Path) -> Path:
+    return cifar_train_npz.parent
+
+
+def test_plan_errors_are_one_line(tmp_path, cifar):
+    bad = _plan(tmp_path, cifar).read_text().replace("first-order: {}", "first-order: {seed: 3}")
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises(UserError, match="set by the study"):
+        study.load_plan(str(tmp_path / "bad.yaml"))
+    bad = _plan(tmp_path, cifar).read_text().replace("first-order: {}", "first-order: {unroled: true}")
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises(UserError, match="not an option"):
+        study.load_plan(str(tmp_path / "bad.yaml"))
+    bad = _plan(tmp_path, cifar).read_text().replace("DARTS_V2", "DARTS_V9")
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises(UserError):
+        study.load_plan(str(tmp_path / "bad.yaml"))
+
+
+def test_stages_share_settings_and_seeds(tmp_path, cifar):
+    plan = study.load_plan(str(_plan(tmp_path, cifar)))
+    stages = study.stages(plan, tmp_path / "s")
+    names = [s.name for s in stages]
+    assert names == ["search/first-order/seed-0", "train/search/first-order/seed-0/run-0",
+                     "train/random/cell-0/run-0", "train/random/cell-1/run-0", "train/DARTS_V2/run-0"]
+    trains = [s for s in stages if s.kind == "train"]
+    # Every cell is retrained with identical settings; only the architecture differs.
+    common = [{k: v for k, v in s.config.items() if k not in ("arch", "save")} for s in trains]
+    assert all(c == common[0] for c in common)
+    assert trains[0].deps == ("search/first-order/seed-0",)
+    assert len({s.config["arch"] for s in trains}) == 4
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end_and_resume(tmp_path, cifar, capsys):
+    plan = _plan(tmp_path, cifar)
+    out = tmp_path / "study"
+    assert study.main(["run", str(plan), "--dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages_done"] == summary["stages"] == 5
+    groups = summary["groups"]
+    assert groups["random"]["cells"] == 2 and groups["DARTS_V2"]["cells"] == 1
+    assert groups["first-order"]["test_acc"]["n"] == 1
+    for g in groups.values():
+        assert 0.0 <= g["test_acc"]["mean"] <= 100.0
+    assert groups["first-order"]["search_cpu_minutes"]["mean"] > 0
+    # Every number is read back from the stage directories: the search cell's accuracy is its run's.
+    cell = next(c for c in summary["cells"] if c["group"] == "first-order")
+    metrics = (out / "train/search/first-order/seed-0/run-0/metrics.jsonl").read_text().splitlines()
+    assert cell["test_acc"] == [json.loads(metrics[-1])["test_acc"]]
+    assert (out / "summary.md").is_file()
+    # Running again finds everything done and changes no result.
+    before = (out / "manifest.json").read_text()
+    assert study.main(["run", str(plan), "--dir", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["stages"] == json.loads(before)["stages"]
+    capsys.readouterr()
+    assert study.main(["status", str(plan), "--dir", str(out)]) == 0
+    assert capsys.readouterr().out.count("done") == 5
+
+
+def test_interrupted_stage_is_resumed_not_lost(tmp_path, cifar, monkeypatch):
+    """A stage that fails is recorded with its error, the others still run, and the next run retries it."""
+    plan = study.load_plan(str(_plan(tmp_path, cifar)))
+    calls = []
+
+    def fake(module, cls_name, config, resume):
+        calls.append(config["save"])
+        if "cell-0" in config["save"] and len(calls) < 6:
+            raise RuntimeError("disk on fire")
+        Path(config["save"]).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(study, "run_stage", fake)
+    out = tmp_path / "s"
+    assert study.run(plan, out, None, None) == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["train/random/cell-0/run-0"] == {**manifest["stages"]["train/random/cell-0/run-0"],
+                                                               "status": "failed", "error": "disk on fire"}
+    assert manifest["stages"]["train/DARTS_V2/run-0"]["status"] == "done"
+    assert study.run(plan, out, None, None) == 0
+    assert calls[-1].endswith("cell-0/run-0")
+
+
+def test_set_changes_the_plan_and_a_study_keeps_its_settings(tmp_path, cifar, monkeypatch, capsys):
+    plan_file = str(_plan(tmp_path, cifar))
+    plan = study.load_plan(plan_file, ["search.epochs=3", "groups.first-order.unrolled=true", "search_seeds=[4]"])
+    first = study.stages(plan, tmp_path / "s")[0]
+    assert first.name == "search/first-order/seed-4"
+    assert first.config["epochs"] == 3 and first.config["unrolled"] is True
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        study.load_plan(plan_file, ["search.epochs"])
+    with pytest.raises(UserError, match="not an option"):
+        study.load_plan(plan_file, ["search.epoch=3"])
+
+    monkeypatch.setattr(study, "run_stage", lambda module, cls_name, config, resume: None)
+    out = tmp_path / "s"
+    assert study.main(["run", plan_file, "--dir", str(out)]) == 0
+    capsys.readouterr()
+    # Other settings in the same directory would mix two studies' numbers: refused, nothing run.
+    assert study.main(["run", plan_file, "--dir", str(out), "--set", "train.epochs=2"]) == 2
+    assert "other plan settings" in capsys.readouterr().err
