@@ -231,3 +231,4 @@ def test_rnn_search_records_the_eigenvalue_every_n_epochs(tiny_corpus, tmp_path)
                           emsize=8, nhid=8, nhidlast=8, epochs=2, plots=False, hessian_eig_every=2)
     metrics = search_rnn.run(cfg).metrics
     assert "hessian_eig" not in metrics[0] and math.isfinite(metrics[1]["hessian_eig"])
+

@@ -19,6 +19,7 @@ from dartsnas.search.alpha_noise import noise_bound, perturbed_weights, project_
 from dartsnas.search.architect import Architect, VirtualStep
 from dartsnas.search.beta_decay import beta_decay_loss, beta_decay_weight
 from dartsnas.search.cnn import SearchNetwork
+from dartsnas.search.hessian import search_eigenvalue
 
 
 @pytest.fixture
@@ -43,6 +44,11 @@ def final_alphas(save: Path) -> dict[str, torch.Tensor]:
 
 
 def tiny_architect(unrolled: bool, hvp: str, dirichlet: bool = False) -> tuple[Architect, tuple, tuple]:
+    arch, batch, batch_v, _ = tiny_search(unrolled, hvp, dirichlet)
+    return arch, batch, batch_v
+
+
+def tiny_search(unrolled: bool, hvp: str, dirichlet: bool = False) -> tuple[Architect, tuple, tuple, SearchNetwork]:
     torch.manual_seed(0)
     model = SearchNetwork(C=2, num_classes=3, layers=3, steps=2, multiplier=2, lean_memory=False,
                           dirichlet=dirichlet).double()
@@ -63,7 +69,7 @@ def tiny_architect(unrolled: bool, hvp: str, dirichlet: bool = False) -> tuple[A
     gen = torch.Generator().manual_seed(1)
     batch = (torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen))
     batch_v = (torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen))
-    return arch, batch, batch_v
+    return arch, batch, batch_v, model
 
 
 # -- beta-DARTS ----------------------------------------------------------------------------------
@@ -338,6 +344,19 @@ def test_dirichlet_losses_of_one_step_share_the_sample():
     fd, exact = arch.hvp_fd(v, batch, r=1e-6), arch.hvp_exact(v, batch)
     for a, b in zip(fd, exact):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_dirichlet_eigenvalue_sees_one_sample_drawn_from_its_seed():
+    # The Hessian of a DrNAS network's loss depends on its sample; the diagnostic fixes the sample by
+    # its seed (so epochs compare), draws nothing from the global generator and restores the network.
+    arch, _, batch_v, model = tiny_search(False, "fd", dirichlet=True)
+    model.dirichlet_seed = None  # as between the search's steps
+    state = torch.get_rng_state()
+    first = search_eigenvalue(arch, model, batch_v, seed=5, iterations=5)
+    assert torch.equal(torch.get_rng_state(), state) and model.dirichlet_seed is None
+    torch.manual_seed(123)  # another global state: the same value
+    assert search_eigenvalue(arch, model, batch_v, seed=5, iterations=5) == first
+    assert search_eigenvalue(arch, model, batch_v, seed=6, iterations=5) != first
 
 
 @pytest.mark.parametrize("unrolled,hvp", [(False, "fd"), (True, "fd"), (True, "exact")])

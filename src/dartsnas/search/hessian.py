@@ -86,14 +86,23 @@ def search_eigenvalue(architect: Any, model: torch.nn.Module, batch: Any, seed: 
                       iterations: int = ITERATIONS) -> float:
     """:func:`dominant_eigenvalue` of ``architect.loss_fn`` on ``batch`` (the search's validation loss)
     in the architect's alphas, the weights held fixed; the model in training mode, as in the alpha
-    step, its buffers restored afterwards."""
+    step, its buffers restored afterwards.
+
+    A DrNAS network (``--dirichlet``) samples its mixing weights in training mode: the measurement
+    uses the sample drawn from ``seed``, the same every time, so that epochs compare and no random
+    stream of the search moves."""
     params = {**{n: w.detach() for n, w in zip(architect.weight_names, architect.weights)},
               **dict(zip(architect.alpha_names, architect.alphas))}
     was_training = model.training
+    sample_seed = getattr(model, "dirichlet_seed", None)
     model.train()
+    if hasattr(model, "dirichlet_seed"):
+        model.dirichlet_seed = seed
     try:
         with buffers_kept(model):
             return dominant_eigenvalue(lambda: architect.loss_fn(params, batch), architect.alphas, iterations, seed,
                                        architect.reduce)
     finally:
         model.train(was_training)
+        if hasattr(model, "dirichlet_seed"):
+            model.dirichlet_seed = sample_seed
