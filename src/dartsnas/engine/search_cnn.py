@@ -78,7 +78,7 @@ def use_channels_last(setting: str, device: torch.device, model: torch.nn.Module
 
 def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype: torch.dtype = torch.float32
                  ) -> tuple[SearchNetwork, torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR, Architect]:
-    """The search network, its two optimisers (paper section 3.1.1) and the architect."""
+    """The search network, its two optimisers (paper appendix A.1.1) and the architect."""
     model = SearchNetwork(cfg.init_channels, data.num_classes, cfg.layers, steps=cfg.nodes, multiplier=cfg.nodes,
                           in_channels=data.in_channels, lean_memory=cfg.lean_memory,
                           checkpoint_cells=cfg.checkpoint_cells, dirichlet=cfg.dirichlet,

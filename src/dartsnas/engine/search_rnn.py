@@ -86,7 +86,7 @@ def build_search(cfg: RNNSearchConfig, ntoken: int, device: torch.device, dtype:
     architect = Architect(
         dict(model.named_weight_parameters()), {"alphas": model.alphas}, make_loss_fn(model), a_opt, w_opt,
         unrolled=cfg.unrolled, hvp=cfg.hvp, hvp_r=cfg.hvp_r,
-        # Facts section 4: plain SGD virtual step, clipped gradient, v clipped, implicit term * eta * c.
+        # As the authors' rnn/architect.py: plain SGD virtual step, clipped gradient, v clipped, implicit term * eta * c.
         virtual=VirtualStep(momentum=0.0, weight_decay=cfg.weight_decay, clip=cfg.grad_clip),
         # Several processes: every gradient the alpha step uses is averaged over them.
         reduce=distributed.all_reduce_mean if distributed.is_distributed() else None,

@@ -1,6 +1,6 @@
-"""``dartsnas train ptb`` / ``train wt2``: train a recurrent cell from scratch (paper section 3.3).
+"""``dartsnas train ptb`` / ``train wt2``: train a recurrent cell from scratch (paper section 3.2).
 
-The AWD-LSTM recipe the paper follows (paper section 3.3, appendix A.2.2): SGD with variable-length back-propagation
+The AWD-LSTM recipe the paper follows (paper section 3.2, appendix A.2.2): SGD with variable-length back-propagation
 through time (the learning rate scaled by ``seq_len / bptt``), gradient-norm clipping, weight
 decay, temporal activation regularisation, and the non-monotonically triggered switch to averaged
 SGD (NT-ASGD: once the validation loss is worse than the best of all but the last ``nonmono``

@@ -191,7 +191,7 @@ class _Network(nn.Module):
 
 
 class NetworkCIFAR(_Network):
-    """The CIFAR-10 evaluation network (paper section 3.2: 20 cells, C = 36)."""
+    """The CIFAR-10 evaluation network (paper appendix A.2.1: 20 cells, C = 36)."""
 
     # AvgPool 5 stride 3 then a 2x2 convolution: the 8x8 map of 32x32 inputs is the smallest fit.
     aux_min_size = 8
@@ -213,7 +213,7 @@ class NetworkCIFAR(_Network):
 
 
 class NetworkImageNet(_Network):
-    """The ImageNet mobile-setting network (paper section 3.3: 14 cells, C = 48, 224x224 input)."""
+    """The ImageNet mobile-setting network (paper appendix A.2.3: 14 cells, 224x224 input; C = 48 as in the authors' code)."""
 
     # AvgPool 5 stride 2 then a 2x2 convolution: the 7x7 map of 224x224 inputs is the smallest fit.
     aux_min_size = 7

@@ -2,7 +2,7 @@
 
 ``min_alpha L_val(w*(alpha), alpha)`` with ``w*`` approximated by one virtual weight step:
 
-* first order (``unrolled=False``): ``grad_alpha L_val(w, alpha)`` (paper eq. 5 with xi = 0);
+* first order (``unrolled=False``): ``grad_alpha L_val(w, alpha)`` (paper eq. 6 with xi = 0);
 * second order (``unrolled=True``): with ``w' = w - xi * (momentum * buf + c * grad_w L_train(w, alpha)
   + wd * w)`` (the weight optimiser's own update, ``c`` = clip coefficient for the recurrent search),
 
