@@ -140,6 +140,21 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    from .engine.export import export_network
+    from .settings.export import ExportConfig
+
+    result = export_network(make_config(ExportConfig, args), args.source)
+    print(f"network: {result.description}")
+    print(f"input: images {'x'.join(str(d) for d in result.input_shape)} (float32); output: logits")
+    if result.max_difference is None:
+        print(f"check: {result.check_note}")
+    else:
+        print(f"check: largest logit difference {result.max_difference:.2e} ({result.check_note})")
+    print(f"wrote {result.path} ({result.format})")
+    return 0
+
+
 def genotypes(args: argparse.Namespace) -> int:
     if args.action == "random":
         from .genotype import random_genotype
