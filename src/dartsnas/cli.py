@@ -71,6 +71,7 @@ GROUPS: dict[str, str] = {
     "test": "evaluate a trained checkpoint",
     "protocol": "search with several seeds, select the best cell, train it several times",
     "plot": "draw cells, search progress and learning curves",
+    "data": "download the data sets",
 }
 
 _S = "dartsnas.settings."
@@ -143,6 +144,12 @@ COMMANDS: tuple[Command, ...] = (
             "PyTorch's. An existing file is never overwritten without --force.",
             _C + "export", _S + "export:ExportConfig",
             (arg("source", metavar="RUN_DIR|WEIGHTS", help="a training run directory or weights file"),)),
+    Command("data download", "download CIFAR-10, Penn Treebank or WikiText-2 and verify their checksums",
+            "Download a data set from its published source into the folder the commands read without --data (or "
+            "--dir DIR), checking every file against its published checksum. Nothing is kept from a download "
+            "that does not verify; files already there that verify are kept.",
+            _C + "data_download", _S + "data:DownloadConfig",
+            (arg("dataset", choices=("cifar10", "ptb", "wt2"), help="cifar10, ptb or wt2"),)),
     Command("genotypes", "list named architectures, print one, or draw a random one",
             "List named architectures, print one given as a name, file, run directory or genotype string, or draw "
             "a random cell from the search space (the baseline a search has to beat).",

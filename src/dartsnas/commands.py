@@ -155,6 +155,24 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_download(args: argparse.Namespace) -> int:
+    from .data.download import DATASETS, download
+    from .settings.data import DownloadConfig
+
+    cfg = make_config(DownloadConfig, args)
+    result = download(args.dataset, cfg.dir, force=cfg.force, timeout=cfg.timeout)
+    title = DATASETS[args.dataset].title
+    if not result.fetched:
+        print(f"{title} is already in {result.folder} (checksums verified)")
+    else:
+        print(f"downloaded {title} into {result.folder}: {len(result.files)} files, checksums verified")
+    hint = f"dartsnas train {args.dataset}"
+    if cfg.dir:
+        hint += f" --data {result.folder}"
+    print(f"use it with: {hint}")
+    return 0
+
+
 def genotypes(args: argparse.Namespace) -> int:
     if args.action == "random":
         from .genotype import random_genotype
