@@ -137,11 +137,12 @@ COMMANDS: tuple[Command, ...] = (
             "Print the parameter count (and, for CNNs, the multiply-adds) of the CIFAR-10, ImageNet, PTB or "
             "WikiText-2 evaluation network built from an architecture.",
             _C + "info", _S + "evaluate_cnn:InfoConfig", (ARCH,)),
-    Command("export", "write a trained CNN as ONNX, TorchScript or a torch.export program",
-            "Write a trained CIFAR-10 or ImageNet network (the weights dartsnas test reads) as a file other "
-            "runtimes load: ONNX, TorchScript or torch.export (.pt2). The file takes float32 images normalised as "
-            "in training and returns plain logits. The written file is loaded again and its logits compared with "
-            "PyTorch's. An existing file is never overwritten without --force.",
+    Command("export", "write a trained network as ONNX, TorchScript or a torch.export program",
+            "Write a trained network (the weights dartsnas test reads) as a file other runtimes load: ONNX, "
+            "TorchScript or torch.export (.pt2). A CIFAR-10 or ImageNet network takes float32 images normalised as "
+            "in training and returns plain logits; a PTB or WikiText-2 language model is written as one time step "
+            "(tokens and hidden state in, logits and next hidden state out). The written file is loaded again and "
+            "its outputs compared with PyTorch's. An existing file is never overwritten without --force.",
             _C + "export", _S + "export:ExportConfig",
             (arg("source", metavar="RUN_DIR|WEIGHTS", help="a training run directory or weights file"),)),
     Command("data download", "download CIFAR-10, Penn Treebank or WikiText-2 and verify their checksums",

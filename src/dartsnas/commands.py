@@ -146,11 +146,11 @@ def export(args: argparse.Namespace) -> int:
 
     result = export_network(make_config(ExportConfig, args), args.source)
     print(f"network: {result.description}")
-    print(f"input: images {'x'.join(str(d) for d in result.input_shape)} (float32); output: logits")
+    print(f"graph: {result.signature}")
     if result.max_difference is None:
         print(f"check: {result.check_note}")
     else:
-        print(f"check: largest logit difference {result.max_difference:.2e} ({result.check_note})")
+        print(f"check: largest output difference {result.max_difference:.2e} ({result.check_note})")
     print(f"wrote {result.path} ({result.format})")
     return 0
 

@@ -1,5 +1,4 @@
-"""Settings of ``dartsnas export``: write a trained convolutional network as ONNX, TorchScript or a
-``torch.export`` program."""
+"""Settings of ``dartsnas export``: write a trained network as ONNX, TorchScript or a ``torch.export`` program."""
 
 from __future__ import annotations
 
@@ -21,14 +20,14 @@ class ExportConfig:
     out: str | None = option(None, "output file (default: next to the weights: WEIGHTS with the format's suffix, or RUN_DIR/model.onnx, model.torchscript.pt, model.pt2)",
                              group="output")
     force: bool = option(False, "overwrite the output file if it exists", group="output")
-    batch: int | None = option(None, "fix the batch dimension to N images (default: any batch size; a "
-                                     "TorchScript file always takes any)", group="network")
-    image_size: int | None = option(None, "input height and width (default: the training run's, else 32 for "
-                                          "CIFAR-10 and 224 for ImageNet)", group="network")
+    batch: int | None = option(None, "fix the batch dimension to N (default: any batch size; a TorchScript "
+                                     "file always takes any)", group="network")
+    image_size: int | None = option(None, "convolutional networks: input height and width (default: the training "
+                                          "run's, else 32 for CIFAR-10 and 224 for ImageNet)", group="network")
     arch: str | None = option(None, "architecture where the weights name none (the authors' released files): a "
                                     "name, genotype.json, search run directory or printed Genotype(...)",
                               group="network")
-    verify: bool = option(True, "load the written file and compare its logits with PyTorch's on random images",
+    verify: bool = option(True, "load the written file and compare its outputs with PyTorch's on random inputs",
                          group="output")
 
     def validate(self) -> None:
