@@ -51,6 +51,11 @@ def test_a_subset_is_labelled_by_the_standard_index(tmp_path: Path):
     assert data.train.targets == [0, 0, 999, 999]  # type: ignore[attr-defined]
     _, label = data.val[2]
     assert label == 207
+    # The held-out training images (--valid_size) are labelled the same way.
+    from dartsnas.engine.train_cnn import ImageNetTrainConfig, _ImageNetData
+
+    held = _ImageNetData(ImageNetTrainConfig(data=str(root), valid_size=2, image_size=32, workers=0), torch.device("cpu"))
+    assert held.num_classes == 1000 and set(held.valid_set.dataset.targets) == {0, 999}  # type: ignore[union-attr]
     # --labels folders keeps one class per folder, and then needs the same folders in train/ and val/.
     with pytest.raises(dartsnas.UserError, match="different class folders"):
         load_image_folder(root, 32, train=True, labels="folders")
