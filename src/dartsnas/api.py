@@ -53,7 +53,7 @@ def load_model(path: str | os.PathLike[str], arch: str | None = None) -> nn.Modu
     directory, its ``final``/``best`` ``.safetensors`` or ``checkpoints/last.pt``, or the authors'
     released ``cifar10_model.pt``, ``imagenet_model.pt`` and ``ptb_model.pt``. ``arch`` names the
     architecture where the file does not (the authors' CNN files)."""
-    if _is_recurrent(Path(path)):
+    if is_recurrent(Path(path)):
         from .engine.evaluate_rnn import load_rnn_model
 
         return load_rnn_model(path, arch).model.eval()
@@ -62,7 +62,7 @@ def load_model(path: str | os.PathLike[str], arch: str | None = None) -> nn.Modu
     return load_cnn_model(path, arch=arch).model.eval()
 
 
-def _is_recurrent(path: Path) -> bool:
+def is_recurrent(path: Path) -> bool:
     """Whether ``path`` holds a language model: by its metadata or kind where it has them, else by its
     tensors (an embedding matrix), else by the authors' file name."""
     from .checkpoint import load_weights

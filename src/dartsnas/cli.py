@@ -71,6 +71,7 @@ GROUPS: dict[str, str] = {
     "test": "evaluate a trained checkpoint",
     "protocol": "search with several seeds, select the best cell, train it several times",
     "plot": "draw cells, search progress and learning curves",
+    "data": "download the data sets",
 }
 
 _S = "dartsnas.settings."
@@ -136,6 +137,20 @@ COMMANDS: tuple[Command, ...] = (
             "Print the parameter count (and, for CNNs, the multiply-adds) of the CIFAR-10, ImageNet, PTB or "
             "WikiText-2 evaluation network built from an architecture.",
             _C + "info", _S + "evaluate_cnn:InfoConfig", (ARCH,)),
+    Command("export", "write a trained network as ONNX, TorchScript or a torch.export program",
+            "Write a trained network (the weights dartsnas test reads) as a file other runtimes load: ONNX, "
+            "TorchScript or torch.export (.pt2). A CIFAR-10 or ImageNet network takes float32 images normalised as "
+            "in training and returns plain logits; a PTB or WikiText-2 language model is written as one time step "
+            "(tokens and hidden state in, logits and next hidden state out). The written file is loaded again and "
+            "its outputs compared with PyTorch's. An existing file is never overwritten without --force.",
+            _C + "export", _S + "export:ExportConfig",
+            (arg("source", metavar="RUN_DIR|WEIGHTS", help="a training run directory or weights file"),)),
+    Command("data download", "download CIFAR-10, Penn Treebank or WikiText-2 and verify their checksums",
+            "Download a data set from its published source into the folder the commands read without --data (or "
+            "--dir DIR), checking every file against its published checksum. Nothing is kept from a download "
+            "that does not verify; files already there that verify are kept.",
+            _C + "data_download", _S + "data:DownloadConfig",
+            (arg("dataset", choices=("cifar10", "ptb", "wt2"), help="cifar10, ptb or wt2"),)),
     Command("genotypes", "list named architectures, print one, or draw a random one",
             "List named architectures, print one given as a name, file, run directory or genotype string, or draw "
             "a random cell from the search space (the baseline a search has to beat).",

@@ -140,6 +140,39 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    from .engine.export import export_network
+    from .settings.export import ExportConfig
+
+    result = export_network(make_config(ExportConfig, args), args.source)
+    print(f"network: {result.description}")
+    print(f"graph: {result.signature}")
+    if result.max_difference is None:
+        print(f"check: {result.check_note}")
+    else:
+        print(f"check: largest output difference {result.max_difference:.2e} ({result.check_note})")
+    print(f"wrote {result.path} ({result.format})")
+    return 0
+
+
+def data_download(args: argparse.Namespace) -> int:
+    from .data.download import DATASETS, download
+    from .settings.data import DownloadConfig
+
+    cfg = make_config(DownloadConfig, args)
+    result = download(args.dataset, cfg.dir, force=cfg.force, timeout=cfg.timeout)
+    title = DATASETS[args.dataset].title
+    if not result.fetched:
+        print(f"{title} is already in {result.folder} (checksums verified)")
+    else:
+        print(f"downloaded {title} into {result.folder}: {len(result.files)} files, checksums verified")
+    hint = f"dartsnas train {args.dataset}"
+    if cfg.dir:
+        hint += f" --data {result.folder}"
+    print(f"use it with: {hint}")
+    return 0
+
+
 def genotypes(args: argparse.Namespace) -> int:
     if args.action == "random":
         from .genotype import random_genotype

@@ -8,6 +8,8 @@ worker processes, unlike the in-memory CIFAR-10 path.
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +51,45 @@ def eval_transform(image_size: int):  # -> torchvision transform
 class ImageFolderData:
     train: Dataset | None
     val: Dataset
-    classes: list[str]
+    classes: list[str]  # by label: the class folders, or the 1000 WordNet ids under the standard index
+    standard: bool = False  # whether the labels are the standard ImageNet index
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+@functools.cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """The WordNet ids of the 1000 ImageNet classes; position = standard class index."""
+    text = importlib.resources.files(__package__).joinpath("imagenet_wnids.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def standard_labels(classes: list[str], where: str) -> list[int]:
+    """The standard ImageNet index of each class folder, or one line saying why there is none."""
+    index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+    foreign = [c for c in classes if c not in index]
+    if foreign:
+        raise UserError(f"{where} has class folders not named by ImageNet WordNet ids (e.g. {foreign[0]!r}), so they "
+                        f"cannot be matched to the classes of a 1000-class ImageNet network; name each folder by its "
+                        f"WordNet id (n01440764, ...) or use a network trained on these folders")
+    return [index[c] for c in classes]
+
+
+def use_standard_labels(dataset: Dataset, where: str) -> None:
+    """Relabel an ImageFolder split in place with the standard ImageNet index of its class folders."""
+    labels = standard_labels(dataset.classes, where)  # type: ignore[attr-defined]
+    samples = [(path, labels[target]) for path, target in dataset.samples]  # type: ignore[attr-defined]
+    dataset.samples = dataset.imgs = samples  # type: ignore[attr-defined]
+    dataset.targets = [target for _, target in samples]  # type: ignore[attr-defined]
+    dataset.class_to_idx = {c: labels[i] for c, i in dataset.class_to_idx.items()}  # type: ignore[attr-defined]
+
+
+def is_standard_tree(classes: list[str]) -> bool:
+    """Whether every class folder is named by one of the 1000 ImageNet WordNet ids."""
+    known = set(imagenet_wnids())
+    return bool(classes) and all(c in known for c in classes)
 
 
 def _split_dir(root: Path, name: str) -> Path:
@@ -64,15 +100,19 @@ def _split_dir(root: Path, name: str) -> Path:
     return path
 
 
-def image_folder(path: str | os.PathLike[str], transform) -> Dataset:
-    """One split as a torchvision ImageFolder, with a one-line error when it has no class folders."""
+def image_folder(path: str | os.PathLike[str], transform, standard: bool = False) -> Dataset:
+    """One split as a torchvision ImageFolder, with a one-line error when it has no class folders;
+    ``standard``: labelled by the standard ImageNet index of its folders."""
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(path), transform=transform)
+        dataset = ImageFolder(str(path), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} must hold one folder of images per class ({first})") from None
+    if standard:
+        use_standard_labels(dataset, str(path))
+    return dataset
 
 
 def check_layout(data: str | os.PathLike[str] | None, train: bool = True) -> Path:
@@ -88,23 +128,33 @@ def check_layout(data: str | os.PathLike[str] | None, train: bool = True) -> Pat
     return root
 
 
-def load_image_folder(data: str | os.PathLike[str] | None, image_size: int, train: bool = True) -> ImageFolderData:
+def load_image_folder(data: str | os.PathLike[str] | None, image_size: int, train: bool = True,
+                      labels: str = "folders") -> ImageFolderData:
     """The ``train/`` (when ``train``) and ``val/`` splits of an ImageFolder tree.
 
-    Both splits must exist up front, so that a run does not fail after its first epoch.
+    ``labels``: ``folders`` numbers the class folders in sorted order (train/ and val/ must then hold the same
+    ones); ``imagenet`` gives each folder its standard ImageNet index (any subset of the 1000 WordNet ids in
+    either split); ``auto`` is ``imagenet`` when every folder is named by an ImageNet WordNet id, else
+    ``folders``. On the full 1000-folder tree all three give the same labels. Both splits must exist up
+    front, so that a run does not fail after its first epoch.
     """
     root = check_layout(data, train)
     train_dir = _split_dir(root, "train") if train else None
     val_dir = _split_dir(root, "val")
     val = image_folder(val_dir, eval_transform(image_size))
+    train_set = image_folder(train_dir, train_transform(image_size)) if train_dir is not None else None
+    found = list(val.classes) + (list(train_set.classes) if train_set is not None else [])  # type: ignore[attr-defined]
+    standard = labels == "imagenet" or (labels == "auto" and is_standard_tree(found))
+    if standard:
+        for split, where in ((val, val_dir), (train_set, train_dir)):
+            if split is not None:
+                use_standard_labels(split, str(where))
+        return ImageFolderData(train_set, val, list(imagenet_wnids()), standard=True)
     classes = list(val.classes)  # type: ignore[attr-defined]
-    train_set = None
-    if train_dir is not None:
-        train_set = image_folder(train_dir, train_transform(image_size))
-        if list(train_set.classes) != classes:  # type: ignore[attr-defined]
-            missing = sorted(set(train_set.classes) ^ set(classes))  # type: ignore[attr-defined]
-            raise UserError(f"train/ and val/ of {root} have different class folders (e.g. {missing[0]!r}); "
-                            f"both need the same classes for the labels to agree")
+    if train_set is not None and list(train_set.classes) != classes:  # type: ignore[attr-defined]
+        missing = sorted(set(train_set.classes) ^ set(classes))  # type: ignore[attr-defined]
+        raise UserError(f"train/ and val/ of {root} have different class folders (e.g. {missing[0]!r}); "
+                        f"both need the same classes for the labels to agree")
     return ImageFolderData(train_set, val, classes)
 
 

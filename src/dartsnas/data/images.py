@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..settings.choices import DATASETS
+from .download import default_data_dir
 
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
@@ -68,11 +69,6 @@ class ImageData:
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.train.x.shape[2]), int(self.train.x.shape[3])
-
-
-def default_data_dir(name: str) -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "dartsnas" / name
 
 
 # Bounds of what an image file may ask for: class counts far beyond any real data set would size the

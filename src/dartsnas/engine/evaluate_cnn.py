@@ -339,15 +339,18 @@ def run_test(cfg: TestConfig, network: str) -> TestResult:
             images = found_images
         batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = cifar_batches(images, batch_size, device)
     else:
-        from ..data.imagenet import load_image_folder, make_loader
+        from ..data.imagenet import imagenet_wnids, load_image_folder, make_loader, use_standard_labels
 
         image_size = cfg.image_size or trained.get("image_size") or 224
         folder = load_image_folder(cfg.data or trained.get("data"), image_size, train=False)
-        if folder.num_classes != sizes["num_classes"]:
-            raise UserError(f"{cfg.data or trained.get('data')}/val has {folder.num_classes} classes but the network "
-                            f"predicts {sizes['num_classes']}")
-        batches = make_loader(folder.val, batch_size, train=False, workers=cfg.workers, device=device)
         source = str(Path(cfg.data or trained.get("data")) / "val")
+        if folder.num_classes < sizes["num_classes"] == len(imagenet_wnids()):
+            # Some of ImageNet's class folders: each is scored as its class among the network's 1000.
+            use_standard_labels(folder.val, source)
+        elif folder.num_classes != sizes["num_classes"]:
+            raise UserError(f"{source} has {folder.num_classes} classes but the network predicts "
+                            f"{sizes['num_classes']}")
+        batches = make_loader(folder.val, batch_size, train=False, workers=cfg.workers, device=device)
     result = evaluate(model, batches, device, amp_dtype, channels_last, cfg.eval_batches)
     if result.images == 0:
         raise UserError(f"{source} holds no test images")

@@ -11,6 +11,7 @@ epoch; it never influences training.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -141,7 +142,7 @@ class _ImageNetData:
 
         self.cfg = cfg
         self.device = device
-        folder = load_image_folder(cfg.data, cfg.image_size, train=True)
+        folder = load_image_folder(cfg.data, cfg.image_size, train=True, labels=cfg.labels)
         assert folder.train is not None
         self.num_classes = folder.num_classes
         self.image_size = cfg.image_size
@@ -151,7 +152,7 @@ class _ImageNetData:
         if cfg.valid_size:
             train_idx, valid_idx = _holdout(n, cfg.valid_size)
             # Held-out images get the evaluation transform, so they need their own dataset object.
-            plain = image_folder(Path(cfg.data or "") / "train", eval_transform(cfg.image_size))
+            plain = image_folder(Path(cfg.data or "") / "train", eval_transform(cfg.image_size), folder.standard)
             train_set, valid_set = Subset(folder.train, train_idx.tolist()), Subset(plain, valid_idx.tolist())
         self.train_set, self.valid_set, self.val_set = train_set, valid_set, folder.val
         self.train_size = len(train_set)  # type: ignore[arg-type]
@@ -197,7 +198,11 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
     if network is None:
         raise UserError(f"{run_dir} is a {command!r} run, not a CIFAR-10 or ImageNet training run; "
                         f"resume it with its own command")
-    return common.resume_config(CONFIGS[network], command, run_dir, overrides, RESUMABLE_OVERRIDES)
+    cfg = common.resume_config(CONFIGS[network], command, run_dir, overrides, RESUMABLE_OVERRIDES)
+    if isinstance(cfg, ImageNetTrainConfig) and "labels" not in RunDir(run_dir).read_config().get("config", {}):
+        # Runs from before --labels numbered the class folders in sorted order: keep training the same network.
+        cfg = dataclasses.replace(cfg, labels="folders")
+    return cfg
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,

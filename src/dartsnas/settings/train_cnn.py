@@ -111,6 +111,11 @@ class ImageNetTrainConfig(TrainConfig):
     decay_period: int = option(1, "epochs between two learning-rate decays", group="optimisation")
     image_size: int = option(224, "training crop size (evaluation resizes to 256/224 of it, then centre-crops)",
                              group="data")
+    labels: str = option("auto", "class labels: imagenet (the standard index of the 1000 ImageNet classes, so a "
+                                 "subset of ImageNet folders trains a 1000-class network), folders (one class per "
+                                 "folder, in sorted order) or auto (imagenet when every class folder is named by an "
+                                 "ImageNet WordNet id, else folders)", group="data",
+                         choices=("auto", "imagenet", "folders"))
 
     network = "imagenet"
 
