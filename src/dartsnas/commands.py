@@ -44,6 +44,16 @@ def search_cnn(args: argparse.Namespace) -> int:
     return 0
 
 
+def select(args: argparse.Namespace) -> int:
+    from .engine import select_pt as engine
+
+    cfg = engine.settings(args.run_dir, explicit_args(engine.SelectConfig, args))
+    result = engine.run(args.run_dir, cfg)
+    print(f"genotype (DARTS-PT) = {result.genotype}")
+    print(f"written to {result.run_dir / engine.GENOTYPE_FILE}")
+    return 0
+
+
 def search_rnn(args: argparse.Namespace) -> int:
     from .engine import search_rnn as engine
 

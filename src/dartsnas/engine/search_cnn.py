@@ -48,17 +48,22 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> SearchConfi
     return common.resume_config(SearchConfig, COMMAND, run_dir, overrides, RESUMABLE_OVERRIDES)
 
 
-def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None) -> tuple[float, float]:
+def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None,
+             mixing: tuple[torch.Tensor, torch.Tensor] | None = None, batch_stats: bool = False
+             ) -> tuple[float, float]:
+    """Mean validation loss and accuracy (percent) over at most ``max_batches`` batches; ``mixing`` replaces
+    the network's mixing weights; ``batch_stats`` normalises with each batch's statistics (training-mode
+    batch norm) and leaves the running statistics as they were."""
     loss_m, acc_m = AverageMeter(), AverageMeter()
-    model.eval()
-    with torch.no_grad():
+    model.train(batch_stats)
+    with torch.no_grad(), buffers_kept(model) if batch_stats else contextlib.nullcontext():
         for i, (x, y) in enumerate(stream.batches()):
             if max_batches is not None and i >= max_batches:
                 break
             n = y.shape[0]
             if n == 0:  # a process's empty share of a short last batch
                 continue
-            logits = model(x)
+            logits = model(x, mixing)
             loss_m.update(F.cross_entropy(logits, y).item(), n)
             acc_m.update(accuracy(logits, y)[0], n)
     model.train()
