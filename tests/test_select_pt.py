@@ -318,3 +318,19 @@ def test_an_unfinished_search_is_refused(tmp_path: Path, capsys):
     assert "holds an unfinished search (after epoch 1)" in err and "--resume" in err
     with pytest.raises(UserError, match="unfinished"):
         engine.run(tmp_path / "cut")
+
+
+def test_search_with_selection_pt_selects_after_the_search(tmp_path: Path, monkeypatch, capsys):
+    # The paper's tuning is long: the selection that the search starts is shortened here.
+    settings = engine.settings
+    monkeypatch.setattr(engine, "settings", lambda run_dir, given: settings(
+        run_dir, {**given, "epochs_per_edge": 1, "tune_steps": 1, "eval_batches": 1}))
+    save = tmp_path / "search"
+    assert main(["search", "cnn", "--dataset", "digits", "--layers", "3", "--init_channels", "2", "--nodes", "2",
+                 "--batch_size", "16", "--epochs", "1", "--max_steps", "1", "--eval_batches", "1", "--no-plots",
+                 "--selection", "pt", "--save", str(save)]) == 0
+    out = capsys.readouterr().out
+    selected = load_genotype(str(save / "genotype_pt.json"))
+    assert f"genotype (DARTS-PT) = {selected}" in out
+    assert len(RunDir(save / "selection_pt").read_metrics()) == 6
+    assert (save / "genotype.json").is_file()  # the search's own cell is kept

@@ -40,6 +40,8 @@ def search_cnn(args: argparse.Namespace) -> int:
                     lambda: make_config(engine.SearchConfig, args, args.config))
     result = engine.run(cfg, resume=args.resume)
     print(f"genotype = {result.genotype}")
+    if result.selected is not None:
+        print(f"genotype (DARTS-PT) = {result.selected}")
     print(f"run directory: {result.run_dir}")
     return 0
 

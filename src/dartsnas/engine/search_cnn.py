@@ -153,6 +153,9 @@ class CNNSearch(SearchJob):
 
     def prepare(self, resume: str | Path | None) -> None:
         distributed.check_sync_bn(self.cfg.sync_bn, self.device)
+        if self.cfg.selection == "pt" and distributed.is_distributed():
+            raise UserError("--selection pt runs in one process: leave it out under torchrun and run dartsnas select "
+                            "RUN_DIR after the search")
         distributed.per_rank_batch(self.cfg.batch_size, self.cfg.global_batch)  # fail early when it does not divide
 
     def build(self, state: dict[str, Any] | None) -> None:
@@ -338,7 +341,14 @@ def run(config: SearchConfig | None = None, resume: str | Path | None = None,
         cfg = config if config is not None else resume_config(resume, {})
     else:
         cfg = config if config is not None else SearchConfig()
-    return run_job(CNNSearch(cfg), resume, on_epoch_end)
+    result: SearchResult = run_job(CNNSearch(cfg), resume, on_epoch_end)
+    if cfg.selection == "pt":
+        # DARTS-PT after the search, on the finished run (its own command: dartsnas select).
+        from . import select_pt
+
+        given = {k: v for k, v in (("device", cfg.device), ("threads", cfg.threads)) if v is not None}
+        result.selected = select_pt.run(result.run_dir, select_pt.settings(result.run_dir, given)).genotype
+    return result
 
 
 def _hvp_check(architect: Architect, train_stream: BatchStream, alpha_stream: BatchStream, seed: int, epoch: int,
