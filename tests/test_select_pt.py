@@ -290,9 +290,11 @@ def test_an_interrupted_selection_continues_where_it_stopped(run_copy: Path, tmp
 ])
 def test_bad_run_directories_get_one_line(make, fragment, tmp_path: Path, capsys):
     target = make(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
     assert main(["select", str(target)]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1 and err.startswith("dartsnas: error:")
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, no lock file left
 
 
 def _fake_run(folder: Path, command: str) -> Path:

@@ -44,17 +44,21 @@ class SelectionResult:
     metrics: list[dict[str, Any]]  # one record per round of decisions
 
 
-def finished_search(run_dir: str | Path) -> tuple[search_engine.SearchConfig, dict[str, Any]]:
-    """The settings and final checkpoint of the finished CNN search in ``run_dir``, or one line saying
-    why it is not one."""
+def search_settings(run_dir: str | Path) -> search_engine.SearchConfig:
+    """The settings of the CNN search in ``run_dir``, or one line saying why it is not one."""
     rd = RunDir(run_dir)
     if not rd.path.is_dir():
         raise UserError(f"{run_dir} does not exist; pass the folder of a finished dartsnas search cnn run")
-    stored = rd.read_config()
-    command = stored.get("command")
+    command = rd.read_config().get("command")
     if command != search_engine.COMMAND:
         raise UserError(f"{run_dir} is a {command!r} run; DARTS-PT selection needs a finished convolutional search "
                         f"(dartsnas search cnn)")
+    return search_engine.resume_config(run_dir, {})
+
+
+def finished_state(run_dir: str | Path) -> dict[str, Any]:
+    """The final checkpoint of the CNN search in ``run_dir``, or one line saying why it has none."""
+    rd = RunDir(run_dir)
     if not rd.checkpoint.is_file():
         raise UserError(f"{run_dir} has no checkpoints/last.pt: the search never finished an epoch; run it to the "
                         f"end with dartsnas search cnn --resume {run_dir}")
@@ -62,7 +66,7 @@ def finished_search(run_dir: str | Path) -> tuple[search_engine.SearchConfig, di
     if not state.get("finished") or not rd.genotype.is_file():
         raise UserError(f"{run_dir} holds an unfinished search (after epoch {state.get('epoch')}); finish it with "
                         f"dartsnas search cnn --resume {run_dir}, then select")
-    return search_engine.resume_config(run_dir, {}), state
+    return state
 
 
 def settings(run_dir: str | Path, given: dict[str, Any]) -> SelectConfig:
@@ -250,13 +254,14 @@ def run(run_dir: str | Path, config: SelectConfig | None = None) -> SelectionRes
     its result). ``config``: :func:`settings` gives the right one for a selection begun before."""
     cfg = config if config is not None else settings(run_dir, {})
     cfg.validate()
-    search_cfg, search_state = finished_search(run_dir)
+    search_cfg = search_settings(run_dir)  # before the lock: no lock file goes into a folder that is no search run
     overrides = {k: v for k, v in (("device", cfg.device), ("threads", cfg.threads), ("data", cfg.data))
                  if v is not None}
     search_cfg = dataclasses.replace(search_cfg, **overrides, plots=False)
     rd = RunDir(run_dir)
     rd.lock()  # no search may resume here while the selection reads its checkpoint and writes beside it
     try:
+        search_state = finished_state(run_dir)
         where = rd.path / SELECTION_DIR
         # The number of rounds follows from the searched cell; a selection begun before keeps its own folder.
         job_cfg = dataclasses.replace(cfg, epochs=len(pt.schedule(search_cfg.nodes, cfg.seed)), save=str(where))
