@@ -76,7 +76,7 @@ class SearchConfig(RunOptions):
                              group="search")
     selection: str = option("darts", "how the final cell is chosen: darts (the strongest alphas, paper section 2.4) "
                                      "or pt (also DARTS-PT's perturbation-based selection after the search, with "
-                                     "the paper's settings, into genotype_pt.json; dartsnas select RUN_DIR runs it "
+                                     "its default settings, into genotype_pt.json; dartsnas select RUN_DIR runs it "
                                      "with other settings)", group="search", choices=("darts", "pt"))
     grad_clip: float = option(5.0, "gradient-norm clip of the weight step", group="optimisation")
     seed: int = option(2, "random seed", group="optimisation")

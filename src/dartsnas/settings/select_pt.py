@@ -1,6 +1,7 @@
 """Settings of ``dartsnas select`` (DARTS-PT, perturbation-based selection of the cell from a finished CNN
-search); the defaults are the authors' DARTS-space settings (Wang et al., ICLR 2021, section 4 and their
-``darts-proj-sota`` script)."""
+search, Wang et al., ICLR 2021, section 4); the defaults are those of the authors' code for the DARTS
+search space (5 tuning epochs between decisions, a tenth of the search's learning rate, alpha updated,
+accuracy as the criterion)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ GENOTYPE_FILE = "genotype_pt.json"
 
 @dataclass
 class SelectConfig(RunOptions):
-    """Settings of a DARTS-PT selection; the defaults are the paper's."""
+    """Settings of a DARTS-PT selection; the defaults are the authors' DARTS-space settings."""
 
     epochs_per_edge: int = option(5, "epochs of supernet tuning after each round of decisions (one edge, later one "
-                                     "node, of each cell type); the paper tunes 5", group="optimisation")
+                                     "node, of each cell type); the authors tune 5 in the DARTS space", group="optimisation")
     tune_steps: int | None = option(None, "at most this many tuning steps after each round (default: "
                                           "--epochs_per_edge full epochs); for quick, scaled-down selections",
                                     group="optimisation")
