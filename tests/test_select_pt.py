@@ -336,3 +336,19 @@ def test_search_with_selection_pt_selects_after_the_search(tmp_path: Path, monke
     assert f"genotype (DARTS-PT) = {selected}" in out
     assert len(RunDir(save / "selection_pt").read_metrics()) == 6
     assert (save / "genotype.json").is_file()  # the search's own cell is kept
+
+
+def test_the_api_refuses_to_continue_a_selection_with_other_decisions(run_copy: Path, monkeypatch):
+    quick = engine.SelectConfig(epochs_per_edge=1, tune_steps=1, eval_batches=1)
+    real = engine.PTSelection.start_epoch
+
+    def stop_in_round_two(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch)
+
+    monkeypatch.setattr(engine.PTSelection, "start_epoch", stop_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(run_copy, quick)
+    with pytest.raises(UserError, match="--seed cannot change"):
+        engine.run(run_copy, engine.SelectConfig(epochs_per_edge=1, tune_steps=1, eval_batches=1, seed=7))

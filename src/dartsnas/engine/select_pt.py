@@ -251,8 +251,15 @@ class PTSelection(Job):
 def run(run_dir: str | Path, config: SelectConfig | None = None) -> SelectionResult:
     """Select the cell of the finished CNN search in ``run_dir`` by DARTS-PT and write it to
     ``run_dir/genotype_pt.json``; a selection begun before is continued (a finished one only rewrites
-    its result). ``config``: :func:`settings` gives the right one for a selection begun before."""
-    cfg = config if config is not None else settings(run_dir, {})
+    its result). ``config``: None continues a selection begun before with its stored settings; a config
+    that would change its decisions is refused with one line."""
+    if config is None:
+        cfg = settings(run_dir, {})
+    else:
+        # A selection begun before: its stored settings, which this config may change only where that
+        # leaves its decisions alone.
+        cfg = settings(run_dir, {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                 if f.metadata.get("cli", True)})
     cfg.validate()
     search_cfg = search_settings(run_dir)  # before the lock: no lock file goes into a folder that is no search run
     overrides = {k: v for k, v in (("device", cfg.device), ("threads", cfg.threads), ("data", cfg.data))
