@@ -257,24 +257,29 @@ def test_select_waits_for_no_one_holding_the_run(run_copy: Path, capsys):
     assert not (run_copy / "genotype_pt.json").exists() and not (run_copy / "selection_pt").exists()
 
 
+def _interrupted(run_dir: Path, cfg: engine.SelectConfig, monkeypatch, in_round: int) -> None:
+    """Start a selection and interrupt it (Ctrl-C) at the start of round ``in_round``."""
+    real = engine.PTSelection.start_epoch
+
+    def stop(self, epoch):
+        if epoch + 1 == in_round:
+            raise KeyboardInterrupt
+        return real(self, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.PTSelection, "start_epoch", stop)
+        with pytest.raises(KeyboardInterrupt):
+            engine.run(run_dir, cfg)
+
+
 @pytest.mark.slow  # two selections, about 15 s
 def test_an_interrupted_selection_continues_where_it_stopped(run_copy: Path, tmp_path: Path, monkeypatch):
     reference = Path(shutil.copytree(run_copy, tmp_path / "reference"))
     quick = engine.SelectConfig(epochs_per_edge=1, tune_steps=1, eval_batches=1)
     full = engine.run(reference, quick)
 
-    real = engine.PTSelection.start_epoch
-
-    def stop_in_round_three(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(self, epoch)
-
-    monkeypatch.setattr(engine.PTSelection, "start_epoch", stop_in_round_three)
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(run_copy, quick)
+    _interrupted(run_copy, quick, monkeypatch, in_round=3)
     assert not (run_copy / "genotype_pt.json").exists()
-    monkeypatch.setattr(engine.PTSelection, "start_epoch", real)
     resumed = engine.run(run_copy, engine.settings(run_copy, {}))
     assert resumed.genotype == full.genotype
     assert [r["decisions"] for r in resumed.metrics] == [r["decisions"] for r in full.metrics]
@@ -340,15 +345,6 @@ def test_search_with_selection_pt_selects_after_the_search(tmp_path: Path, monke
 
 def test_the_api_refuses_to_continue_a_selection_with_other_decisions(run_copy: Path, monkeypatch):
     quick = engine.SelectConfig(epochs_per_edge=1, tune_steps=1, eval_batches=1)
-    real = engine.PTSelection.start_epoch
-
-    def stop_in_round_two(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, epoch)
-
-    monkeypatch.setattr(engine.PTSelection, "start_epoch", stop_in_round_two)
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(run_copy, quick)
+    _interrupted(run_copy, quick, monkeypatch, in_round=2)
     with pytest.raises(UserError, match="--seed cannot change"):
         engine.run(run_copy, engine.SelectConfig(epochs_per_edge=1, tune_steps=1, eval_batches=1, seed=7))
