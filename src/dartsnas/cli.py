@@ -133,6 +133,14 @@ COMMANDS: tuple[Command, ...] = (
                                                   "flags win"),
              arg("--resume", metavar="PROTOCOL_DIR", help="continue a protocol with its stored settings")),
             extend="dartsnas.engine.protocol_cli:add_cli"),
+    Command("select", "DARTS-PT: select the cell of a finished CNN search by perturbation",
+            "Select the cell of a finished convolutional search by DARTS-PT (Wang et al., ICLR 2021): on each edge "
+            "keep the operation whose removal costs the supernet the most validation accuracy, tune the supernet "
+            "between decisions, then keep each node's two most important inputs. Writes RUN_DIR/genotype_pt.json "
+            "(the search's genotype.json is kept) and its record in RUN_DIR/selection_pt; running the same command "
+            "again continues an interrupted selection.",
+            _C + "select", _S + "select_pt:SelectConfig",
+            (arg("run_dir", metavar="RUN_DIR", help="the folder of a finished dartsnas search cnn run"),)),
     Command("info", "parameters and multiply-adds of an architecture",
             "Print the parameter count (and, for CNNs, the multiply-adds) of the CIFAR-10, ImageNet, PTB or "
             "WikiText-2 evaluation network built from an architecture.",

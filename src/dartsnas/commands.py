@@ -40,7 +40,19 @@ def search_cnn(args: argparse.Namespace) -> int:
                     lambda: make_config(engine.SearchConfig, args, args.config))
     result = engine.run(cfg, resume=args.resume)
     print(f"genotype = {result.genotype}")
+    if result.selected is not None:
+        print(f"genotype (DARTS-PT) = {result.selected}")
     print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def select(args: argparse.Namespace) -> int:
+    from .engine import select_pt as engine
+
+    cfg = engine.settings(args.run_dir, explicit_args(engine.SelectConfig, args))
+    result = engine.run(args.run_dir, cfg)
+    print(f"genotype (DARTS-PT) = {result.genotype}")
+    print(f"written to {result.run_dir / engine.GENOTYPE_FILE}")
     return 0
 
 

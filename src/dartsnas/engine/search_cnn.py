@@ -48,17 +48,22 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> SearchConfi
     return common.resume_config(SearchConfig, COMMAND, run_dir, overrides, RESUMABLE_OVERRIDES)
 
 
-def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None) -> tuple[float, float]:
+def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None,
+             mixing: tuple[torch.Tensor, torch.Tensor] | None = None, batch_stats: bool = False
+             ) -> tuple[float, float]:
+    """Mean validation loss and accuracy (percent) over at most ``max_batches`` batches; ``mixing`` replaces
+    the network's mixing weights; ``batch_stats`` normalises with each batch's statistics (training-mode
+    batch norm) and leaves the running statistics as they were."""
     loss_m, acc_m = AverageMeter(), AverageMeter()
-    model.eval()
-    with torch.no_grad():
+    model.train(batch_stats)
+    with torch.no_grad(), buffers_kept(model) if batch_stats else contextlib.nullcontext():
         for i, (x, y) in enumerate(stream.batches()):
             if max_batches is not None and i >= max_batches:
                 break
             n = y.shape[0]
             if n == 0:  # a process's empty share of a short last batch
                 continue
-            logits = model(x)
+            logits = model(x, mixing)
             loss_m.update(F.cross_entropy(logits, y).item(), n)
             acc_m.update(accuracy(logits, y)[0], n)
     model.train()
@@ -148,6 +153,9 @@ class CNNSearch(SearchJob):
 
     def prepare(self, resume: str | Path | None) -> None:
         distributed.check_sync_bn(self.cfg.sync_bn, self.device)
+        if self.cfg.selection == "pt" and distributed.is_distributed():
+            raise UserError("--selection pt runs in one process: leave it out under torchrun and run dartsnas select "
+                            "RUN_DIR after the search")
         distributed.per_rank_batch(self.cfg.batch_size, self.cfg.global_batch)  # fail early when it does not divide
 
     def build(self, state: dict[str, Any] | None) -> None:
@@ -333,7 +341,14 @@ def run(config: SearchConfig | None = None, resume: str | Path | None = None,
         cfg = config if config is not None else resume_config(resume, {})
     else:
         cfg = config if config is not None else SearchConfig()
-    return run_job(CNNSearch(cfg), resume, on_epoch_end)
+    result: SearchResult = run_job(CNNSearch(cfg), resume, on_epoch_end)
+    if cfg.selection == "pt":
+        # DARTS-PT after the search, on the finished run (its own command: dartsnas select).
+        from . import select_pt
+
+        given = {k: v for k, v in (("device", cfg.device), ("threads", cfg.threads)) if v is not None}
+        result.selected = select_pt.run(result.run_dir, select_pt.settings(result.run_dir, given)).genotype
+    return result
 
 
 def _hvp_check(architect: Architect, train_stream: BatchStream, alpha_stream: BatchStream, seed: int, epoch: int,

@@ -26,6 +26,7 @@ class SearchResult:
     run_dir: Path
     genotype: AnyGenotype
     metrics: list[dict[str, Any]]
+    selected: AnyGenotype | None = None  # the cell DARTS-PT chose (search cnn --selection pt)
 
 
 class SearchJob(Job):

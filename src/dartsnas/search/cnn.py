@@ -20,7 +20,7 @@ from ..genotype import CNN_PRIMITIVES, Genotype, derive_cnn_cell
 from ..ops import lean
 from ..ops.cnn import OPS, FactorizedReduce, ReLUConvBN, forward_after_relu, starts_with_relu
 from . import dirichlet as drnas
-from . import robust
+from . import pt, robust
 
 
 class MixedOp(nn.Module):
@@ -282,6 +282,8 @@ class SearchNetwork(nn.Module):
             self.betas_reduce = nn.Parameter(1e-3 * torch.randn(k))
         # DARTS- (section 3.2): the auxiliary skip's current coefficient, set every epoch by the search.
         self.aux_skip_coef = 0.0
+        # DARTS-PT's decisions (normal, reduce) applied to the mixing weights, set during a PT selection.
+        self.projection: tuple[pt.CellProjection, pt.CellProjection] | None = None
 
     def named_arch_parameters(self) -> list[tuple[str, nn.Parameter]]:
         names = ["alphas_normal", "alphas_reduce"]
@@ -311,11 +313,14 @@ class SearchNetwork(nn.Module):
         """The mixing weights of the normal and the reduction cells: ``softmax(alpha)`` (paper eq. 2), or
         with ``dirichlet`` a sample of ``Dir(elu(alpha) + 1)`` in training and its mean otherwise."""
         if not self.dirichlet:
-            return F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
-        if self.training:
+            w_normal, w_reduce = F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
+        elif self.training:
             w_normal, w_reduce = drnas.sample_weights([self.alphas_normal, self.alphas_reduce], self.dirichlet_seed)
         else:
             w_normal, w_reduce = drnas.mean_weights(self.alphas_normal), drnas.mean_weights(self.alphas_reduce)
+        if self.projection is not None:
+            # DARTS-PT (search/pt.py): the edges decided so far are one-hot, the inputs a node dropped zero.
+            w_normal, w_reduce = self.projection[0].apply(w_normal), self.projection[1].apply(w_reduce)
         return w_normal, w_reduce
 
     def forward(self, x: torch.Tensor, mixing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

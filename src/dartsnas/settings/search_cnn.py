@@ -74,6 +74,10 @@ class SearchConfig(RunOptions):
     aux_skip: float = option(0.0, "DARTS- auxiliary skip connection on every edge, outside the softmax, with a "
                                   "coefficient decaying linearly from this value to 0 over the search epochs (0: off)",
                              group="search")
+    selection: str = option("darts", "how the final cell is chosen: darts (the strongest alphas, paper section 2.4) "
+                                     "or pt (also DARTS-PT's perturbation-based selection after the search, with "
+                                     "its default settings, into genotype_pt.json; dartsnas select RUN_DIR runs it "
+                                     "with other settings)", group="search", choices=("darts", "pt"))
     grad_clip: float = option(5.0, "gradient-norm clip of the weight step", group="optimisation")
     seed: int = option(2, "random seed", group="optimisation")
     workers: int = option(0, "data-loading worker processes (images are kept in memory and augmented on the "
@@ -132,4 +136,4 @@ class SearchConfig(RunOptions):
 # diagnostic that leaves the search where it was; --early_stop decides where the run ends, so it may not change.
 RESUMABLE_OVERRIDES = {"device", "channels_last", "checkpoint_cells", "lean_memory", "flip_conv_backward", "workers",
                        "threads", "max_steps", "tensorboard", "plots", "report_freq", "download", "data", "sync_bn",
-                       "hessian_eig_every"}
+                       "hessian_eig_every", "selection"}
