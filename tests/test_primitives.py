@@ -75,8 +75,8 @@ def test_diagnostics_count_the_runs_operations():
 
 
 @pytest.mark.parametrize("names, message", [
-    (("sep_conv3x3", "none"), r"unknown operation 'sep_conv3x3' \(did you mean 'sep_conv_3x3'\?\); known operations: "
-                              r"none, max_pool_3x3"),
+    (("sep_conv3x3", "none"), (r"unknown operation 'sep_conv3x3' \(did you mean 'sep_conv_3x3'\?\); known "
+                               r"operations: none, max_pool_3x3")),
     (("conv_1x1",), r"unknown operation 'conv_1x1'"),
     (("skip_connect", "none", "skip_connect"), "lists skip_connect more than once"),
     ((), "is empty"),
@@ -189,7 +189,7 @@ def test_reduced_rnn_search_without_none(tiny_corpus: Path, tmp_path: Path):
 @pytest.mark.slow
 def test_figures_of_a_reduced_search_label_the_runs_operations(small_npz: Path, tmp_path: Path):
     pytest.importorskip("matplotlib")
-    from dartsnas.viz.search import load_history, write_alpha_heatmaps, write_alpha_figures
+    from dartsnas.viz.search import load_history, write_alpha_figures, write_alpha_heatmaps
 
     result = search_cnn.run(tiny_search(small_npz, tmp_path / "s", epochs=2, primitives=REDUCED))
     history = load_history(result.run_dir)
