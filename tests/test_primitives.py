@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -118,13 +117,9 @@ def test_yaml_list_or_text_and_the_python_api_give_one_form(tmp_path: Path):
 
 
 @pytest.fixture
-def small_npz(cifar_train_npz: Path, tmp_path: Path) -> Path:
+def small_npz(cifar_head) -> Path:
     """The first 32 real CIFAR-10 training images: two steps of batch 8 per stream."""
-    with np.load(cifar_train_npz) as f:
-        x, y = f["x"][:32], f["y"][:32]
-    path = tmp_path / "small.npz"
-    np.savez(path, x=x, y=y)
-    return path
+    return cifar_head(32)
 
 
 def tiny_search(data: Path, save: Path, **kw) -> SearchConfig:

@@ -19,13 +19,9 @@ TINY_RNN = {"emsize": 8, "nhid": 8, "nhidlast": 8, "batch_size": 4, "bptt": 5, "
 
 
 @pytest.fixture
-def images(cifar_train_npz: Path, tmp_path: Path) -> Path:
+def images(cifar_head) -> Path:
     """The first 64 real CIFAR-10 training images: four steps of batch 8 per search stream."""
-    with np.load(cifar_train_npz) as f:
-        x, y = f["x"][:64], f["y"][:64]
-    path = tmp_path / "small.npz"
-    np.savez(path, x=x, y=y)
-    return path
+    return cifar_head(64)
 
 
 def cnn_search(data: Path, save: Path, **kw) -> SearchConfig:
