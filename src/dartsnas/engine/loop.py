@@ -206,10 +206,12 @@ class Job:
 
 def settings_block(cfg: Any) -> str:
     """A run's settings as an aligned block, three per line, for the start of its log."""
-    items = [f"{k}={v}" for k, v in to_dict(cfg).items()]
-    width = max((len(s) for s in items), default=0) + 2
-    rows = ["  " + "".join(s.ljust(width) for s in items[i:i + 3]).rstrip() for i in range(0, len(items), 3)]
-    return "settings:\n" + "\n".join(rows)
+    items = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in to_dict(cfg).items()]
+    # Long values (lists of names) get lines of their own, so that they do not widen every column.
+    short, long = [s for s in items if len(s) <= 40], [s for s in items if len(s) > 40]
+    width = max((len(s) for s in short), default=0) + 2
+    rows = ["  " + "".join(s.ljust(width) for s in short[i:i + 3]).rstrip() for i in range(0, len(short), 3)]
+    return "settings:\n" + "\n".join(rows + ["  " + s for s in long])
 
 
 def _eta(seconds: float) -> str:
