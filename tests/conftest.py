@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +39,20 @@ def cifar_train_npz(data_dir: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found (set DARTSNAS_DATA)")
     return path
+
+
+@pytest.fixture
+def cifar_head(cifar_train_npz: Path, tmp_path: Path) -> Callable[[int], Path]:
+    """Writes the first n real CIFAR-10 training images to an .npz of their own (tiny searches and trainings)."""
+
+    def write(n: int) -> Path:
+        with np.load(cifar_train_npz) as f:
+            x, y = f["x"][:n], f["y"][:n]
+        path = tmp_path / f"cifar_first{n}.npz"
+        np.savez(path, x=x, y=y)
+        return path
+
+    return write
 
 
 @pytest.fixture

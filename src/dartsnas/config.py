@@ -75,6 +75,18 @@ def _base_type(tp: Any) -> tuple[type, bool]:
 
 _KIND_WORDS = {int: "an integer", float: "a number"}
 
+# A list of names (``tuple[str, ...]``): comma-separated on the command line, a YAML list or that same text in a file.
+NAMES = tuple[str, ...]
+
+
+def split_names(value: Any) -> Any:
+    """``"a,b"`` or ``["a", "b"]`` as ``("a", "b")``; anything else unchanged (the settings' checks name it)."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",")) if value.strip() else ()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return value
+
 
 def _parse_value(kind: type, optional: bool, name: str) -> Any:
     def parse(text: str) -> Any:
@@ -130,6 +142,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: 
         common = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text if listed else argparse.SUPPRESS}
         if kind is bool:
             action = sections[section].add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+        elif kind == NAMES:
+            action = sections[section].add_argument(*names, type=split_names, metavar="A,B,...", **common)
         else:
             choices = meta.get("choices")
             action = sections[section].add_argument(*names, type=_parse_value(kind, optional, dest), choices=choices,
@@ -245,6 +259,10 @@ def coerce(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if kind == NAMES:
+            value = split_names(value)
+            if not isinstance(value, tuple):
+                raise UserError(f"{where}: option {key!r} must be a list of names, got {short(value)}")
         if kind in (int, float, str, bool) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
             raise UserError(f"{where}: option {key!r} must be {kind.__name__}, got {short(value)}")
         out[key] = value
@@ -265,7 +283,8 @@ def make_config(cls: type[T], args: argparse.Namespace | None = None, config_fil
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """A config as plain YAML/JSON values (lists of names as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:

@@ -13,6 +13,7 @@ That form is parsed with :mod:`ast` and a whitelist of literal shapes; it is nev
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import os
 import random
@@ -40,6 +41,30 @@ RNN_PRIMITIVES: tuple[str, ...] = ("none", "tanh", "relu", "sigmoid", "identity"
 RNN_FINAL_OPS: tuple[str, ...] = RNN_PRIMITIVES[1:]
 
 Edge = tuple[str, int]
+
+
+def check_primitives(names: Sequence[str], known: Sequence[str], flag: str = "--primitives") -> tuple[str, ...]:
+    """The operation set of a search, checked against the ``known`` ones; its order fixes the columns of alpha.
+
+    A search chooses among these operations on every edge (paper section 2.1: the candidate set O);
+    ``none`` only lets an edge fade out and is never derived (section 2.4), so a set needs at least one
+    other operation. Bad sets raise :class:`UserError` with one line naming the fix.
+    """
+    names = tuple(names)
+    if not names:
+        raise UserError(f"{flag} is empty; give a comma-separated list of operations from: {', '.join(known)}")
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{flag}: unknown operation {_show(name)}{hint}; known operations: {', '.join(known)}")
+    repeated = sorted({n for n in names if names.count(n) > 1}, key=names.index)
+    if repeated:
+        raise UserError(f"{flag} lists {', '.join(repeated)} more than once; give each operation once")
+    if all(name == "none" for name in names):
+        raise UserError(f"{flag} has only 'none', which is never chosen as an edge's operation; add at least one "
+                        f"of: {', '.join(k for k in known if k != 'none')}")
+    return names
 
 # Limits for text from users: a genotype is a few hundred characters, a few levels deep, with small
 # node indices; anything far past that is refused before it can cost memory or recursion.
@@ -201,6 +226,7 @@ def from_dict(data: Any) -> AnyGenotype:
         raise UserError(f"a genotype must be a JSON object, got {type(data).__name__}")
     data = dict(data)
     data.pop("kind", None)
+    data.pop("primitives", None)  # the operation set a search chose from, kept in its genotype.json
     conv_keys = {"normal", "normal_concat", "reduce", "reduce_concat"}
     rnn_keys = {"recurrent", "concat"}
     keys = set(data)
@@ -302,6 +328,14 @@ def _best_op(row: Sequence[float], none_index: int | None) -> int:
     return best
 
 
+def _check_widths(weights: Sequence[Sequence[float]], primitives: Sequence[str]) -> None:
+    # Column k of alpha is primitives[k]: weights of another operation set would name the wrong operations.
+    for row in weights:
+        if len(row) != len(primitives):
+            raise ValueError(f"alpha rows have {len(row)} columns but the run has {len(primitives)} operations "
+                             f"({', '.join(primitives)})")
+
+
 def _none_index(primitives: Sequence[str]) -> int | None:
     return primitives.index("none") if "none" in primitives else None
 
@@ -318,6 +352,7 @@ def derive_cnn_cell(weights: Sequence[Sequence[float]], primitives: Sequence[str
     none_index = _none_index(primitives)
     if len(primitives) - (none_index is not None) < 1:
         raise UserError("the primitives contain no operation besides 'none'")
+    _check_widths(weights, primitives)
     gene: list[Edge] = []
     start = 0
     for i in range(steps):
@@ -340,6 +375,9 @@ def derive_rnn_cell(weights: Sequence[Sequence[float]], primitives: Sequence[str
         weights: softmaxed alphas, one row per edge: node 1 has 1 predecessor, node 2 has 2, ...
     """
     none_index = _none_index(primitives)
+    if len(primitives) - (none_index is not None) < 1:
+        raise UserError("the primitives contain no operation besides 'none'")
+    _check_widths(weights, primitives)
     gene: list[Edge] = []
     start = 0
     for i in range(steps):

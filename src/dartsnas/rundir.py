@@ -6,13 +6,15 @@ Layout (shared by search, train and every later command)::
       config.yaml            resolved config + package version (+ git SHA when run from a checkout)
       log.txt                everything printed to stdout
       metrics.jsonl          one JSON object per epoch
+      steps.jsonl            with --log_steps: one JSON object per training step (step, epoch, loss, lr)
       genotype.json          the final (search) or trained (train) architecture
       genotypes/epoch_XXX.json   search only: the derived genotype after each epoch
       alphas/epoch_XXX.json      search only: softmaxed alphas after each epoch
       checkpoints/last.pt    resumable state, loads with torch.load(weights_only=True)
 
 Every file is written atomically (temporary file + ``os.replace``), so an interrupted run never
-leaves a half-written checkpoint or config behind.
+leaves a half-written checkpoint or config behind; ``steps.jsonl`` alone is appended line by line, and
+a resume cuts it back to the checkpoint's step (a line cut short by a kill included).
 """
 
 from __future__ import annotations
@@ -113,14 +115,23 @@ def default_run_dir(command: str) -> Path:
     return path
 
 
-def _epoch_of(line: str) -> int | None:
-    """The epoch of a metrics line, or None for a damaged line (which a resume drops)."""
+def _count_of(line: str, key: str) -> int | None:
+    """The ``key`` (epoch, step) of a JSON-lines record, or None for a damaged line (which a resume drops)."""
     try:
         record = json.loads(line)
     except ValueError:
         return None
-    epoch = record.get("epoch") if isinstance(record, dict) else None
-    return epoch if isinstance(epoch, int) else None
+    value = record.get(key) if isinstance(record, dict) else None
+    return value if isinstance(value, int) else None
+
+
+def _truncate_lines(path: Path, key: str, done: int) -> None:
+    """Keep the records of ``path`` whose ``key`` is at most ``done`` (those a checkpoint covers)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (n := _count_of(line, key)) is not None and n <= done]
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def console_filter(record: logging.LogRecord) -> bool:
@@ -150,6 +161,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def steps(self) -> Path:
+        return self.path / "steps.jsonl"
 
     @property
     def genotype(self) -> Path:
@@ -276,11 +291,11 @@ class RunDir:
 
     def truncate_metrics(self, epochs_done: int) -> None:
         """On resume, forget metrics of epochs after the checkpoint (they will be recomputed)."""
-        if not self.metrics.exists():
-            return
-        keep = [line for line in self.metrics.read_text(encoding="utf-8", errors="replace").splitlines()
-                if _epoch_of(line) is not None and _epoch_of(line) <= epochs_done]  # type: ignore[operator]
-        write_text(self.metrics, "".join(line + "\n" for line in keep))
+        _truncate_lines(self.metrics, "epoch", epochs_done)
+
+    def truncate_steps(self, steps_done: int) -> None:
+        """On resume, forget the step records after the checkpoint's step (those steps run again)."""
+        _truncate_lines(self.steps, "step", steps_done)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The epoch records; a damaged line is skipped with a warning (the checkpoint is the source of truth)."""

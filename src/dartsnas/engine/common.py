@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from .. import distributed
 from ..config import coerce, field_names, from_dict
 from ..errors import UserError
+from ..genotype import CNN_PRIMITIVES, RNN_PRIMITIVES
 from ..rundir import FILE_ONLY, RunDir, default_run_dir, write_json
 
 logger = logging.getLogger("dartsnas")
@@ -126,9 +128,12 @@ def write_search_epoch(rd: RunDir, model: Any, genotype: Any, record: dict[str, 
                {"primitives": list(model.primitives), **model.arch_weights()})
 
 
-def finish_search(rd: RunDir, genotype: Any, plots: bool) -> None:
-    """Write the final genotype, say where the run is, and draw its figures."""
-    write_json(rd.genotype, genotype.to_dict())
+def finish_search(rd: RunDir, genotype: Any, primitives: Sequence[str], plots: bool) -> None:
+    """Write the final genotype, say where the run is, and draw its figures. A search over another
+    operation set than the default one records that set in genotype.json too."""
+    default = CNN_PRIMITIVES if genotype.kind == "cnn" else RNN_PRIMITIVES
+    extra = {} if tuple(primitives) == default else {"primitives": list(primitives)}
+    write_json(rd.genotype, {**genotype.to_dict(), **extra})
     # The command prints both lines as its result; the log file keeps them too.
     logger.info("final genotype = %s", genotype, extra=FILE_ONLY)
     logger.info("run directory: %s", rd.path, extra=FILE_ONLY)

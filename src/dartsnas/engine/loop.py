@@ -2,7 +2,7 @@
 
 A run goes through the same life whatever it trains: checks that need no run directory, the run
 directory and its log, a new start or a resume from ``checkpoints/last.pt``, epochs (steps, a
-progress bar, the interruption hint, an evaluation, a metrics line, a checkpoint, TensorBoard),
+progress bar, the step log, the interruption hint, an evaluation, a metrics line, a checkpoint, TensorBoard),
 and an end that writes the run's results. :func:`run_job` owns all of that; a :class:`Job` supplies
 only what differs between the four jobs: what it builds, one epoch of steps, one evaluation, what
 its checkpoint holds and what it writes at the end.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import logging
 import math
 import shutil
@@ -37,39 +38,88 @@ logger = logging.getLogger("dartsnas")
 OnEpochEnd = Callable[[int, dict[str, Any]], None]
 
 
+class StepLog:
+    """``steps.jsonl`` (``--log_steps``): one line per training step, flushed as it is written, so that
+    every step a checkpoint covers is on disk before that checkpoint; a resume cuts the file back to the
+    checkpoint's step (:meth:`RunDir.truncate_steps`), so no step is lost or written twice. With
+    TensorBoard on, the same values also go there as ``step/loss`` and ``step/lr``."""
+
+    def __init__(self, path: Path, tb: TensorBoard | None):
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- open for the run; the loop closes it
+        self._tb = tb
+
+    def write(self, step: int, epoch: int, loss: float | None, lr: float | None) -> None:
+        record = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr}
+        self._file.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key in ("loss", "lr"):
+                if record[key] is not None:
+                    self._tb.writer.add_scalar(f"step/{key}", record[key], step)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclasses.dataclass
+class RunProgress:
+    """What the progress lines need to say how far the whole run is: its expected number of steps, and
+    the time and step at which this process started training (a resumed run counts from its resume)."""
+
+    total: int
+    start_step: int
+    start_time: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def describe(self, step: int) -> str:
+        done = step - self.start_step
+        if done <= 0 or step >= self.total:
+            return f"run step {step}/{self.total}"
+        left = (time.perf_counter() - self.start_time) / done * (self.total - step)
+        return f"run step {step}/{self.total}, about {_eta(left)} left"
+
+
 class EpochContext:
     """What a job's epoch sees of the loop: the step budget and the one call made after each step.
 
     ``advance`` counts the step, moves the progress bar, stops the run with one line when the
-    running loss is not finite, and logs a progress line every ``report_freq`` steps.
+    running loss is not finite, writes the step's line of ``steps.jsonl`` (``--log_steps``), and logs a
+    progress line every ``report_freq`` steps.
     """
 
     def __init__(self, epoch: int, step: int, limit: int | None, total: int, report_freq: int, nan_hint: str,
-                 bar: tqdm):
+                 bar: tqdm, steps: StepLog | None = None, progress: RunProgress | None = None):
         self.epoch = epoch
         self.step = step
-        self.limit = limit  # steps this epoch may still take under --max_steps (None: no limit)
+        # Steps this epoch may still take under --max_steps and --limit_train_batches (None: no limit).
+        self.limit = limit
         self.total = total  # steps this epoch is expected to take (the bar's length)
         self.taken = 0
         self._report_freq = report_freq
         self._nan_hint = nan_hint
         self._bar = bar
+        self._steps = steps
+        self._progress = progress
 
     def can_step(self) -> bool:
         return self.limit is None or self.taken < self.limit
 
-    def advance(self, running_loss: float, **shown: float) -> bool:
-        """Count one step; returns True when this step logged a progress line."""
+    def advance(self, running_loss: float, *, step_loss: float | None = None, lr: float | None = None,
+                **shown: float) -> bool:
+        """Count one step; ``step_loss`` and ``lr`` are this step's own, for ``steps.jsonl``. Returns True
+        when this step logged a progress line."""
         self.step += 1
         self.taken += 1
         if not math.isfinite(running_loss):
             raise UserError(f"the training loss became {running_loss} at step {self.step}; {self._nan_hint}")
+        if self._steps is not None:
+            self._steps.write(self.step, self.epoch, step_loss, lr)
         values = {"loss": running_loss, **shown}
         self._bar.update(1)
         self._bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
         if self.taken % self._report_freq:
             return False
-        logger.info("epoch %d step %d/%d %s", self.epoch + 1, self.taken, self.total,
+        run = f" ({self._progress.describe(self.step)})" if self._progress is not None else ""
+        logger.info("epoch %d step %d/%d%s %s", self.epoch + 1, self.taken, self.total, run,
                     " ".join(f"{k} {v:.4f}" for k, v in values.items()))
         return True
 
@@ -156,10 +206,12 @@ class Job:
 
 def settings_block(cfg: Any) -> str:
     """A run's settings as an aligned block, three per line, for the start of its log."""
-    items = [f"{k}={v}" for k, v in to_dict(cfg).items()]
-    width = max((len(s) for s in items), default=0) + 2
-    rows = ["  " + "".join(s.ljust(width) for s in items[i:i + 3]).rstrip() for i in range(0, len(items), 3)]
-    return "settings:\n" + "\n".join(rows)
+    items = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in to_dict(cfg).items()]
+    # Long values (lists of names) get lines of their own, so that they do not widen every column.
+    short, long = [s for s in items if len(s) <= 40], [s for s in items if len(s) > 40]
+    width = max((len(s) for s in short), default=0) + 2
+    rows = ["  " + "".join(s.ljust(width) for s in short[i:i + 3]).rstrip() for i in range(0, len(short), 3)]
+    return "settings:\n" + "\n".join(rows + ["  " + s for s in long])
 
 
 def _eta(seconds: float) -> str:
@@ -258,6 +310,7 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
         start_epoch, step = state["epoch"], state["step"]
         if distributed.is_main():
             rd.truncate_metrics(start_epoch)
+            rd.truncate_steps(step)
             _rebuild_records(job, rd, state)
         # Done by the limits in force now: a resume may raise --max_steps (or, where the schedule allows
         # it, --epochs) and the run goes on from its last epoch.
@@ -269,6 +322,7 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
         logger.info("resuming %s after epoch %d (step %d)", rd.path, start_epoch, step)
     elif distributed.is_main():
         rd.truncate_metrics(0)  # records of an earlier start that never wrote a checkpoint
+        rd.truncate_steps(0)
         rd.write_config(to_dict(cfg), job.kind)
         logger.info("%s", settings_block(cfg))
         job.describe()
@@ -279,16 +333,19 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
             logger.warning('figures will be skipped: %s not installed (pip install "dartsnas[viz]")',
                            " and ".join("Pillow" if m == "PIL" else m for m in missing))
 
-    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and distributed.is_main() else None
+    main = distributed.is_main()
+    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and main else None
+    steps_log = StepLog(rd.steps, tb) if cfg.log_steps and main else None
+    progress = RunProgress(_run_steps(cfg, job.steps_per_epoch()), step)
     epoch_times: list[float] = []
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             record: dict[str, Any] = {"epoch": epoch + 1, **job.start_epoch(epoch)}
-            limit = None if cfg.max_steps is None else cfg.max_steps - step
+            limit = _epoch_limit(cfg, step)
             total = job.steps_per_epoch() if limit is None else min(job.steps_per_epoch(), limit)
             with _bar(total, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
-                ctx = EpochContext(epoch, step, limit, total, cfg.report_freq, job.nan_hint, bar)
+                ctx = EpochContext(epoch, step, limit, total, cfg.report_freq, job.nan_hint, bar, steps_log, progress)
                 record.update(job.train_epoch(epoch, ctx))
             step = ctx.step
             finished = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
@@ -320,12 +377,28 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
             if finished:
                 break
     finally:
+        if steps_log is not None:
+            steps_log.close()
         if tb is not None:
             tb.close()
     distributed.barrier()  # every epoch's files are written before any process reads them back
     result = job.finish(resumed_finished=False)
     distributed.barrier()  # the run directory is complete when run() returns in any process
     return result
+
+
+def _epoch_limit(cfg: Any, step: int) -> int | None:
+    """The most steps the next epoch may take: what --max_steps leaves of the run, and --limit_train_batches."""
+    limits = [n for n in (None if cfg.max_steps is None else cfg.max_steps - step, cfg.limit_train_batches)
+              if n is not None]
+    return min(limits) if limits else None
+
+
+def _run_steps(cfg: Any, steps_per_epoch: int) -> int:
+    """The steps the whole run is expected to take (an estimate where epochs vary in length)."""
+    per_epoch = steps_per_epoch if cfg.limit_train_batches is None else min(steps_per_epoch, cfg.limit_train_batches)
+    total = per_epoch * cfg.epochs
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)
 
 
 def _non_finite(value: Any, name: str) -> str | None:

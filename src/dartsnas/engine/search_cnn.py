@@ -85,7 +85,7 @@ def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype
                  ) -> tuple[SearchNetwork, torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR, Architect]:
     """The search network, its two optimisers (paper appendix A.1.1) and the architect."""
     model = SearchNetwork(cfg.init_channels, data.num_classes, cfg.layers, steps=cfg.nodes, multiplier=cfg.nodes,
-                          in_channels=data.in_channels, lean_memory=cfg.lean_memory,
+                          in_channels=data.in_channels, primitives=cfg.primitives, lean_memory=cfg.lean_memory,
                           checkpoint_cells=cfg.checkpoint_cells, dirichlet=cfg.dirichlet,
                           partial_channels=cfg.partial_channels, edge_normalization=cfg.edge_normalization,
                           aux_skip=cfg.aux_skip > 0).to(device=device, dtype=dtype)
@@ -259,10 +259,10 @@ class CNNSearch(SearchJob):
             if attack_gen is not None:
                 mixing = self._attack(x, y, attack_bound, attack_gen)
             loss, logits = weight_step(self.model, self.w_opt, x, y, cfg.grad_clip, mixing)
-            n = y.shape[0]
-            loss_m.update(loss.item(), n)
+            n, step_loss = y.shape[0], loss.item()
+            loss_m.update(step_loss, n)
             acc_m.update(accuracy(logits, y)[0], n)
-            ctx.advance(loss_m.avg, acc=acc_m.avg)
+            ctx.advance(loss_m.avg, step_loss=step_loss, lr=self.lr, acc=acc_m.avg)
         self.model.dirichlet_seed = None
         return {}
 

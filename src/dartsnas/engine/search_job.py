@@ -52,11 +52,12 @@ class SearchJob(Job):
     def search_state(self) -> dict[str, Any]:
         """The checkpoint entries every search has besides its optimisers."""
         return {"model": self.model.state_dict(), "genotype": self.genotype.to_dict(),
+                "primitives": list(self.model.primitives),
                 **({"early_stop": self.stopper.state()} if self.stopper is not None else {})}
 
     def finish(self, resumed_finished: bool) -> SearchResult:
         assert self.rd is not None
         genotype = kept_genotype(self.model.genotype(), self.stopper)
         if distributed.is_main():
-            finish_search(self.rd, genotype, self.cfg.plots and not resumed_finished)
+            finish_search(self.rd, genotype, self.model.primitives, self.cfg.plots and not resumed_finished)
         return SearchResult(self.rd.path, genotype, self.rd.read_metrics())

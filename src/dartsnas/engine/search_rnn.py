@@ -78,7 +78,7 @@ def build_search(cfg: RNNSearchConfig, ntoken: int, device: torch.device, dtype:
                  ) -> tuple[RNNSearchModel, torch.optim.SGD, Architect]:
     """The search model, its weight optimiser (SGD) and the architect (Adam on alpha)."""
     model = RNNSearchModel(ntoken, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout, cfg.dropouth, cfg.dropoutx,
-                           cfg.dropouti, cfg.dropoute, steps=cfg.nodes, compile=cfg.compile
+                           cfg.dropouti, cfg.dropoute, steps=cfg.nodes, primitives=cfg.primitives, compile=cfg.compile
                            ).to(device=device, dtype=dtype)
     model = distributed.convert_sync_bn(model, cfg.sync_bn)
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -203,7 +203,7 @@ class RNNSearch(SearchJob):
             n_batches += 1
             i += seq_len
             avg = loss_sum / n_batches
-            if ctx.advance(avg, ppl=perplexity(avg)):
+            if ctx.advance(avg, step_loss=loss, lr=step_lr, ppl=perplexity(avg)):
                 logger.info("genotype = %s", model.genotype())
         self.loss_sum, self.n_batches = loss_sum, n_batches
         return {}

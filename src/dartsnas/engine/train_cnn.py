@@ -372,10 +372,11 @@ class CNNTraining(Job):
             n = y.shape[0]
             images_seen += n
             top1, top5 = accuracy(logits.float(), y, topk=(1, 5))
-            loss_m.update(loss.item(), n)
+            step_loss = loss.item()
+            loss_m.update(step_loss, n)
             top1_m.update(top1, n)
             top5_m.update(top5, n)
-            ctx.advance(loss_m.avg, acc=top1_m.avg, top5=top5_m.avg)
+            ctx.advance(loss_m.avg, step_loss=step_loss, lr=self.lr, acc=top1_m.avg, top5=top5_m.avg)
         self.images_seen, self.train_time = images_seen, time.perf_counter() - t_train
         return {}
 

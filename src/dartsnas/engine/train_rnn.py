@@ -202,7 +202,7 @@ class RNNTraining(Job):
             n_batches += 1
             i += seq_len
             avg = loss_sum / n_batches
-            ctx.advance(avg, ppl=perplexity(avg))
+            ctx.advance(avg, step_loss=loss, lr=lr, ppl=perplexity(avg))
         if distributed.is_distributed():
             loss_sum = distributed.all_reduce_sum([loss_sum])[0] / distributed.world_size()
         self.train_loss = loss_sum / max(n_batches, 1)

@@ -7,10 +7,11 @@ checks live here once; a job's own ``validate`` adds its checks and calls ``supe
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
-from ..config import check, option
+from ..config import check, option, split_names
 from .choices import GLOBAL_BATCH_CHOICES
 
 # Far above any machine's cores; OpenMP crashes when asked for hundreds of thousands of threads.
@@ -22,6 +23,12 @@ DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 class RuntimeOptions:
     device: str = option("auto", "auto, cpu or cuda (cuda:N for one GPU)", group="runtime")
     threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)", group="runtime")
+
+    def __post_init__(self) -> None:
+        # Lists of names (their defaults are tuples) given by the Python API as "a,b" or a list: one form.
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, tuple):
+                setattr(self, f.name, split_names(getattr(self, f.name)))
 
     def validate(self) -> None:
         check(self.threads is None or 1 <= self.threads <= MAX_THREADS,
@@ -36,14 +43,24 @@ class RuntimeOptions:
         check(workers is None or workers >= 0, f"--workers must be >= 0, got {workers}")
 
 
+# Run options that a resume may change, in every job: they cut a run short or say what it writes.
+RESUMABLE_RUN_OPTIONS = frozenset({"max_steps", "limit_train_batches", "log_steps", "tensorboard", "plots",
+                                   "report_freq"})
+
+
 @dataclass
 class RunOptions(RuntimeOptions):
     save: str | None = option(None, "run directory (default: runs/<command>-<timestamp>)", group="output")
     max_steps: int | None = option(None, "stop after this many steps in total, writing everything a finished run "
                                          "writes (smoke tests, timing)", group="runtime")
+    limit_train_batches: int | None = option(None, "train on at most this many batches per epoch, so that every "
+                                                   "epoch's work runs in seconds (smoke tests; default: all)",
+                                             group="runtime")
     eval_batches: int | None = option(None, "evaluate at most this many batches each time (default: all)",
                                       group="runtime")
     report_freq: int = option(50, "log training progress every this many steps", group="output")
+    log_steps: bool = option(False, "write every training step's loss and learning rate to RUN_DIR/steps.jsonl "
+                                    "(and to TensorBoard with --tensorboard)", group="output")
     tensorboard: bool = option(False, "also write TensorBoard event files (needs the tensorboard package)",
                                group="output")
     plots: bool = option(True, "draw figures into the run directory at the end", group="output")
@@ -53,6 +70,8 @@ class RunOptions(RuntimeOptions):
 
     def validate(self) -> None:
         check(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be at least 1, got {self.max_steps}")
+        check(self.limit_train_batches is None or self.limit_train_batches >= 1,
+              f"--limit_train_batches must be at least 1, got {self.limit_train_batches}")
         check(self.eval_batches is None or self.eval_batches >= 1,
               f"--eval_batches must be at least 1, got {self.eval_batches}")
         check(self.report_freq >= 1, f"--report_freq must be at least 1, got {self.report_freq}")

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass
 
 from ..config import check, option
+from ..genotype import CNN_PRIMITIVES
 from .choices import DATASETS
-from .runtime import RunOptions
-from .search import check_search_options
+from .runtime import RESUMABLE_RUN_OPTIONS, RunOptions
+from .search import check_search_options, primitives_option
 
 
 @dataclass
@@ -32,6 +33,7 @@ class SearchConfig(RunOptions):
     epochs: int = option(50, "search epochs", group="optimisation")
     train_portion: float = option(0.5, "fraction of the training set used for the weights; the rest trains alpha",
                                   group="data")
+    primitives: tuple[str, ...] = primitives_option(CNN_PRIMITIVES)
     unrolled: bool = option(False, "second-order approximation (paper eq. 7) instead of first order", group="search")
     hvp: str = option("fd", "Hessian-vector product of the second-order step: fd (the paper's finite "
                             "difference) or exact (double backward)", group="search", choices=("fd", "exact"))
@@ -98,7 +100,9 @@ class SearchConfig(RunOptions):
                                   "instead of each process's slice", group="distributed")
 
     def validate(self) -> None:
-        check_search_options(self)
+        rule = check_search_options(self, CNN_PRIMITIVES)
+        check(rule is None or rule.kind != "skip" or "skip_connect" in self.primitives,
+              f"--early_stop {self.early_stop} counts skip connections, but --primitives has no skip_connect")
         check(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
         check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         check(0.0 < self.train_portion < 1.0,
@@ -136,4 +140,4 @@ class SearchConfig(RunOptions):
 # diagnostic that leaves the search where it was; --early_stop decides where the run ends, so it may not change.
 RESUMABLE_OVERRIDES = {"device", "channels_last", "checkpoint_cells", "lean_memory", "flip_conv_backward", "workers",
                        "threads", "max_steps", "tensorboard", "plots", "report_freq", "download", "data", "sync_bn",
-                       "hessian_eig_every", "selection"}
+                       "hessian_eig_every", "selection"} | RESUMABLE_RUN_OPTIONS

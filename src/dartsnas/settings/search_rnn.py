@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass
 
 from ..config import check, option
+from ..genotype import RNN_PRIMITIVES
 from .choices import RNN_STEPS
-from .runtime import RunOptions
-from .search import check_search_options
+from .runtime import RESUMABLE_RUN_OPTIONS, RunOptions
+from .search import check_search_options, primitives_option
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RNNSearchConfig(RunOptions):
     dropouti: float = option(0.2, "locked dropout on the embeddings", group="regularisation")
     dropoute: float = option(0.0, "embedding dropout (whole words)", group="regularisation")
     beta: float = option(1e-3, "temporal activation regularisation (slowness) coefficient", group="regularisation")
+    primitives: tuple[str, ...] = primitives_option(RNN_PRIMITIVES)
     unrolled: bool = option(False, "second-order approximation (paper eq. 7) instead of first order", group="search")
     hvp: str = option("fd", "Hessian-vector product of the second-order step: fd (the paper's finite "
                             "difference) or exact (double backward)", group="search", choices=("fd", "exact"))
@@ -59,7 +61,7 @@ class RNNSearchConfig(RunOptions):
                                   "plain PyTorch with a warning if compiling fails", group="speed")
 
     def validate(self) -> None:
-        rule = check_search_options(self)
+        rule = check_search_options(self, RNN_PRIMITIVES)
         for name in ("emsize", "nhid", "nhidlast", "nodes", "epochs", "batch_size", "bptt", "eval_batch_size"):
             check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
         check(self.batch_size >= 2, "--batch_size must be at least 2 (the search cell normalises node states over "
@@ -84,4 +86,4 @@ class RNNSearchConfig(RunOptions):
 # Settings that may differ when a run is resumed: they do not change the mathematics. The eigenvalue is a
 # diagnostic that leaves the search where it was; --early_stop decides where the run ends, so it may not change.
 RESUMABLE_OVERRIDES = {"device", "threads", "max_steps", "tensorboard", "plots", "report_freq", "data",
-                       "eval_batches", "sync_bn", "compile", "hessian_eig_every"}
+                       "eval_batches", "sync_bn", "compile", "hessian_eig_every"} | RESUMABLE_RUN_OPTIONS

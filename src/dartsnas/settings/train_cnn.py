@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..config import check, option, redefault
 from .choices import AMP_CHOICES, NETWORK_DEFAULTS
-from .runtime import RunOptions
+from .runtime import RESUMABLE_RUN_OPTIONS, RunOptions
 
 _CIFAR = NETWORK_DEFAULTS["cifar10"]
 _IMAGENET = NETWORK_DEFAULTS["imagenet"]
@@ -134,4 +134,4 @@ CONFIGS: dict[str, type[TrainConfig]] = {"cifar10": CifarTrainConfig, "imagenet"
 # Settings that may change when a run is resumed: they do not change what is being trained.
 RESUMABLE_OVERRIDES = {"device", "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download",
                        "data", "test_data", "amp", "channels_last", "flip_conv_backward", "deterministic",
-                       "eval_batches", "sync_bn"}
+                       "eval_batches", "sync_bn"} | RESUMABLE_RUN_OPTIONS

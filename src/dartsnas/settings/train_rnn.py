@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import check, make_config, option, redefault
-from .runtime import RunOptions
+from .runtime import RESUMABLE_RUN_OPTIONS, RunOptions
 
 DEFAULT_DATA = {"ptb": "data/penn", "wt2": "data/wikitext-2"}
 # WikiText-2 transfers the PTB cell with these changes (paper appendix A.2.4); `train wt2` starts from them.
@@ -86,7 +86,7 @@ class TrainConfig(RunOptions):
 
 # Settings that may differ when a run is resumed: they do not change the mathematics of past epochs.
 RESUMABLE_OVERRIDES = {"device", "threads", "max_steps", "tensorboard", "plots", "report_freq", "data", "epochs",
-                       "final_test", "eval_batches", "pack_weights"}
+                       "final_test", "eval_batches", "pack_weights"} | RESUMABLE_RUN_OPTIONS
 
 
 def config_from_args(args: argparse.Namespace, dataset: str) -> TrainConfig:
