@@ -15,6 +15,8 @@ Sources:
 * ``npz``: any image set in that layout (any size, 1 or 3 channels), normalised with the mean and
   std of its training part.
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits, a real data set that needs no network.
+* ``folder``: your own images in class sub-folders (:mod:`.folder`), normalised with the mean and std of
+  its training part.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class ImageData:
     std: tuple[float, ...]
     pad: int  # random-crop padding; 0 disables cropping
     flip: bool  # random horizontal flips
+    classes: list[str] | None = None  # class names, where the source has them (folders)
 
     @property
     def in_channels(self) -> int:
@@ -166,17 +169,37 @@ def _digits() -> tuple[ImageSet, ImageSet]:
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    xf = x.double().div_(255.0)
-    mean = xf.mean(dim=(0, 2, 3))
-    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return tuple(mean.tolist()), tuple(std.tolist())
+    """Per-channel mean and std of uint8 images, in [0, 1] units.
+
+    From exact integer sums over chunks of images, so the memory needed stays small for large sets
+    and the result does not depend on how the images are chunked."""
+    total = torch.zeros(x.shape[1], dtype=torch.int64)
+    squares = torch.zeros(x.shape[1], dtype=torch.int64)
+    for start in range(0, x.shape[0], 4096):
+        chunk = x[start:start + 4096].to("cpu", torch.int64)
+        total += chunk.sum(dim=(0, 2, 3))
+        squares += chunk.square().sum(dim=(0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total.double() / n
+    var = (squares.double() - total.double() * mean) / max(n - 1, 1)  # the unbiased variance, as torch.std
+    std = (var.clamp_min(0).sqrt() / 255.0).clamp_min(1e-3)
+    return tuple((mean / 255.0).tolist()), tuple(std.tolist())
 
 
-def load_image_data(dataset: str, data: str | None = None, download: bool = True) -> ImageData:
-    """Load a data set by name; see the module docstring for the sources."""
+def load_image_data(dataset: str, data: str | None = None, download: bool = True,
+                    image_size: int | None = None) -> ImageData:
+    """Load a data set by name; see the module docstring for the sources (``image_size``: folders only)."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == "folder":
+        from .folder import read_image_folder
+
+        found = read_image_folder(data, image_size)
+        mean, std = channel_stats(found.train.x)
+        # Crop padding as CIFAR-10's 4 of 32 pixels; photographs may be mirrored.
+        pad = max(1, min(found.train.x.shape[2:]) // 8)
+        return ImageData(Path(data or "").name, found.train, found.test, len(found.classes), mean, std, pad=pad,
+                         flip=True, classes=found.classes)
     if dataset == "digits":
         train, test = _digits()
         mean, std = channel_stats(train.x)

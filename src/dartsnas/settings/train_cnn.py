@@ -6,11 +6,17 @@ import math
 from dataclasses import dataclass
 
 from ..config import check, option, redefault
-from .choices import AMP_CHOICES, NETWORK_DEFAULTS
+from .choices import AMP_CHOICES, NETWORK_DEFAULTS, TRAIN_DATASETS
 from .runtime import RunOptions
 
 _CIFAR = NETWORK_DEFAULTS["cifar10"]
 _IMAGENET = NETWORK_DEFAULTS["imagenet"]
+
+
+def check_image_size(dataset: str, image_size: int | None) -> None:
+    """--image_size resizes the images of --dataset folder; the other sources have their own size."""
+    check(image_size is None or image_size >= 4, f"--image_size must be at least 4, got {image_size}")
+    check(image_size is None or dataset == "folder", "--image_size applies to --dataset folder only")
 
 
 @dataclass
@@ -79,6 +85,11 @@ class TrainConfig(RunOptions):
 class CifarTrainConfig(TrainConfig):
     """``dartsnas train cifar10``: 20 cells, C = 36, 600 epochs, cosine schedule, cutout (paper appendix A.2.1)."""
 
+    dataset: str = option("cifar10", "data source: cifar10 (--data: CIFAR-10 folder or .npz) or folder (--data: your "
+                                     "own images in class sub-folders, or train/ and val/ folders of them; val/ is "
+                                     "the test split)", group="data", choices=TRAIN_DATASETS)
+    image_size: int | None = option(None, "--dataset folder: resize every image to N x N (default: the images' own "
+                                          "size, which must then be the same for all)", group="data")
     test_data: str | None = option(None, ".npz file of CIFAR-10 test images for the final evaluation (default: the "
                                          "folder's test batch, the file's x_test, or the single *test*.npz next to "
                                          "--data)", group="data")
@@ -93,6 +104,9 @@ class CifarTrainConfig(TrainConfig):
         super().validate()
         check(self.learning_rate_min >= 0, f"--learning_rate_min must be >= 0, got {self.learning_rate_min}")
         check(self.cutout_length >= 1, f"--cutout_length must be at least 1, got {self.cutout_length}")
+        check_image_size(self.dataset, self.image_size)
+        check(self.dataset != "folder" or not self.test_data,
+              "--test_data is for CIFAR-10 .npz files; with --dataset folder the test images are DIR/val/")
 
 
 @dataclass
