@@ -141,3 +141,119 @@ def test_search_and_train_a_folder_from_the_command_line(folder: Path, tmp_path:
     metrics = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
     # The command reproduces the run's own final test number: same images, same normalisation.
     assert f"accuracy {metrics[-1]['test_acc']:.2f}%" in out
+
+
+class Tensors(Dataset):
+    """A deterministic Dataset over a folder's in-memory images (float, normalised as the Dataset likes)."""
+
+    def __init__(self, root: Path):
+        data = load_image_data("folder", str(root), image_size=8)
+        self.x = data.train.x.float() / 255 - 0.5
+        self.y = data.train.y
+        self.classes = data.classes
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i])
+
+
+SMALL = {"layers": 3, "init_channels": 4, "batch_size": 8, "device": "cpu", "plots": False}
+
+
+def test_search_and_train_python_datasets(folder: Path, tmp_path: Path, capsys):
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    tf = transforms.Compose([transforms.Resize(8), transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.25,) * 3)])
+    train_set, val_set = ImageFolder(str(folder / "train"), tf), ImageFolder(str(folder / "val"), tf)
+    found = dartsnas.search(train_data=train_set, epochs=1, max_steps=2, eval_batches=1, save=str(tmp_path / "s"),
+                            **SMALL)
+    assert found.run_dir == tmp_path / "s" and isinstance(found.genotype, dartsnas.Genotype)
+    assert len(found.metrics) == 1 and np.isfinite(found.metrics[0]["valid_loss"])
+    record = json.loads((found.run_dir / "data.json").read_text())
+    assert (record["source"], record["num_classes"], record["classes"], record["mean"]) == ("python", 3, CLASSES, None)
+    trained = dartsnas.train(found.genotype, train_data=train_set, valid_data=val_set, test_data=val_set, epochs=1,
+                             max_steps=2, auxiliary=False, cutout_length=4, save=str(tmp_path / "t"), **SMALL)
+    assert trained.test is not None and trained.test.images == 12
+    assert trained.metrics[-1]["valid_acc"] == trained.test.top1  # the same images, the same final weights
+    assert dartsnas.load_model(trained.run_dir)(torch.rand(1, 3, 8, 8)).shape == (1, 3)
+    # The command line cannot repeat a Dataset's transform: it says so instead of testing with another one.
+    assert main(["test", "cifar10", "--model_path", str(trained.run_dir), "--data", str(folder)]) == 2
+    assert "trained on a Python Dataset" in capsys.readouterr().err
+    # Nor resume it: the run needs its Dataset again.
+    assert main(["search", "cnn", "--resume", str(found.run_dir), "--max_steps", "4"]) == 2
+    assert "started on a Python Dataset" in capsys.readouterr().err
+
+
+def test_bad_python_data_is_one_line(folder: Path, tmp_path: Path):
+    items = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)] * 4
+    with pytest.raises(UserError, match="images must be float tensors C x H x W"):
+        dartsnas.search(train_data=items, num_classes=2, epochs=1, **SMALL)
+    unlabelled = [(torch.zeros(3, 8, 8), i % 2) for i in range(20)]
+    with pytest.raises(UserError, match=r"neither .classes nor .targets; pass num_classes=N"):
+        dartsnas.search(train_data=unlabelled, epochs=1, **SMALL)
+    with pytest.raises(UserError, match="label 1, outside 0..0|1 class"):
+        dartsnas.search(train_data=unlabelled, num_classes=1, epochs=1, **SMALL)
+    with pytest.raises(UserError, match="unknown setting 'epoch'; did you mean 'epochs'"):
+        dartsnas.search(train_data=unlabelled, epoch=1)
+    with pytest.raises(UserError, match="unknown network"):
+        dartsnas.train("DARTS", network="mnist")
+
+
+def test_genotype_parse_and_derive():
+    g = dartsnas.get_genotype("DARTS_V2")
+    assert dartsnas.Genotype.parse("DARTS_V2") == g and dartsnas.Genotype.parse(str(g)) == g
+    assert dartsnas.Genotype.parse(g.to_json()) == g
+    # One-hot weights derive exactly the cell they encode.
+    from dartsnas.genotype import CNN_PRIMITIVES
+
+    def one_hot(edges):
+        rows = []
+        for node in range(4):
+            for j in range(node + 2):
+                row = [0.0] * len(CNN_PRIMITIVES)
+                chosen = [op for op, i in edges[2 * node:2 * node + 2] if i == j]
+                row[CNN_PRIMITIVES.index(chosen[0]) if chosen else 0] = 1.0
+                rows.append(row)
+        return rows
+
+    derived = dartsnas.Genotype.derive(torch.tensor(one_hot(g.normal)), one_hot(g.reduce))
+    assert sorted(derived.normal) == sorted(g.normal) and sorted(derived.reduce) == sorted(g.reduce)
+    assert derived.normal_concat == (2, 3, 4, 5)
+    with pytest.raises(UserError, match="2 \\+ 3 \\+ ... rows"):
+        dartsnas.Genotype.derive([[1.0] * 8] * 6, [[1.0] * 8] * 6)
+
+
+@pytest.mark.slow
+def test_folder_search_resumes_bit_for_bit(folder: Path, tmp_path: Path, capsys):
+    args = ["search", "cnn", "--dataset", "folder", "--data", str(folder), *TINY, "--epochs", "2", "--eval_batches",
+            "1", "--seed", "3"]
+    assert main([*args, "--save", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--max_steps", "3", "--save", str(tmp_path / "cut")]) == 0  # stops after epoch 1
+    assert main(["search", "cnn", "--resume", str(tmp_path / "cut"), "--max_steps", "100"]) == 0
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(line).items() if k != "time"} for line in whole]
+    assert strip == [{k: v for k, v in json.loads(line).items() if k != "time"} for line in cut]
+    # Changed classes are refused, not trained into the wrong head.
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(folder / "train", other)
+    (other / "airplane").rename(other / "aeroplane")
+    assert main(["search", "cnn", "--resume", str(tmp_path / "cut"), "--data", str(other)]) == 2
+    assert "the data's classes changed since the run started" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_python_dataset_search_resumes_bit_for_bit(folder: Path, tmp_path: Path):
+    data = Tensors(folder / "train")
+    settings = {**SMALL, "epochs": 2, "eval_batches": 1, "seed": 3}
+    whole = dartsnas.search(train_data=data, save=str(tmp_path / "whole"), **settings)
+    dartsnas.search(train_data=data, save=str(tmp_path / "cut"), max_steps=3, **settings)
+    again = dartsnas.search(train_data=data, resume=str(tmp_path / "cut"), max_steps=100)
+    assert str(again.genotype) == str(whole.genotype)
+    assert [{k: v for k, v in m.items() if k != "time"} for m in again.metrics] == \
+        [{k: v for k, v in m.items() if k != "time"} for m in whole.metrics]

@@ -166,6 +166,7 @@ class CNNSearch(SearchJob):
         cfg = self.cfg
         # Streams of global batches; with several processes each takes its slice of every batch.
         self.batch = batch = distributed.per_rank_batch(cfg.batch_size, cfg.global_batch) * distributed.world_size()
+        common.check_resumed_source(state, self.user_data is not None)
         shard = {"rank": distributed.rank(), "world": distributed.world_size()}
         if self.user_data is not None:
             self._user_streams(batch, shard)

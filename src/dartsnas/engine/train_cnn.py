@@ -329,6 +329,7 @@ class CNNTraining(Job):
         cfg, device = self.cfg, self.device
         _set_determinism(cfg.deterministic, device)
         self.amp_dtype = amp_dtype = resolve_amp(cfg.amp, device)
+        common.check_resumed_source(state, self.user_data is not None)
         self.data: _CifarData | _ImageNetData
         if self.user_data is not None:
             self.data = _DatasetData(cfg, device, *self.user_data)
