@@ -117,7 +117,8 @@ def read_image_folder(data: str | os.PathLike[str] | None, image_size: int | Non
                         "folders of them)")
     root = Path(data)
     if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist")
+        raise UserError(f"image folder {root} does not exist" if not root.exists() else
+                        f"{root} is not a folder; --dataset folder reads a folder of class sub-folders")
     if is_split_layout(root):
         train, classes, first = _read_split(root / "train", image_size, max_bytes)
         test, test_classes, first_test = _read_split(root / "val", image_size, max_bytes)

@@ -136,7 +136,7 @@ class ImageNetTrainConfig(TrainConfig):
         check(self.image_size >= 8, f"--image_size must be at least 8, got {self.image_size}")
         check(self.init_channels % 2 == 0, f"--init_channels must be even for ImageNet (the stem halves it), "
                                            f"got {self.init_channels}")
-        check(bool(self.data), "train imagenet needs --data DIR (with train/ and val/ class folders)")
+        # --data is checked when the run starts (a run on Python Datasets needs none).
 
 
 CONFIGS: dict[str, type[TrainConfig]] = {"cifar10": CifarTrainConfig, "imagenet": ImageNetTrainConfig}
