@@ -294,8 +294,8 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return g
 
 
-class BatchStream:
-    """Shuffled, augmented, normalised batches over ``indices`` of an in-memory image set.
+class Stream:
+    """What every batch stream shares: shuffled global batches over ``indices``, sharded over processes.
 
     ``batch_size`` is the global batch. With ``world > 1`` processes, process ``rank`` gets its
     contiguous slice of every global batch: each epoch's permutation (a function of the epoch's
@@ -303,17 +303,12 @@ class BatchStream:
     batches of one process, and a run can resume with another number of processes. Training
     streams then drop the last, incomplete global batch, so that every process takes the same
     number of steps on an equal share (the mean of the processes' gradients is then the gradient
-    of the global batch).
+    of the global batch). Subclasses turn each planned batch into tensors (:meth:`sharded_batches`).
     """
 
-    def __init__(self, images: ImageSet, indices: torch.Tensor, batch_size: int, normalize: Normalizer,
-                 pad: int = 0, flip: bool = False, train: bool = True, rank: int = 0, world: int = 1):
-        self.images = images
+    def __init__(self, indices: torch.Tensor, batch_size: int, train: bool, rank: int, world: int):
         self.indices = indices
         self.batch_size = batch_size
-        self.normalize = normalize
-        self.pad = pad
-        self.flip = flip
         self.train = train
         self.rank = rank
         self.world = world
@@ -327,22 +322,14 @@ class BatchStream:
             return len(self.indices) // self.batch_size
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
 
-    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One pass: shuffled and augmented when ``train`` (needs ``generator``), in order otherwise."""
-        for x, y, _, _ in self.sharded_batches(generator):
-            yield x, y
-
-    def sharded_batches(self, generator: torch.Generator | None = None
-                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, slice]]:
-        """Like :meth:`batches`, with the global batch's size and this process's rows of it (for
-        augmentations drawn per global batch, such as cutout). Evaluation streams may give a
-        process no rows of a short last batch."""
+    def plan(self, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, int, slice]]:
+        """Each batch's indices (this process's rows of it), the global batch's size, and those rows:
+        shuffled when ``train`` (needs ``generator``), in order otherwise."""
         if self.train:
             assert generator is not None
             order = self.indices[torch.randperm(len(self.indices), generator=generator)]
         else:
             order = self.indices
-        device = self.images.x.device
         stop = len(self) * self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             idx = order[start:start + self.batch_size]
@@ -352,16 +339,47 @@ class BatchStream:
                 lo, hi = self.rank * total // self.world, (self.rank + 1) * total // self.world
                 rows = slice(lo, hi)
                 idx = idx[rows]
-            idx = idx.to(device)
-            x = self.images.x.index_select(0, idx)
-            if self.train:
-                x = augment(x, self.pad, self.flip, generator, rows, total)  # type: ignore[arg-type]
-            yield self.normalize(x), self.images.y.index_select(0, idx), total, rows
+            yield idx, total, rows
+
+    def sharded_batches(self, generator: torch.Generator | None = None
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, slice]]:
+        """Like :meth:`batches`, with the global batch's size and this process's rows of it (for
+        augmentations drawn per global batch, such as cutout). Evaluation streams may give a
+        process no rows of a short last batch."""
+        raise NotImplementedError
+
+    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass: shuffled (and augmented) when ``train`` (needs ``generator``), in order otherwise."""
+        for x, y, _, _ in self.sharded_batches(generator):
+            yield x, y
 
     def forever(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless batches: a new shuffle each time the split is exhausted."""
         while True:
             yield from self.batches(generator)
+
+
+class BatchStream(Stream):
+    """Shuffled, augmented, normalised batches over ``indices`` of an in-memory image set (see
+    :class:`Stream` for the batches and their sharing among processes)."""
+
+    def __init__(self, images: ImageSet, indices: torch.Tensor, batch_size: int, normalize: Normalizer,
+                 pad: int = 0, flip: bool = False, train: bool = True, rank: int = 0, world: int = 1):
+        super().__init__(indices, batch_size, train, rank, world)
+        self.images = images
+        self.normalize = normalize
+        self.pad = pad
+        self.flip = flip
+
+    def sharded_batches(self, generator: torch.Generator | None = None
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, slice]]:
+        device = self.images.x.device
+        for idx, total, rows in self.plan(generator):
+            idx = idx.to(device)
+            x = self.images.x.index_select(0, idx)
+            if self.train:
+                x = augment(x, self.pad, self.flip, generator, rows, total)  # type: ignore[arg-type]
+            yield self.normalize(x), self.images.y.index_select(0, idx), total, rows
 
 
 def split_indices(n: int, portion: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
+from .images import Stream
 
 
 @dataclass
@@ -76,68 +77,36 @@ def check_item(item: Any, what: str) -> tuple[torch.Tensor, int]:
     return image, int(label)
 
 
-class DatasetStream:
-    """Batches over ``indices`` of a Dataset, with the interface of :class:`~.images.BatchStream`.
-
-    Training streams shuffle with the epoch's generator; with ``world`` processes each takes its
-    contiguous slice of every global batch and the last, incomplete global batch is dropped.
-    """
+class DatasetStream(Stream):
+    """Batches over ``indices`` of a Dataset, shuffled and sharded as :class:`~.images.Stream` says."""
 
     def __init__(self, dataset: Dataset, indices: torch.Tensor, batch_size: int, device: torch.device,
                  num_classes: int, train: bool = True, rank: int = 0, world: int = 1, workers: int = 0,
                  channels_last: bool = False, what: str = "train_data"):
-        self.dataset, self.indices, self.batch_size, self.device = dataset, indices, batch_size, device
-        self.num_classes, self.train, self.rank, self.world, self.workers = num_classes, train, rank, world, workers
+        super().__init__(indices, batch_size, train, rank, world)
+        self.dataset, self.device, self.num_classes, self.workers = dataset, device, num_classes, workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.what = what
 
-    @property
-    def drop_last(self) -> bool:
-        return self.train and self.world > 1
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return len(self.indices) // self.batch_size
-        return (len(self.indices) + self.batch_size - 1) // self.batch_size
-
-    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y, _, _ in self.sharded_batches(generator):
-            yield x, y
-
-    def forever(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield from self.batches(generator)
-
     def sharded_batches(self, generator: torch.Generator | None = None
                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, slice]]:
-        if self.train:
-            assert generator is not None
-            order = self.indices[torch.randperm(len(self.indices), generator=generator)]
-        else:
-            order = self.indices
-        stop = len(self) * self.batch_size if self.drop_last else len(order)
-        plan, shares = [], []
-        for start in range(0, stop, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            total = len(idx)
-            rows = slice(self.rank * total // self.world, (self.rank + 1) * total // self.world)
-            plan.append(idx[rows].tolist())
-            shares.append((total, rows))
+        plan = list(self.plan(generator))
         if not plan:
             return
         # Worker processes (if any) are seeded from the epoch's generator, so their draws repeat too.
         seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else 0
-        loader = DataLoader(self.dataset, batch_sampler=[p for p in plan if p], num_workers=self.workers,
-                            generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda")
+        loader = DataLoader(self.dataset, batch_sampler=[idx.tolist() for idx, _, _ in plan if len(idx)],
+                            num_workers=self.workers, generator=torch.Generator().manual_seed(seed),
+                            pin_memory=self.device.type == "cuda")
         batches = iter(loader)
-        for part, (total, rows) in zip(plan, shares):
-            if not part:  # this process's empty share of a short last batch
+        for idx, total, rows in plan:
+            if not len(idx):  # this process's empty share of a short last batch
                 empty = torch.empty(0, dtype=torch.int64, device=self.device)
                 yield torch.empty(0, device=self.device), empty, total, rows
                 continue
             x, y = next(batches)
             if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
-                check_item(self.dataset[part[0]], self.what)  # names what the items are
+                check_item(self.dataset[int(idx[0])], self.what)  # names what the items are
             y = torch.as_tensor(y, dtype=torch.int64)
             bad = y[(y < 0) | (y >= self.num_classes)]
             if bad.numel():

@@ -18,7 +18,7 @@ from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from .. import distributed
-from ..data.images import BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
+from ..data.images import BatchStream, ImageData, Normalizer, Stream, epoch_generator, load_image_data, split_indices
 from ..data.stream import DatasetInfo, DatasetStream, dataset_info, shuffled_split
 from ..errors import UserError
 from ..genotype import from_dict
@@ -51,7 +51,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> SearchConfi
     return common.resume_config(SearchConfig, COMMAND, run_dir, overrides, RESUMABLE_OVERRIDES)
 
 
-def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None) -> tuple[float, float]:
+def _evaluate(model: SearchNetwork, stream: Stream, max_batches: int | None) -> tuple[float, float]:
     loss_m, acc_m = AverageMeter(), AverageMeter()
     model.eval()
     with torch.no_grad():
@@ -389,7 +389,7 @@ def run(config: SearchConfig | None = None, resume: str | Path | None = None,
     return run_job(CNNSearch(cfg, train_data, valid_data, num_classes), resume, on_epoch_end)
 
 
-def _hvp_check(architect: Architect, train_stream: BatchStream, alpha_stream: BatchStream, seed: int, epoch: int,
+def _hvp_check(architect: Architect, train_stream: Stream, alpha_stream: Stream, seed: int, epoch: int,
                lr: float) -> dict[str, float]:
     # A separate generator, so that the check does not shift the batches the search itself sees.
     gen = epoch_generator(seed, epoch, 2)
