@@ -119,6 +119,8 @@ def test_bad_folders_are_one_line_on_the_command_line(tmp_path: Path, capsys):
     assert not (tmp_path / "run").exists()  # a run that never started leaves nothing behind
     assert main(["search", "cnn", "--image_size", "8", "--dataset", "digits", "--device", "cpu"]) == 2
     assert "--image_size applies to --dataset folder only" in capsys.readouterr().err
+    assert main(["train", "cifar10", "--dataset", "folder", "--device", "cpu"]) == 2
+    assert "--dataset folder needs --data DIR" in capsys.readouterr().err
 
 
 def test_search_and_train_a_folder_from_the_command_line(folder: Path, tmp_path: Path, capsys):
@@ -257,3 +259,19 @@ def test_python_dataset_search_resumes_bit_for_bit(folder: Path, tmp_path: Path)
     assert str(again.genotype) == str(whole.genotype)
     assert [{k: v for k, v in m.items() if k != "time"} for m in again.metrics] == \
         [{k: v for k, v in m.items() if k != "time"} for m in whole.metrics]
+
+
+@pytest.mark.slow
+def test_folder_training_resumes_bit_for_bit(folder: Path, tmp_path: Path):
+    args = ["train", "cifar10", "--dataset", "folder", "--data", str(folder), *TINY, "--epochs", "2", "--no-auxiliary",
+            "--cutout_length", "4", "--valid_size", "6", "--arch", "DARTS_V1"]
+    assert main([*args, "--save", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--max_steps", "4", "--save", str(tmp_path / "cut")]) == 0  # 30 images: 4 steps an epoch
+    assert main(["train", "cifar10", "--resume", str(tmp_path / "cut"), "--max_steps", "100"]) == 0
+
+    def records(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "train_images_per_s")} for line in lines]
+
+    assert records("whole") == records("cut")
+    assert (tmp_path / "cut" / "best.safetensors").is_file()

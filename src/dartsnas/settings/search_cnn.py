@@ -9,7 +9,7 @@ from ..config import check, option
 from .choices import DATASETS
 from .runtime import RunOptions
 from .search import check_search_options
-from .train_cnn import check_image_size
+from .train_cnn import check_folder_options
 
 
 @dataclass
@@ -132,7 +132,7 @@ class SearchConfig(RunOptions):
         super().validate()
         if self.dataset == "npz":
             check(bool(self.data), "--dataset npz needs --data FILE.npz")
-        check_image_size(self.dataset, self.image_size)
+        check_folder_options(self.dataset, self.image_size, self.data)
 
 
 # Settings that may differ when a run is resumed: they do not change the mathematics. The eigenvalue is a

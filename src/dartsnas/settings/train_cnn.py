@@ -13,8 +13,11 @@ _CIFAR = NETWORK_DEFAULTS["cifar10"]
 _IMAGENET = NETWORK_DEFAULTS["imagenet"]
 
 
-def check_image_size(dataset: str, image_size: int | None) -> None:
-    """--image_size resizes the images of --dataset folder; the other sources have their own size."""
+def check_folder_options(dataset: str, image_size: int | None, data: str | None) -> None:
+    """--dataset folder needs its folder; --image_size resizes its images (the other sources have their
+    own size)."""
+    check(dataset != "folder" or bool(data), "--dataset folder needs --data DIR (a folder of class sub-folders, "
+                                             "or of train/ and val/ folders of them)")
     check(image_size is None or image_size >= 4, f"--image_size must be at least 4, got {image_size}")
     check(image_size is None or dataset == "folder", "--image_size applies to --dataset folder only")
 
@@ -104,7 +107,7 @@ class CifarTrainConfig(TrainConfig):
         super().validate()
         check(self.learning_rate_min >= 0, f"--learning_rate_min must be >= 0, got {self.learning_rate_min}")
         check(self.cutout_length >= 1, f"--cutout_length must be at least 1, got {self.cutout_length}")
-        check_image_size(self.dataset, self.image_size)
+        check_folder_options(self.dataset, self.image_size, self.data)
         check(self.dataset != "folder" or not self.test_data,
               "--test_data is for CIFAR-10 .npz files; with --dataset folder the test images are DIR/val/")
 
