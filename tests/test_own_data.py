@@ -278,3 +278,22 @@ def test_folder_training_resumes_bit_for_bit(folder: Path, tmp_path: Path):
     # The cut run also tested after its first epoch, where --max_steps ended it.
     assert whole[0] == {k: v for k, v in cut[0].items() if not k.startswith("test_")}
     assert (tmp_path / "cut" / "best.safetensors").is_file()
+
+
+def test_damaged_data_records_are_one_line(tmp_path: Path):
+    from dartsnas.checkpoint import load_weights, save_weights
+    from dartsnas.engine.evaluate_cnn import trained_data
+
+    net = dartsnas.create_model("DARTS", "cifar10", num_classes=3, init_channels=4, layers=3)
+    good = {"source": "folder", "name": "x", "num_classes": 3, "classes": CLASSES, "in_channels": 3,
+            "image_size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3}
+    for record, ok in ((good, True), ({**good, "mean": [0.5]}, False), ({**good, "image_size": "8"}, False),
+                       ({**good, "num_classes": None}, False), ("[", False)):
+        path = tmp_path / "w.safetensors"
+        save_weights(path, net, "cifar10", dartsnas.get_genotype("DARTS"), {},
+                     {"data": record if isinstance(record, str) else json.dumps(record)})
+        if ok:
+            assert trained_data(load_weights(path), str(path)) == good
+        else:
+            with pytest.raises(UserError, match="damaged metadata"):
+                trained_data(load_weights(path), str(path))

@@ -216,9 +216,18 @@ def trained_data(loaded: LoadedWeights, where: str) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         record = None
-    if not isinstance(record, dict) or not isinstance(record.get("num_classes"), int):
+
+    def numbers(value: Any, n: int) -> bool:
+        return (isinstance(value, list) and len(value) == n
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+    # Hand-edited or damaged files: one line, never a crash halfway through the evaluation.
+    if not (isinstance(record, dict) and isinstance(record.get("num_classes"), int)
+            and isinstance(record.get("in_channels"), int) and numbers(record.get("image_size"), 2)
+            and all(record.get(k) is None or numbers(record[k], record["in_channels"]) for k in ("mean", "std"))
+            and (record.get("classes") is None or isinstance(record["classes"], list))):
         raise UserError(f"{where} has damaged metadata (its data record is unreadable)")
     return record
 

@@ -174,9 +174,6 @@ class _DatasetData(_CifarData):
         self.valid_size = len(self.valid.indices) if self.valid is not None else 0
         self.test_source = f"test_data ({len(self.test.indices)} items)" if self.test is not None else ""
 
-    def __len__(self) -> int:
-        return len(self.train)
-
     def test_batches(self) -> Batches | None:
         return self.test.batches() if self.test is not None else None
 
