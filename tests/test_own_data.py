@@ -60,6 +60,7 @@ def test_folder_reads_exact_pixels_labels_and_classes(folder: Path, cifar):
     # Stored in a fixed shuffled order, so that a split in order keeps every class on both sides.
     assert set(data.train.y[:18].tolist()) == {0, 1, 2} and set(data.train.y[18:].tolist()) == {0, 1, 2}
     assert data.mean == channel_stats(data.train.x)[0]  # normalised with the training images' statistics
+    assert load_image_data("folder", str(folder), test=False).test is None  # a search leaves val/ unread
     resized = load_image_data("folder", str(folder), image_size=8)
     assert tuple(resized.train.x.shape[1:]) == (3, 8, 8) and tuple(resized.test.x.shape[1:]) == (3, 8, 8)
 

@@ -110,8 +110,9 @@ def _read_split(folder: Path, image_size: int | None, max_bytes: int) -> tuple[I
 
 
 def read_image_folder(data: str | os.PathLike[str] | None, image_size: int | None = None,
-                      max_bytes: int = MAX_BYTES) -> FolderImages:
-    """The images of ``data`` (see the module docstring), training images in the fixed shuffled order."""
+                      max_bytes: int = MAX_BYTES, test: bool = True) -> FolderImages:
+    """The images of ``data`` (see the module docstring), training images in the fixed shuffled order;
+    ``test=False`` leaves ``val/`` unread (a search never looks at it)."""
     if not data:
         raise UserError("--dataset folder needs --data DIR (a folder of class sub-folders, or train/ and val/ "
                         "folders of them)")
@@ -119,19 +120,22 @@ def read_image_folder(data: str | os.PathLike[str] | None, image_size: int | Non
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist" if not root.exists() else
                         f"{root} is not a folder; --dataset folder reads a folder of class sub-folders")
-    if is_split_layout(root):
+    if is_split_layout(root) and not test:
+        train, classes, _ = _read_split(root / "train", image_size, max_bytes)
+        test_images = None
+    elif is_split_layout(root):
         train, classes, first = _read_split(root / "train", image_size, max_bytes)
-        test, test_classes, first_test = _read_split(root / "val", image_size, max_bytes)
+        test_images, test_classes, first_test = _read_split(root / "val", image_size, max_bytes)
         if test_classes != classes:
             diff = sorted(set(classes) ^ set(test_classes))
             raise UserError(f"train/ and val/ of {root} have different class folders (e.g. {diff[0]!r}); both need "
                             f"the same classes for the labels to agree")
-        if test.x.shape[2:] != train.x.shape[2:]:
+        if test_images.x.shape[2:] != train.x.shape[2:]:
             raise UserError(f"images differ in size: {first} is {train.x.shape[3]}x{train.x.shape[2]} but "
-                            f"{first_test} is {test.x.shape[3]}x{test.x.shape[2]}; pass --image_size N to resize "
-                            f"them all to N x N")
+                            f"{first_test} is {test_images.x.shape[3]}x{test_images.x.shape[2]}; pass --image_size "
+                            f"N to resize them all to N x N")
     else:
         train, classes, _ = _read_split(root, image_size, max_bytes)
-        test = None
+        test_images = None
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-    return FolderImages(ImageSet(train.x[order], train.y[order]), test, classes)
+    return FolderImages(ImageSet(train.x[order], train.y[order]), test_images, classes)

@@ -187,14 +187,15 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 
 
 def load_image_data(dataset: str, data: str | None = None, download: bool = True,
-                    image_size: int | None = None) -> ImageData:
-    """Load a data set by name; see the module docstring for the sources (``image_size``: folders only)."""
+                    image_size: int | None = None, test: bool = True) -> ImageData:
+    """Load a data set by name; see the module docstring for the sources (``image_size``, and ``test=False``
+    to leave a folder's ``val/`` unread: folders only)."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if dataset == "folder":
         from .folder import read_image_folder
 
-        found = read_image_folder(data, image_size)
+        found = read_image_folder(data, image_size, test=test)
         mean, std = channel_stats(found.train.x)
         # Crop padding as CIFAR-10's 4 of 32 pixels; photographs may be mirrored.
         pad = max(1, min(found.train.x.shape[2:]) // 8)

@@ -201,7 +201,9 @@ class CNNSearch(SearchJob):
     def _image_streams(self, batch: int, shard: dict[str, int]) -> None:
         """The in-memory data sets (:mod:`dartsnas.data.images`), augmented on the device."""
         cfg, device = self.cfg, self.device
-        self.data = data = load_image_data(cfg.dataset, cfg.data, download=cfg.download, image_size=cfg.image_size)
+        # A search never looks at a folder's val/ (the test split): it is not even read.
+        self.data = data = load_image_data(cfg.dataset, cfg.data, download=cfg.download, image_size=cfg.image_size,
+                                           test=False)
         self.train_idx, self.valid_idx = train_idx, valid_idx = split_indices(len(data.train), cfg.train_portion)
         self.model, self.w_opt, self.scheduler, self.architect = build_search(cfg, data, device)
         images = data.train.to(device)
