@@ -37,7 +37,7 @@ def test_help_groups_options_and_shows_choices(capsys):
     text = help_text(["search", "cnn"], capsys)
     for heading in ("data:", "optimisation:", "architecture search:", "speed and memory:", "output:", "runtime:"):
         assert f"\n{heading}\n" in text
-    assert "--hvp {fd,exact}" in text and "--dataset {cifar10,npz,digits}" in text
+    assert "--hvp {fd,exact}" in text and "--dataset {cifar10,npz,digits,folder}" in text
     assert "--unrolled / --no-unrolled" in text
     assert text.startswith("usage: dartsnas search cnn [options]\n")
 

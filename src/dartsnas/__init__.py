@@ -18,13 +18,20 @@ __all__ = [
     "load_genotype",
     "load_model",
     "parse_printed",
+    "search",
+    "train",
 ]
 
 
 def __getattr__(name: str):
-    # The model factory imports torch; loading it lazily keeps `import dartsnas` (and the command
-    # line's help) fast.
-    if name in ("create_model", "load_model"):
+    # The model factory and the runs import torch; loading them lazily keeps `import dartsnas` (and the
+    # command line's help) fast.
+    if name == "search":
+        # The subpackage of the search algorithms, which forwards calls to api.search (see its docstring).
+        import importlib
+
+        return importlib.import_module(".search", __name__)
+    if name in ("create_model", "load_model", "train"):
         from . import api
 
         return getattr(api, name)

@@ -1,22 +1,93 @@
-"""The Python API's front: build a DARTS network by name, load any trained network dartsnas can test.
+"""The Python API's front: search a cell and train a network (on a named data set, a folder or your own
+``torch.utils.data.Dataset``), build a DARTS network by name, load any trained network dartsnas can test.
 
-``dartsnas.create_model`` and ``dartsnas.load_model`` are the two calls most users need after a
-search; ``dartsnas.search.cnn``-style engines (``dartsnas.engine.search_cnn.run`` and the others)
-stay the way to run searches and trainings from Python.
+``dartsnas.search`` and ``dartsnas.train`` take the command's settings as keywords and call the same
+engines as the command line (``dartsnas.engine.search_cnn.run``, ``dartsnas.engine.train_cnn.run``).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from .engine.search_job import SearchResult
+    from .engine.train_cnn import TrainResult
 
 from .errors import UserError
 from .genotype import AnyGenotype, Genotype, RecurrentGenotype, load_genotype
 from .settings.choices import NETWORK_DEFAULTS, RNN_NETWORKS
 
 DATASETS = (*NETWORK_DEFAULTS, *RNN_NETWORKS)
+
+OnEpochEnd = Callable[[int, dict[str, Any]], None]
+
+
+def _config(cls: type, engine: Any, settings: dict[str, Any], resume: str | os.PathLike[str] | None) -> Any:
+    """The settings of a new run (defaults and ``settings``) or of a resumed one (its stored settings
+    with the ``settings`` that may change); unknown names are one line with the nearest known one."""
+    from .config import field_names, make_config
+
+    names = field_names(cls)
+    for key in settings:
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            raise UserError(f"unknown setting {key!r}{f'; did you mean {close[0]!r}?' if close else ''} (the "
+                            f"settings are the command's flags: {cls.__name__})")
+    if isinstance(settings.get("arch"), Genotype):
+        settings = {**settings, "arch": str(settings["arch"])}  # stored in config.yaml in its printed form
+    if resume is not None:
+        return engine.resume_config(resume, settings)
+    return make_config(cls, **settings)
+
+
+def search(train_data: Dataset | None = None, valid_data: Dataset | None = None, *,
+           resume: str | os.PathLike[str] | None = None, num_classes: int | None = None,
+           on_epoch_end: OnEpochEnd | None = None, **settings: Any) -> SearchResult:
+    """Search a convolutional cell; returns the run directory, the final genotype and each epoch's metrics.
+
+    ``settings`` are ``dartsnas search cnn``'s flags (``epochs=10, layers=5, dataset="folder",
+    data="images/"``...). ``train_data``: a Dataset of ``(float image C x H x W, label)`` items searched
+    on instead, split by ``train_portion`` unless ``valid_data`` trains the architecture; ``num_classes``
+    when it has no ``classes`` or ``targets``. ``resume``: a run directory to continue (a run started on
+    a Dataset needs the same Dataset again).
+    """
+    from .engine import search_cnn as engine
+
+    cfg = _config(engine.SearchConfig, engine, settings, resume)
+    return engine.run(cfg, resume=resume, on_epoch_end=on_epoch_end, train_data=train_data, valid_data=valid_data,
+                      num_classes=num_classes)
+
+
+def train(arch: str | Genotype | os.PathLike[str] | None = None, train_data: Dataset | None = None,
+          valid_data: Dataset | None = None, test_data: Dataset | None = None, *, network: str = "cifar10",
+          resume: str | os.PathLike[str] | None = None, num_classes: int | None = None,
+          on_epoch_end: OnEpochEnd | None = None, **settings: Any) -> TrainResult:
+    """Train the network of ``arch`` (a name, Genotype, genotype.json, search run directory or printed
+    genotype; default DARTS) from scratch; returns the run directory, genotype, metrics and test result.
+
+    ``network``: ``cifar10`` (the CIFAR-sized network, for small images) or ``imagenet``; ``settings``
+    are ``dartsnas train <network>``'s flags (``epochs=20, layers=8, dataset="folder", data="images/"``...).
+    ``train_data``/``valid_data``/``test_data``: Datasets of ``(float image C x H x W, label)`` items
+    used instead: trained on, evaluated each epoch (choosing ``best.safetensors``), and evaluated
+    once at the end.
+    """
+    from .engine import train_cnn as engine
+
+    if network not in engine.CONFIGS:
+        raise UserError(f"unknown network {network!r}; choose one of {', '.join(engine.CONFIGS)}")
+    if arch is not None:
+        settings = {**settings, "arch": arch if isinstance(arch, (str, Genotype)) else os.fspath(arch)}
+    cfg = _config(engine.CONFIGS[network], engine, settings, resume)
+    return engine.run(cfg, resume=resume, on_epoch_end=on_epoch_end, train_data=train_data, valid_data=valid_data,
+                      test_data=test_data, num_classes=num_classes)
 
 
 def create_model(arch: str | AnyGenotype = "DARTS_V2", dataset: str = "cifar10", *, num_classes: int | None = None,

@@ -122,9 +122,11 @@ def _read_weights(path: str | os.PathLike[str]) -> LoadedWeights:
     verify_checksum(obj, path)
     if "format_version" in obj and isinstance(obj.get("model"), dict):
         genotype = obj.get("genotype")
+        # A run's data record (classes, normalisation), as the safetensors files carry it in their metadata.
+        meta = {"data": json.dumps(obj["data"])} if isinstance(obj.get("data"), dict) else {}
         return LoadedWeights(_tensors_only(obj["model"], path), "run-checkpoint",
                              genotype_from_dict(genotype) if isinstance(genotype, dict) else None,
-                             _settings_of(obj.get("config"), path), obj.get("network"))
+                             _settings_of(obj.get("config"), path), obj.get("network"), meta)
     if isinstance(obj.get("state_dict"), dict):
         return LoadedWeights(_tensors_only(obj["state_dict"], path), "wrapped-state_dict")
     return LoadedWeights(_tensors_only(obj, path), "state_dict")

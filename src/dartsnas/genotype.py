@@ -143,6 +143,35 @@ class Genotype:
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
+    @classmethod
+    def parse(cls, spec: str | os.PathLike[str] | Genotype) -> Genotype:
+        """A convolutional genotype from anything ``--arch`` accepts: a name (``DARTS_V2``), a
+        genotype.json, a search run directory, the printed ``Genotype(...)`` form or its JSON."""
+        genotype = load_genotype(spec, kind="cnn")
+        assert isinstance(genotype, Genotype)
+        return genotype
+
+    @classmethod
+    def derive(cls, normal: Sequence[Sequence[float]], reduce: Sequence[Sequence[float]],
+               primitives: Sequence[str] = CNN_PRIMITIVES) -> Genotype:
+        """The discrete cell of softmaxed mixing weights (paper section 2.4): per node, the two strongest
+        incoming edges, each with its strongest operation other than ``none``. ``normal`` and ``reduce``
+        hold one row per edge in cell order (2, 3, 4, ... edges per node; tensors or nested lists), one
+        column per primitive; every intermediate node is concatenated, as in the search network."""
+        rows = [list(map(float, r)) for r in (normal.tolist() if hasattr(normal, "tolist") else normal)]
+        reduce_rows = [list(map(float, r)) for r in (reduce.tolist() if hasattr(reduce, "tolist") else reduce)]
+        steps = 0
+        while sum(range(2, steps + 2)) < len(rows):
+            steps += 1
+        if steps == 0 or sum(range(2, steps + 2)) != len(rows) or len(reduce_rows) != len(rows):
+            raise UserError(f"mixing weights need 2 + 3 + ... rows (one per edge of 2, 3, ... nodes) and as many "
+                            f"for both cells, got {len(rows)} and {len(reduce_rows)}")
+        if any(len(r) != len(primitives) for r in rows + reduce_rows):
+            raise UserError(f"every row of mixing weights needs one column per primitive ({len(primitives)})")
+        concat = list(range(2, steps + 2))
+        return cls(derive_cnn_cell(rows, primitives, steps), concat, derive_cnn_cell(reduce_rows, primitives, steps),
+                   concat)
+
     def __str__(self) -> str:
         # The authors' printed form, so that users can paste it into papers and other code bases.
         return (

@@ -15,6 +15,8 @@ Sources:
 * ``npz``: any image set in that layout (any size, 1 or 3 channels), normalised with the mean and
   std of its training part.
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits, a real data set that needs no network.
+* ``folder``: your own images in class sub-folders (:mod:`.folder`), normalised with the mean and std of
+  its training part.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class ImageData:
     std: tuple[float, ...]
     pad: int  # random-crop padding; 0 disables cropping
     flip: bool  # random horizontal flips
+    classes: list[str] | None = None  # class names, where the source has them (folders)
 
     @property
     def in_channels(self) -> int:
@@ -162,17 +165,38 @@ def _digits() -> tuple[ImageSet, ImageSet]:
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    xf = x.double().div_(255.0)
-    mean = xf.mean(dim=(0, 2, 3))
-    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return tuple(mean.tolist()), tuple(std.tolist())
+    """Per-channel mean and std of uint8 images, in [0, 1] units.
+
+    From exact integer sums over chunks of images, so the memory needed stays small for large sets
+    and the result does not depend on how the images are chunked."""
+    total = torch.zeros(x.shape[1], dtype=torch.int64)
+    squares = torch.zeros(x.shape[1], dtype=torch.int64)
+    for start in range(0, x.shape[0], 4096):
+        chunk = x[start:start + 4096].to("cpu", torch.int64)
+        total += chunk.sum(dim=(0, 2, 3))
+        squares += chunk.square().sum(dim=(0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total.double() / n
+    var = (squares.double() - total.double() * mean) / max(n - 1, 1)  # the unbiased variance, as torch.std
+    std = (var.clamp_min(0).sqrt() / 255.0).clamp_min(1e-3)
+    return tuple((mean / 255.0).tolist()), tuple(std.tolist())
 
 
-def load_image_data(dataset: str, data: str | None = None, download: bool = True) -> ImageData:
-    """Load a data set by name; see the module docstring for the sources."""
+def load_image_data(dataset: str, data: str | None = None, download: bool = True,
+                    image_size: int | None = None, test: bool = True) -> ImageData:
+    """Load a data set by name; see the module docstring for the sources (``image_size``, and ``test=False``
+    to leave a folder's ``val/`` unread: folders only)."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == "folder":
+        from .folder import read_image_folder
+
+        found = read_image_folder(data, image_size, test=test)
+        mean, std = channel_stats(found.train.x)
+        # Crop padding as CIFAR-10's 4 of 32 pixels; photographs may be mirrored.
+        pad = max(1, min(found.train.x.shape[2:]) // 8)
+        return ImageData(Path(data or "").name, found.train, found.test, len(found.classes), mean, std, pad=pad,
+                         flip=True, classes=found.classes)
     if dataset == "digits":
         train, test = _digits()
         mean, std = channel_stats(train.x)
@@ -267,8 +291,8 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return g
 
 
-class BatchStream:
-    """Shuffled, augmented, normalised batches over ``indices`` of an in-memory image set.
+class Stream:
+    """What every batch stream shares: shuffled global batches over ``indices``, sharded over processes.
 
     ``batch_size`` is the global batch. With ``world > 1`` processes, process ``rank`` gets its
     contiguous slice of every global batch: each epoch's permutation (a function of the epoch's
@@ -276,17 +300,12 @@ class BatchStream:
     batches of one process, and a run can resume with another number of processes. Training
     streams then drop the last, incomplete global batch, so that every process takes the same
     number of steps on an equal share (the mean of the processes' gradients is then the gradient
-    of the global batch).
+    of the global batch). Subclasses turn each planned batch into tensors (:meth:`sharded_batches`).
     """
 
-    def __init__(self, images: ImageSet, indices: torch.Tensor, batch_size: int, normalize: Normalizer,
-                 pad: int = 0, flip: bool = False, train: bool = True, rank: int = 0, world: int = 1):
-        self.images = images
+    def __init__(self, indices: torch.Tensor, batch_size: int, train: bool, rank: int, world: int):
         self.indices = indices
         self.batch_size = batch_size
-        self.normalize = normalize
-        self.pad = pad
-        self.flip = flip
         self.train = train
         self.rank = rank
         self.world = world
@@ -300,22 +319,14 @@ class BatchStream:
             return len(self.indices) // self.batch_size
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
 
-    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One pass: shuffled and augmented when ``train`` (needs ``generator``), in order otherwise."""
-        for x, y, _, _ in self.sharded_batches(generator):
-            yield x, y
-
-    def sharded_batches(self, generator: torch.Generator | None = None
-                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, slice]]:
-        """Like :meth:`batches`, with the global batch's size and this process's rows of it (for
-        augmentations drawn per global batch, such as cutout). Evaluation streams may give a
-        process no rows of a short last batch."""
+    def plan(self, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, int, slice]]:
+        """Each batch's indices (this process's rows of it), the global batch's size, and those rows:
+        shuffled when ``train`` (needs ``generator``), in order otherwise."""
         if self.train:
             assert generator is not None
             order = self.indices[torch.randperm(len(self.indices), generator=generator)]
         else:
             order = self.indices
-        device = self.images.x.device
         stop = len(self) * self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             idx = order[start:start + self.batch_size]
@@ -325,16 +336,47 @@ class BatchStream:
                 lo, hi = self.rank * total // self.world, (self.rank + 1) * total // self.world
                 rows = slice(lo, hi)
                 idx = idx[rows]
-            idx = idx.to(device)
-            x = self.images.x.index_select(0, idx)
-            if self.train:
-                x = augment(x, self.pad, self.flip, generator, rows, total)  # type: ignore[arg-type]
-            yield self.normalize(x), self.images.y.index_select(0, idx), total, rows
+            yield idx, total, rows
+
+    def sharded_batches(self, generator: torch.Generator | None = None
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, slice]]:
+        """Like :meth:`batches`, with the global batch's size and this process's rows of it (for
+        augmentations drawn per global batch, such as cutout). Evaluation streams may give a
+        process no rows of a short last batch."""
+        raise NotImplementedError
+
+    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass: shuffled (and augmented) when ``train`` (needs ``generator``), in order otherwise."""
+        for x, y, _, _ in self.sharded_batches(generator):
+            yield x, y
 
     def forever(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless batches: a new shuffle each time the split is exhausted."""
         while True:
             yield from self.batches(generator)
+
+
+class BatchStream(Stream):
+    """Shuffled, augmented, normalised batches over ``indices`` of an in-memory image set (see
+    :class:`Stream` for the batches and their sharing among processes)."""
+
+    def __init__(self, images: ImageSet, indices: torch.Tensor, batch_size: int, normalize: Normalizer,
+                 pad: int = 0, flip: bool = False, train: bool = True, rank: int = 0, world: int = 1):
+        super().__init__(indices, batch_size, train, rank, world)
+        self.images = images
+        self.normalize = normalize
+        self.pad = pad
+        self.flip = flip
+
+    def sharded_batches(self, generator: torch.Generator | None = None
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, slice]]:
+        device = self.images.x.device
+        for idx, total, rows in self.plan(generator):
+            idx = idx.to(device)
+            x = self.images.x.index_select(0, idx)
+            if self.train:
+                x = augment(x, self.pad, self.flip, generator, rows, total)  # type: ignore[arg-type]
+            yield self.normalize(x), self.images.y.index_select(0, idx), total, rows
 
 
 def split_indices(n: int, portion: float) -> tuple[torch.Tensor, torch.Tensor]:

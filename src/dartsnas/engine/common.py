@@ -139,3 +139,37 @@ def finish_search(rd: RunDir, genotype: Any, primitives: Sequence[str], plots: b
     logger.info("run directory: %s", rd.path, extra=FILE_ONLY)
     if plots:
         write_figures(rd.path)
+
+
+def data_record(source: str, data: Any) -> dict[str, Any]:
+    """What a run trained on, as its checkpoint, ``data.json`` and weights record it: the class count and
+    names that size the classifier, the input, and the normalisation ``dartsnas test`` must repeat
+    (None where a Python Dataset normalises its own items). ``source``: the --dataset, or "python"."""
+    mean, std = getattr(data, "mean", None), getattr(data, "std", None)
+    return {"source": source, "name": data.name, "num_classes": data.num_classes, "classes": data.classes,
+            "in_channels": data.in_channels, "image_size": list(data.image_size),
+            "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None}
+
+
+def check_resumed_source(state: dict[str, Any] | None, python: bool) -> None:
+    """A run started on a Python Dataset resumes only with one, and a run started on its --dataset only with
+    that (checked before any data is loaded)."""
+    stored = state.get("data") if state is not None else None
+    if not isinstance(stored, dict):
+        return  # a new run, or a checkpoint written before runs recorded their data
+    if (stored.get("source") == "python") != python:
+        if stored.get("source") == "python":
+            raise UserError("the run was started on a Python Dataset; resume it from Python with the same one: "
+                            "dartsnas.search/train(..., resume=RUN_DIR, train_data=...)")
+        raise UserError(f"the run was started on its --dataset {stored.get('source')} data; resume it with that, "
+                        f"not a Python Dataset")
+
+
+def check_resumed_data(stored: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """A resumed run must see the classes it started with (they size the classifier and fix the labels)."""
+    if not isinstance(stored, dict):
+        return
+    for key in ("num_classes", "classes", "in_channels"):
+        if stored.get(key) != now[key]:
+            raise UserError(f"the data's {key.replace('_', ' ')} changed since the run started ({stored.get(key)} "
+                            f"then, {now[key]} now); resume with the data the run started with")

@@ -8,6 +8,7 @@ metadata, or ``--arch``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -194,13 +195,68 @@ def cifar_eval_images(data: str | None, test_data: str | None = None, download: 
     return loaded.test, str(data or "the CIFAR-10 folder")
 
 
-def cifar_batches(images: ImageSet, batch_size: int, device: torch.device, rank: int = 0, world: int = 1
+def cifar_batches(images: ImageSet, batch_size: int, device: torch.device, rank: int = 0, world: int = 1,
+                  mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches in order; with ``world`` processes, this ``rank``'s slice of each."""
-    normalize = Normalizer(CIFAR10_MEAN, CIFAR10_STD, device)
+    """Batches in order, normalised with ``mean`` and ``std``; with ``world`` processes, this ``rank``'s
+    slice of each."""
+    normalize = Normalizer(mean, std, device)
     stream = BatchStream(images.to(device), torch.arange(len(images)), batch_size, normalize, train=False,
                          rank=rank, world=world)
     return stream.batches()
+
+
+# -- your own images ----------------------------------------------------------------------------
+
+
+def trained_data(loaded: LoadedWeights, where: str) -> dict[str, Any] | None:
+    """The data record of the run that wrote the weights (classes, input size, normalisation), if any."""
+    text = loaded.meta.get("data")
+    if not text:
+        return None
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):
+        record = None
+
+    def numbers(value: Any, n: int) -> bool:
+        return (isinstance(value, list) and len(value) == n
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+    # Hand-edited or damaged files: one line, never a crash halfway through the evaluation.
+    if not (isinstance(record, dict) and isinstance(record.get("num_classes"), int)
+            and isinstance(record.get("in_channels"), int) and numbers(record.get("image_size"), 2)
+            and all(record.get(k) is None or numbers(record[k], record["in_channels"]) for k in ("mean", "std"))
+            and (record.get("classes") is None or isinstance(record["classes"], list))):
+        raise UserError(f"{where} has damaged metadata (its data record is unreadable)")
+    return record
+
+
+def folder_test_images(data: str | None, record: dict[str, Any], image_size: int | None) -> tuple[ImageSet, str]:
+    """The images to test a network trained on a folder: ``DIR/val/`` of a train/ + val/ folder, else the
+    class folders of ``DIR`` itself, read at the training run's ``--image_size``; their classes must be
+    the ones the network was trained on."""
+    from ..data.folder import is_split_layout, read_image_folder
+
+    if record.get("source") == "python" and record.get("mean") is None:
+        raise UserError("this network was trained on a Python Dataset, whose transform the command line cannot "
+                        "repeat; evaluate it from Python: model = dartsnas.load_model(RUN_DIR)")
+    if not data:
+        raise UserError("pass the images to test with --data DIR (class folders, or train/ and val/ folders)")
+    root = Path(data)
+    split = root / "val" if root.is_dir() and is_split_layout(root) else root
+    found = read_image_folder(split, image_size)
+    images = found.train
+    if record.get("classes") is not None and found.classes != record["classes"]:
+        raise UserError(f"{split} has the classes {found.classes} but the network was trained on "
+                        f"{record['classes']}; test it on images of the same classes")
+    if len(found.classes) != record["num_classes"]:
+        raise UserError(f"{split} has {len(found.classes)} classes but the network predicts {record['num_classes']}")
+    size = [int(images.x.shape[2]), int(images.x.shape[3])]
+    if size != list(record["image_size"]):
+        raise UserError(f"{split} holds {size[1]}x{size[0]} images but the network was trained on "
+                        f"{record['image_size'][1]}x{record['image_size'][0]} ones; resize them to that size")
+    return images, str(split)
 
 
 # -- reading a network off its weights ----------------------------------------------------------
@@ -327,7 +383,12 @@ def run_test(cfg: TestConfig, network: str) -> TestResult:
     description = (f"{NETWORK_NAMES[network]}, {sizes['layers']} cells, C={sizes['init_channels']}, "
                    f"architecture {arch_name}")
 
-    if network == "cifar10":
+    record = trained_data(loaded, str(cfg.model_path))
+    if record is not None and record.get("source") in ("folder", "python"):
+        images, source = folder_test_images(cfg.data or trained.get("data"), record, trained.get("image_size"))
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = cifar_batches(
+            images, batch_size, device, mean=tuple(record["mean"]), std=tuple(record["std"]))
+    elif network == "cifar10":
         if cfg.data or cfg.test_data:
             images, source = cifar_eval_images(cfg.data, cfg.test_data, download=cfg.download)
         else:
@@ -337,7 +398,7 @@ def run_test(cfg: TestConfig, network: str) -> TestResult:
                                                      download=cfg.download, flag="--data")
             assert found_images is not None
             images = found_images
-        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = cifar_batches(images, batch_size, device)
+        batches = cifar_batches(images, batch_size, device)
     else:
         from ..data.imagenet import imagenet_wnids, load_image_folder, make_loader, use_standard_labels
 

@@ -15,13 +15,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils.data import Dataset
 
 from .. import distributed
-from ..data.images import BatchStream, ImageData, Normalizer, epoch_generator, load_image_data, split_indices
+from ..data.images import BatchStream, ImageData, Normalizer, Stream, epoch_generator, load_image_data, split_indices
+from ..data.stream import DatasetInfo, DatasetStream, dataset_info, shuffled_split
 from ..errors import UserError
 from ..genotype import from_dict
 from ..ops import fastconv
 from ..ops.cnn import narrow_strided_pointwise
+from ..rundir import write_json
 from ..search.alpha_noise import adversarial_weights, noise_bound, perturbed_weights
 from ..search.architect import Architect, VirtualStep
 from ..search.beta_decay import beta_decay_loss, beta_decay_weight
@@ -48,7 +51,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> SearchConfi
     return common.resume_config(SearchConfig, COMMAND, run_dir, overrides, RESUMABLE_OVERRIDES)
 
 
-def _evaluate(model: SearchNetwork, stream: BatchStream, max_batches: int | None,
+def _evaluate(model: SearchNetwork, stream: Stream, max_batches: int | None,
              mixing: tuple[torch.Tensor, torch.Tensor] | None = None, batch_stats: bool = False
              ) -> tuple[float, float]:
     """Mean validation loss and accuracy (percent) over at most ``max_batches`` batches; ``mixing`` replaces
@@ -81,7 +84,7 @@ def use_channels_last(setting: str, device: torch.device, model: torch.nn.Module
     return device.type == "cpu" and (model is None or not narrow_strided_pointwise(model))
 
 
-def build_search(cfg: SearchConfig, data: ImageData, device: torch.device, dtype: torch.dtype = torch.float32
+def build_search(cfg: SearchConfig, data: ImageData | DatasetInfo, device: torch.device, dtype: torch.dtype = torch.float32
                  ) -> tuple[SearchNetwork, torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR, Architect]:
     """The search network, its two optimisers (paper appendix A.1.1) and the architect."""
     model = SearchNetwork(cfg.init_channels, data.num_classes, cfg.layers, steps=cfg.nodes, multiplier=cfg.nodes,
@@ -145,11 +148,20 @@ def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Ten
 
 
 class CNNSearch(SearchJob):
-    """The convolutional search as a job of the epoch loop (:mod:`.loop`)."""
+    """The convolutional search as a job of the epoch loop (:mod:`.loop`); ``train_data`` (and optionally
+    ``valid_data``, which then trains alpha and is evaluated) replace the configured data set by a
+    user's Dataset (:mod:`dartsnas.data.stream`)."""
 
     kind = COMMAND
     command_line = "search cnn"
     nan_hint = "lower --learning_rate or --arch_learning_rate"
+
+    def __init__(self, cfg: SearchConfig, train_data: Dataset | None = None, valid_data: Dataset | None = None,
+                 num_classes: int | None = None):
+        super().__init__(cfg)
+        if train_data is None and valid_data is not None:
+            raise UserError("valid_data needs train_data too")
+        self.user_data = (train_data, valid_data, num_classes) if train_data is not None else None
 
     def prepare(self, resume: str | Path | None) -> None:
         distributed.check_sync_bn(self.cfg.sync_bn, self.device)
@@ -159,27 +171,27 @@ class CNNSearch(SearchJob):
         distributed.per_rank_batch(self.cfg.batch_size, self.cfg.global_batch)  # fail early when it does not divide
 
     def build(self, state: dict[str, Any] | None) -> None:
-        cfg, device = self.cfg, self.device
-        self.data = data = load_image_data(cfg.dataset, cfg.data, download=cfg.download)
-        self.train_idx, self.valid_idx = train_idx, valid_idx = split_indices(len(data.train), cfg.train_portion)
-        if len(train_idx) == 0 or len(valid_idx) == 0:
-            raise UserError(f"--train_portion {cfg.train_portion} leaves an empty split of the {len(data.train)} "
-                            f"training images; use a value nearer 0.5")
-        self.model, self.w_opt, self.scheduler, self.architect = build_search(cfg, data, device)
-        model = self.model
-        images = data.train.to(device)
-        normalize = Normalizer(data.mean, data.std, device,
-                               channels_last=use_channels_last(cfg.channels_last, device, model))
+        cfg = self.cfg
         # Streams of global batches; with several processes each takes its slice of every batch.
         self.batch = batch = distributed.per_rank_batch(cfg.batch_size, cfg.global_batch) * distributed.world_size()
+        common.check_resumed_source(state, self.user_data is not None)
         shard = {"rank": distributed.rank(), "world": distributed.world_size()}
-        self.train_stream = BatchStream(images, train_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
-        self.alpha_stream = BatchStream(images, valid_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
-        self.eval_stream = BatchStream(images, valid_idx, batch, normalize, train=False, **shard)
+        if self.user_data is not None:
+            self._user_streams(batch, shard)
+        else:
+            self._image_streams(batch, shard)
+        self.data_record = common.data_record("python" if self.user_data else cfg.dataset, self.data)
+        if state is not None:
+            common.check_resumed_data(state.get("data"), self.data_record)
+        train_idx, valid_idx = self.train_idx, self.valid_idx
+        if len(train_idx) == 0 or len(valid_idx) == 0:
+            raise UserError(f"--train_portion {cfg.train_portion} leaves an empty split of the "
+                            f"{len(train_idx) + len(valid_idx)} training images; use a value nearer 0.5")
         if len(self.train_stream) == 0 or len(self.alpha_stream) == 0:
             raise UserError(f"the global batch of {batch} images is larger than the {len(train_idx)} / "
                             f"{len(valid_idx)} images of the weight / alpha split; use a smaller --batch_size or "
                             f"--global_batch keep")
+        model = self.model
         rule = parse_rule(cfg.early_stop)
         self.stopper = Tracker(rule) if rule is not None else None
         if state is not None:
@@ -194,8 +206,46 @@ class CNNSearch(SearchJob):
         stored = state.get("genotype") if state is not None else None
         self.previous_genotype = from_dict(stored) if stored is not None else model.genotype()
 
+    def _image_streams(self, batch: int, shard: dict[str, int]) -> None:
+        """The in-memory data sets (:mod:`dartsnas.data.images`), augmented on the device."""
+        cfg, device = self.cfg, self.device
+        # A search never looks at a folder's val/ (the test split): it is not even read.
+        self.data = data = load_image_data(cfg.dataset, cfg.data, download=cfg.download, image_size=cfg.image_size,
+                                           test=False)
+        self.train_idx, self.valid_idx = train_idx, valid_idx = split_indices(len(data.train), cfg.train_portion)
+        self.model, self.w_opt, self.scheduler, self.architect = build_search(cfg, data, device)
+        images = data.train.to(device)
+        normalize = Normalizer(data.mean, data.std, device,
+                               channels_last=use_channels_last(cfg.channels_last, device, self.model))
+        self.train_stream = BatchStream(images, train_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
+        self.alpha_stream = BatchStream(images, valid_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
+        self.eval_stream = BatchStream(images, valid_idx, batch, normalize, train=False, **shard)
+
+    def _user_streams(self, batch: int, shard: dict[str, int]) -> None:
+        """A user's Dataset: split by --train_portion, or the weights on ``train_data`` and alpha on
+        ``valid_data``; the items come as the Dataset makes them."""
+        cfg, device = self.cfg, self.device
+        assert self.user_data is not None
+        train_data, valid_data, num_classes = self.user_data
+        self.data = data = dataset_info(train_data, num_classes)
+        self.model, self.w_opt, self.scheduler, self.architect = build_search(cfg, data, device)
+        alpha_data = valid_data if valid_data is not None else train_data
+        if valid_data is not None:
+            dataset_info(valid_data, data.num_classes, "valid_data")
+            self.train_idx, self.valid_idx = torch.arange(len(train_data)), torch.arange(len(valid_data))
+        else:
+            self.train_idx, self.valid_idx = shuffled_split(len(train_data), cfg.train_portion)
+        common_args = {"device": device, "num_classes": data.num_classes, "workers": cfg.workers,
+                       "channels_last": use_channels_last(cfg.channels_last, device, self.model), **shard}
+        self.train_stream = DatasetStream(train_data, self.train_idx, batch, train=True, **common_args)
+        what = "valid_data" if valid_data is not None else "train_data"
+        self.alpha_stream = DatasetStream(alpha_data, self.valid_idx, batch, train=True, what=what, **common_args)
+        self.eval_stream = DatasetStream(alpha_data, self.valid_idx, batch, train=False, what=what, **common_args)
+
     def describe(self) -> None:
         data, cfg = self.data, self.cfg
+        assert self.rd is not None
+        write_json(self.rd.path / "data.json", self.data_record)
         logger.info("data: %s, %d images for the weights, %d for alpha, %d classes, input %dx%dx%d", data.name,
                     len(self.train_idx), len(self.valid_idx), data.num_classes, data.in_channels, *data.image_size)
         n_params = sum(p.numel() for p in self.model.weight_parameters())
@@ -322,26 +372,31 @@ class CNNSearch(SearchJob):
         return {"hessian_eig": search_eigenvalue(self.architect, self.model, batch, self.cfg.seed)}
 
     def state(self) -> dict[str, Any]:
-        return {**self.search_state(), "w_optimizer": self.w_opt.state_dict(),
+        return {**self.search_state(), "data": self.data_record, "w_optimizer": self.w_opt.state_dict(),
                 "a_optimizer": self.architect.arch_optimizer.state_dict(),  # type: ignore[union-attr]
                 "scheduler": self.scheduler.state_dict()}
 
 
 def run(config: SearchConfig | None = None, resume: str | Path | None = None,
-        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> SearchResult:
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None, *, train_data: Dataset | None = None,
+        valid_data: Dataset | None = None, num_classes: int | None = None) -> SearchResult:
     """Search a convolutional cell and return the run directory, final genotype and metrics.
 
     Args:
         config: the settings (ignored when ``resume`` is given: the run's stored settings are used).
         resume: a run directory to continue from its last checkpoint.
         on_epoch_end: called as ``on_epoch_end(epoch, record)`` after each epoch's checkpoint.
+        train_data: a Dataset of ``(float image C x H x W, label)`` items searched on instead of
+            ``config.dataset``, split by ``config.train_portion`` unless ``valid_data`` trains alpha
+            (:mod:`dartsnas.data.stream`; a run started on one resumes only with one).
+        num_classes: the class count, when ``train_data`` has no ``classes`` or ``targets``.
     """
     if resume is not None:
         # A config from resume_config() carries allowed changes (device, threads...); else the stored one.
         cfg = config if config is not None else resume_config(resume, {})
     else:
         cfg = config if config is not None else SearchConfig()
-    result: SearchResult = run_job(CNNSearch(cfg), resume, on_epoch_end)
+    result: SearchResult = run_job(CNNSearch(cfg, train_data, valid_data, num_classes), resume, on_epoch_end)
     if cfg.selection == "pt":
         # DARTS-PT after the search, on the finished run (its own command: dartsnas select).
         from . import select_pt
@@ -351,7 +406,7 @@ def run(config: SearchConfig | None = None, resume: str | Path | None = None,
     return result
 
 
-def _hvp_check(architect: Architect, train_stream: BatchStream, alpha_stream: BatchStream, seed: int, epoch: int,
+def _hvp_check(architect: Architect, train_stream: Stream, alpha_stream: Stream, seed: int, epoch: int,
                lr: float) -> dict[str, float]:
     # A separate generator, so that the check does not shift the batches the search itself sees.
     gen = epoch_generator(seed, epoch, 2)

@@ -12,6 +12,7 @@ epoch; it never influences training.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -23,12 +24,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from .. import distributed
 from ..checkpoint import save_weights
 from ..config import check, to_dict
 from ..data.cutout import cutout
-from ..data.images import CIFAR10_MEAN, CIFAR10_STD, BatchStream, ImageSet, Normalizer, epoch_generator, load_image_data
+from ..data.images import BatchStream, ImageSet, Normalizer, epoch_generator, load_image_data
+from ..data.stream import DatasetStream, dataset_info
 from ..errors import UserError
 from ..genotype import Genotype, load_genotype
 from ..models.cnn import NETWORKS, aux_feature_size, build_network, count_network_parameters
@@ -81,30 +84,37 @@ def _rank_batch(cfg: TrainConfig) -> int:
 
 
 class _CifarData:
-    """CIFAR-10 in memory: batches augmented on the device (crop, flip, cutout), seeded per epoch.
+    """CIFAR-10, or a folder of your own images, in memory: batches augmented on the device (crop, flip,
+    cutout), seeded per epoch.
 
     Every stream holds global batches; with several processes each takes its slice of each one.
     """
 
     def __init__(self, cfg: CifarTrainConfig, device: torch.device):
-        self.cfg = cfg
+        self.cfg: TrainConfig = cfg
         self.batch = _rank_batch(cfg) * distributed.world_size()
         self.shard = {"rank": distributed.rank(), "world": distributed.world_size()}
-        data = load_image_data("cifar10", cfg.data, download=cfg.download)
+        data = load_image_data(cfg.dataset, cfg.data, download=cfg.download, image_size=cfg.image_size)
+        self.info, self.source = data, cfg.dataset
         test, self.test_source = data.test, str(cfg.data or "the CIFAR-10 folder")
-        if cfg.test_data or (cfg.data and str(cfg.data).endswith(".npz")):
+        if cfg.dataset == "folder":
+            self.test_source = str(Path(cfg.data or "") / "val") if test is not None else ""
+        elif cfg.test_data or (cfg.data and str(cfg.data).endswith(".npz")):
             test, self.test_source = cifar_test_images(cfg.data, cfg.test_data, cfg.download, required=False)
         self.test_images: ImageSet | None = test
         if test is None:
-            logger.warning("no CIFAR-10 test images found next to %s; the run ends without a test evaluation "
-                           "(pass --test_data FILE.npz)", cfg.data)
-        self.num_classes = 10
-        self.image_size = 32
+            logger.warning("no test images %s; the run ends without a test evaluation (%s)",
+                           f"in {cfg.data}" if cfg.dataset == "folder" else f"found next to {cfg.data}",
+                           "lay the folder out as train/ and val/" if cfg.dataset == "folder"
+                           else "pass --test_data FILE.npz")
+        self.num_classes = data.num_classes
+        self.image_size = min(data.image_size)
         images = data.train.to(device)
         train_idx, valid_idx = _holdout(len(images), cfg.valid_size) if cfg.valid_size else (
             torch.arange(len(images)), torch.arange(0))
         self.device = device
-        normalize = Normalizer(CIFAR10_MEAN, CIFAR10_STD, device)
+        self.mean, self.std = data.mean, data.std
+        normalize = Normalizer(data.mean, data.std, device)
         self.train = BatchStream(images, train_idx, self.batch, normalize, data.pad, data.flip, train=True,
                                  **self.shard)
         self.valid = (BatchStream(images, valid_idx, self.batch, normalize, train=False, **self.shard)
@@ -118,9 +128,9 @@ class _CifarData:
         gen = epoch_generator(self.cfg.seed, epoch, 0)
         holes = epoch_generator(self.cfg.seed, epoch, 3)
         for x, y, total, rows in self.train.sharded_batches(gen):
-            if self.cfg.cutout:
+            if getattr(self.cfg, "cutout", False):  # a CIFAR-10 setting; ImageNet-sized Datasets have none
                 # Squares drawn for the global batch, this process's rows kept (as for crop and flip).
-                x = cutout(x, self.cfg.cutout_length, holes, rows, total)
+                x = cutout(x, self.cfg.cutout_length, holes, rows, total)  # type: ignore[attr-defined]
             yield x, y
 
     def valid_batches(self) -> Batches | None:
@@ -129,7 +139,44 @@ class _CifarData:
     def test_batches(self) -> Batches | None:
         if self.test_images is None:
             return None
-        return cifar_batches(self.test_images, self.batch, self.device, **self.shard)
+        return cifar_batches(self.test_images, self.batch, self.device, **self.shard, mean=self.mean, std=self.std)
+
+
+class _DatasetData(_CifarData):
+    """A user's Datasets (:mod:`dartsnas.data.stream`): ``train_data`` trained on, ``valid_data`` evaluated
+    each epoch (deciding best.safetensors; else ``--valid_size`` items held out of ``train_data``, which
+    then see its transform), ``test_data`` once at the end. Cutout, when on, is added to the training
+    batches; every other augmentation is the Dataset's own."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, train_data: Dataset, valid_data: Dataset | None,
+                 test_data: Dataset | None, num_classes: int | None):
+        self.cfg, self.device, self.source = cfg, device, "python"
+        self.batch = _rank_batch(cfg) * distributed.world_size()
+        self.info = info = dataset_info(train_data, num_classes)
+        self.num_classes, self.image_size = info.num_classes, min(info.image_size)
+        shard = {"rank": distributed.rank(), "world": distributed.world_size(), "device": device,
+                 "num_classes": info.num_classes, "workers": cfg.workers or 0}
+        n = len(train_data)  # type: ignore[arg-type]
+        train_idx, valid_idx = (_holdout(n, cfg.valid_size) if cfg.valid_size and valid_data is None
+                                else (torch.arange(n), torch.arange(0)))
+        self.train = DatasetStream(train_data, train_idx, self.batch, train=True, **shard)
+        self.valid = self.test = None
+        if valid_data is not None:
+            dataset_info(valid_data, info.num_classes, "valid_data")
+            self.valid = DatasetStream(valid_data, torch.arange(len(valid_data)), self.batch,  # type: ignore[arg-type]
+                                       train=False, what="valid_data", **shard)
+        elif len(valid_idx):
+            self.valid = DatasetStream(train_data, valid_idx, self.batch, train=False, **shard)
+        if test_data is not None:
+            dataset_info(test_data, info.num_classes, "test_data")
+            self.test = DatasetStream(test_data, torch.arange(len(test_data)), self.batch,  # type: ignore[arg-type]
+                                      train=False, what="test_data", **shard)
+        self.train_size = len(train_idx)
+        self.valid_size = len(self.valid.indices) if self.valid is not None else 0
+        self.test_source = f"test_data ({len(self.test.indices)} items)" if self.test is not None else ""
+
+    def test_batches(self) -> Batches | None:
+        return self.test.batches() if self.test is not None else None
 
 
 class _ImageNetData:
@@ -255,11 +302,15 @@ def _set_determinism(deterministic: bool, device: torch.device) -> None:
 class CNNTraining(Job):
     """Training a network from scratch as a job of the epoch loop (:mod:`.loop`)."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, train_data: Dataset | None = None, valid_data: Dataset | None = None,
+                 test_data: Dataset | None = None, num_classes: int | None = None):
         super().__init__(cfg)
         self.kind = cfg.command
         self.command_line = f"train {cfg.network}"
         self.test_result: EvalResult | None = None
+        if train_data is None and (valid_data is not None or test_data is not None):
+            raise UserError("valid_data and test_data need train_data too")
+        self.user_data = (train_data, valid_data, test_data, num_classes) if train_data is not None else None
 
     def prepare(self, resume: str | Path | None) -> None:
         cfg = self.cfg
@@ -271,7 +322,7 @@ class CNNTraining(Job):
         resolve_amp(cfg.amp, self.device)
         distributed.check_sync_bn(cfg.sync_bn, self.device)
         _rank_batch(cfg)
-        if isinstance(cfg, ImageNetTrainConfig):
+        if isinstance(cfg, ImageNetTrainConfig) and self.user_data is None:
             from ..data.imagenet import check_layout
 
             check_layout(cfg.data)
@@ -280,7 +331,20 @@ class CNNTraining(Job):
         cfg, device = self.cfg, self.device
         _set_determinism(cfg.deterministic, device)
         self.amp_dtype = amp_dtype = resolve_amp(cfg.amp, device)
-        self.data = data = _ImageNetData(cfg, device) if isinstance(cfg, ImageNetTrainConfig) else _CifarData(cfg, device)
+        common.check_resumed_source(state, self.user_data is not None)
+        self.data: _CifarData | _ImageNetData
+        if self.user_data is not None:
+            self.data = _DatasetData(cfg, device, *self.user_data)
+        elif isinstance(cfg, ImageNetTrainConfig):
+            self.data = _ImageNetData(cfg, device)
+        else:
+            self.data = _CifarData(cfg, device)
+        data = self.data
+        # What the classifier was sized for and how its inputs were normalised (CIFAR-sized networks).
+        info = getattr(data, "info", None)
+        self.data_record = common.data_record(data.source, info) if info is not None else None
+        if state is not None and self.data_record is not None:
+            common.check_resumed_data(state.get("data"), self.data_record)
         if cfg.auxiliary:
             side = aux_feature_size(cfg.network, data.image_size)
             need = NETWORKS[cfg.network].aux_min_size
@@ -322,6 +386,8 @@ class CNNTraining(Job):
         cfg, data, model = self.cfg, self.data, self.model
         assert self.rd is not None
         write_json(self.rd.genotype, self.genotype.to_dict())
+        if self.data_record is not None:
+            write_json(self.rd.path / "data.json", self.data_record)
         logger.info("genotype = %s", self.genotype)
         logger.info("data: %d training images%s, %d classes; test images: %s", data.train_size,
                     f", {data.valid_size} held out for validation" if data.valid_size else "", data.num_classes,
@@ -417,6 +483,8 @@ class CNNTraining(Job):
         assert self.rd is not None
         cfg = self.cfg
         meta = {"epoch": str(record["epoch"]), "step": str(record["step"])}
+        if self.data_record is not None:
+            meta["data"] = json.dumps(self.data_record)
         if record.get("best"):
             save_weights(self.rd.path / "best.safetensors", self.model, cfg.network, self.genotype, to_dict(cfg), meta)
         if finished:
@@ -427,7 +495,8 @@ class CNNTraining(Job):
         return {"network": self.cfg.network, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "genotype": self.genotype.to_dict(), "best_valid_acc": self.best_acc}
+                "genotype": self.genotype.to_dict(), "best_valid_acc": self.best_acc,
+                **({"data": self.data_record} if self.data_record is not None else {})}
 
     def finish(self, resumed_finished: bool) -> TrainResult:
         assert self.rd is not None
@@ -448,7 +517,9 @@ class CNNTraining(Job):
 
 
 def run(config: TrainConfig | None = None, resume: str | Path | None = None,
-        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None, *, train_data: Dataset | None = None,
+        valid_data: Dataset | None = None, test_data: Dataset | None = None,
+        num_classes: int | None = None) -> TrainResult:
     """Train a network from scratch; returns the run directory, genotype, metrics and final test result.
 
     Args:
@@ -456,9 +527,14 @@ def run(config: TrainConfig | None = None, resume: str | Path | None = None,
             and ``config.save`` is not that directory: the run's stored settings are used).
         resume: a run directory to continue from its last checkpoint.
         on_epoch_end: called as ``on_epoch_end(epoch, record)`` after each epoch's checkpoint.
+        train_data, valid_data, test_data: Datasets of ``(float image C x H x W, label)`` items used
+            instead of ``config.data`` (:mod:`dartsnas.data.stream`): trained on, evaluated each epoch
+            (deciding ``best.safetensors``) and evaluated once at the end; a run started on them
+            resumes only with them.
+        num_classes: the class count, when ``train_data`` has no ``classes`` or ``targets``.
     """
     if resume is not None:
         cfg = config if config is not None and config.save == str(resume) else resume_config(resume, {})
     else:
         cfg = config if config is not None else CifarTrainConfig()
-    return run_job(CNNTraining(cfg), resume, on_epoch_end)
+    return run_job(CNNTraining(cfg, train_data, valid_data, test_data, num_classes), resume, on_epoch_end)

@@ -3,8 +3,11 @@ show them without importing an engine."""
 
 from __future__ import annotations
 
-# Image sources of a CNN search: CIFAR-10 (folder or .npz), any .npz image set, or the bundled digits.
-DATASETS = ("cifar10", "npz", "digits")
+# Image sources of a CNN search: CIFAR-10 (folder or .npz), any .npz image set, the bundled digits, or
+# a folder of class sub-folders.
+DATASETS = ("cifar10", "npz", "digits", "folder")
+# Image sources of CNN training (``train cifar10``).
+TRAIN_DATASETS = ("cifar10", "folder")
 
 # How the batch is shared among processes under torchrun.
 GLOBAL_BATCH_CHOICES = ("scale", "keep")

@@ -10,15 +10,21 @@ from ..genotype import CNN_PRIMITIVES
 from .choices import DATASETS
 from .runtime import RESUMABLE_RUN_OPTIONS, RunOptions
 from .search import check_search_options, primitives_option
+from .train_cnn import check_folder_options
 
 
 @dataclass
 class SearchConfig(RunOptions):
     """Settings of a CNN search; the defaults are the paper's (section 3.1.1 and appendix A.1.1)."""
 
-    dataset: str = option("cifar10", "data source: cifar10 (folder or .npz), npz (any image set) or digits "
-                                     "(bundled, offline)", group="data", choices=DATASETS)
-    data: str | None = option(None, "CIFAR-10 folder or .npz file (default: a per-user cache folder)", group="data")
+    dataset: str = option("cifar10", "data source: cifar10 (folder or .npz), npz (any image set), digits "
+                                     "(bundled, offline) or folder (your own images in class sub-folders)",
+                          group="data", choices=DATASETS)
+    data: str | None = option(None, "CIFAR-10 folder or .npz file (default: a per-user cache folder); with --dataset "
+                                    "folder, a folder of class sub-folders (or of train/ and val/ ones, of which "
+                                    "the search reads train/)", group="data")
+    image_size: int | None = option(None, "--dataset folder: resize every image to N x N (default: the images' own "
+                                          "size, which must then be the same for all)", group="data")
     batch_size: int = option(64, "batch size of both the weight and the alpha stream", group="optimisation")
     learning_rate: float = option(0.025, "initial weight learning rate (cosine-annealed)", group="optimisation",
                                   aliases=("--lr",))
@@ -134,6 +140,7 @@ class SearchConfig(RunOptions):
         super().validate()
         if self.dataset == "npz":
             check(bool(self.data), "--dataset npz needs --data FILE.npz")
+        check_folder_options(self.dataset, self.image_size, self.data)
 
 
 # Settings that may differ when a run is resumed: they do not change the mathematics. The eigenvalue is a

@@ -6,11 +6,20 @@ import math
 from dataclasses import dataclass
 
 from ..config import check, option, redefault
-from .choices import AMP_CHOICES, NETWORK_DEFAULTS
+from .choices import AMP_CHOICES, NETWORK_DEFAULTS, TRAIN_DATASETS
 from .runtime import RESUMABLE_RUN_OPTIONS, RunOptions
 
 _CIFAR = NETWORK_DEFAULTS["cifar10"]
 _IMAGENET = NETWORK_DEFAULTS["imagenet"]
+
+
+def check_folder_options(dataset: str, image_size: int | None, data: str | None) -> None:
+    """--dataset folder needs its folder; --image_size resizes its images (the other sources have their
+    own size)."""
+    check(dataset != "folder" or bool(data), "--dataset folder needs --data DIR (a folder of class sub-folders, "
+                                             "or of train/ and val/ folders of them)")
+    check(image_size is None or image_size >= 4, f"--image_size must be at least 4, got {image_size}")
+    check(image_size is None or dataset == "folder", "--image_size applies to --dataset folder only")
 
 
 @dataclass
@@ -79,6 +88,11 @@ class TrainConfig(RunOptions):
 class CifarTrainConfig(TrainConfig):
     """``dartsnas train cifar10``: 20 cells, C = 36, 600 epochs, cosine schedule, cutout (paper appendix A.2.1)."""
 
+    dataset: str = option("cifar10", "data source: cifar10 (--data: CIFAR-10 folder or .npz) or folder (--data: your "
+                                     "own images in class sub-folders, or train/ and val/ folders of them; val/ is "
+                                     "the test split)", group="data", choices=TRAIN_DATASETS)
+    image_size: int | None = option(None, "--dataset folder: resize every image to N x N (default: the images' own "
+                                          "size, which must then be the same for all)", group="data")
     test_data: str | None = option(None, ".npz file of CIFAR-10 test images for the final evaluation (default: the "
                                          "folder's test batch, the file's x_test, or the single *test*.npz next to "
                                          "--data)", group="data")
@@ -93,6 +107,9 @@ class CifarTrainConfig(TrainConfig):
         super().validate()
         check(self.learning_rate_min >= 0, f"--learning_rate_min must be >= 0, got {self.learning_rate_min}")
         check(self.cutout_length >= 1, f"--cutout_length must be at least 1, got {self.cutout_length}")
+        check_folder_options(self.dataset, self.image_size, self.data)
+        check(self.dataset != "folder" or not self.test_data,
+              "--test_data is for CIFAR-10 .npz files; with --dataset folder the test images are DIR/val/")
 
 
 @dataclass
@@ -127,7 +144,7 @@ class ImageNetTrainConfig(TrainConfig):
         check(self.image_size >= 8, f"--image_size must be at least 8, got {self.image_size}")
         check(self.init_channels % 2 == 0, f"--init_channels must be even for ImageNet (the stem halves it), "
                                            f"got {self.init_channels}")
-        check(bool(self.data), "train imagenet needs --data DIR (with train/ and val/ class folders)")
+        # --data is checked when the run starts (a run on Python Datasets needs none).
 
 
 CONFIGS: dict[str, type[TrainConfig]] = {"cifar10": CifarTrainConfig, "imagenet": ImageNetTrainConfig}
