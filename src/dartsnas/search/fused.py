@@ -25,6 +25,7 @@ been replaced by other kinds (``SyncBatchNorm``) are computed edge by edge (:fun
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,47 +87,49 @@ def _conv(convs: list[nn.Conv2d], x: Tensor) -> Tensor:
 
 
 def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor) -> Tensor:
-    """The ``n`` edges' affine-free batch norms as one over their concatenated channels; each edge's
-    running statistics are updated as its own batch norm would (the statistics are per channel)."""
-    b = bns[0]
-    if len(bns) == 1:
-        return b(x)
+    """The affine-free batch norms of the ``n`` edges over ``x``: their ``n * C`` channels one after the
+    other, or ``C`` channels common to all edges (then one normalisation: the batch statistics are the
+    edges' common ones). Each edge's ``num_batches_tracked`` and running statistics are updated as its own
+    batch norm would update them. In eval mode each edge normalises with its own running statistics, also
+    on common channels (then the result holds the ``n`` edges' ``C`` channels one after the other)."""
+    b, n = bns[0], len(bns)
+    shared = x.shape[1] == b.num_features and n > 1
     means = [m.running_mean for m in bns]
     variances = [m.running_var for m in bns]
-    mean, var = torch.cat(means), torch.cat(variances)  # type: ignore[arg-type]
     if not b.training:
-        return F.batch_norm(x, mean, var, None, None, False, 0.0, b.eps)
+        x = _repeat(x, n) if shared else x
+        return F.batch_norm(x, torch.cat(means), torch.cat(variances), None, None, False, 0.0, b.eps)  # type: ignore
     torch._foreach_add_([m.num_batches_tracked for m in bns], 1)  # type: ignore[misc]
-    if isinstance(b, lean.LeanBatchNorm2d) and lean.builds_graph(x):
-        out = lean._BatchNormKeepOutput.apply(x, mean, var, b.momentum, b.eps)
+    if shared:
+        with torch.no_grad():
+            # running = (1 - momentum) * running + momentum * batch statistic (unbiased variance), per edge
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
+            torch._foreach_lerp_(means, [mean] * n, b.momentum)  # type: ignore[arg-type]
+            torch._foreach_lerp_(variances, [var] * n, b.momentum)  # type: ignore[arg-type]
+        running: tuple[Tensor | None, Tensor | None] = (None, None)
+    elif n == 1:
+        running = means[0], variances[0]
     else:
-        out = F.batch_norm(x, mean, var, None, None, True, b.momentum, b.eps)
-    with torch.no_grad():
-        torch._foreach_copy_(means, mean.split(b.num_features))  # type: ignore[arg-type]
-        torch._foreach_copy_(variances, var.split(b.num_features))  # type: ignore[arg-type]
+        # The batch norm updates the concatenation in place, which is then copied back edge by edge.
+        running = torch.cat(means), torch.cat(variances)  # type: ignore[arg-type]
+    momentum = 0.0 if shared else b.momentum
+    if isinstance(b, lean.LeanBatchNorm2d) and lean.builds_graph(x):
+        out = lean._BatchNormKeepOutput.apply(x, *running, momentum, b.eps)
+    else:
+        out = F.batch_norm(x, *running, None, None, True, momentum, b.eps)
+    if not shared and n > 1:
+        with torch.no_grad():
+            torch._foreach_copy_(means, running[0].view(n, -1).unbind(0))  # type: ignore[union-attr, arg-type]
+            torch._foreach_copy_(variances, running[1].view(n, -1).unbind(0))  # type: ignore[union-attr, arg-type]
     return out
 
 
 def _shared_pool(ops: list[nn.Sequential], x: Tensor) -> Tensor:
-    """Pooling followed by an affine-free batch norm, the same on every edge: computed once in training
-    (the batch statistics are the edges' common ones), shape ``(batch, 1, C, H, W)``; per edge in eval
-    mode, where each edge normalises with its own running statistics, ``(batch, n, C, H, W)``."""
-    pooled = ops[0][0](x)
-    bns = [op[1] for op in ops]
-    b = bns[0]
-    if not b.training:
-        return torch.stack([bn(pooled) for bn in bns], 1)
-    torch._foreach_add_([m.num_batches_tracked for m in bns], 1)
-    with torch.no_grad():
-        var, mean = torch.var_mean(pooled, dim=(0, 2, 3), correction=1)
-        # running = (1 - momentum) * running + momentum * batch statistic, the batch norm's own update
-        torch._foreach_lerp_([m.running_mean for m in bns], [mean] * len(bns), b.momentum)
-        torch._foreach_lerp_([m.running_var for m in bns], [var] * len(bns), b.momentum)
-    if isinstance(b, lean.LeanBatchNorm2d) and lean.builds_graph(pooled):
-        out = lean._BatchNormKeepOutput.apply(pooled, None, None, 0.0, b.eps)
-    else:
-        out = F.batch_norm(pooled, None, None, None, None, True, 0.0, b.eps)
-    return out.unsqueeze(1)
+    """Pooling followed by an affine-free batch norm, the same on every edge: computed once, shape
+    ``(batch, 1, C, H, W)`` in training; ``(batch, n, C, H, W)`` in eval mode (each edge's own running
+    statistics)."""
+    y = _batch_norm([op[1] for op in ops], ops[0][0](x))
+    return y.unflatten(1, (-1, x.shape[1]))
 
 
 def _relu_op(ops: list[nn.Module], x: Tensor) -> Tensor:
@@ -193,31 +196,37 @@ def cell_forward(cell: nn.Module, s0: Tensor, s1: Tensor, weights: Tensor, edge_
     else:
         node_coefs = list(edge_weights.index_select(0, index).view(-1, 1, 1, 1).split(sizes))
         aux_coefs = [aux_coef * c for c in node_coefs]  # type: ignore[operator]
+    # The accumulators of nodes max(0, j - 1) .. steps - 1 by part (see _state_terms), (batch, nodes, C, H, W).
     acc: dict[str, Tensor] = {}
     start = 0
     for j, n in enumerate(sizes):
         out_edges = [edges[e] for e in order[start:start + n]]
         start += n
-        terms = _state_terms(out_edges, states[j], coefs[j], node_coefs[j], aux_coefs[j], k)
-        # Nodes max(0, j - 1) .. : drop the node completed at the previous state.
-        base = {part: (t if j < 2 else t[:, 1:]) for part, t in acc.items()}
+        # One coefficient tensor per operation (unbind: its backward is one stack, not a zero-filled select each).
+        terms = _state_terms(out_edges, states[j], coefs[j].unbind(0), node_coefs[j], aux_coefs[j], k)
         for part, y, c in terms:
-            base[part] = _add(base.get(part), y, c, n)
-        acc = base
+            acc[part] = _add(acc.get(part), y, c, n)
         if j >= 1:
-            states.append(_node(acc, k).contiguous(memory_format=fmt))
+            # The first node is complete; split it off (one split: its backward is one concatenation).
+            done = {}
+            for part, t in acc.items():
+                if t.shape[1] > 1:
+                    done[part], acc[part] = t.split([1, t.shape[1] - 1], dim=1)
+                else:
+                    done[part] = t
+            states.append(_node(done, k).contiguous(memory_format=fmt))
     return torch.cat(states[-cell.multiplier:], dim=1)
 
 
-def _node(acc: dict[str, Tensor], k: int) -> Tensor:
-    """The completed first node of the accumulators."""
+def _node(done: dict[str, Tensor], k: int) -> Tensor:
+    """The node from its accumulators (each ``(batch, 1, C, H, W)``)."""
     if k == 1:
-        return acc["mix"][:, 0]
-    out = robust.channel_shuffle(torch.cat([acc["mix"][:, 0], acc["rest"][:, 0]], dim=1), k)
-    return out + acc["full"][:, 0] if "full" in acc else out
+        return done["mix"].squeeze(1)
+    out = robust.channel_shuffle(torch.cat([done["mix"], done["rest"]], dim=2).squeeze(1), k)
+    return out + done["full"].squeeze(1) if "full" in done else out
 
 
-def _state_terms(edges: list[nn.Module], h: Tensor, coef: Tensor, node_coef: Tensor | None, aux_coef: Coef,
+def _state_terms(edges: list[nn.Module], h: Tensor, coef: Sequence[Tensor], node_coef: Tensor | None, aux_coef: Coef,
                  k: int) -> list[tuple[str, Tensor, Coef]]:
     """``(part, y, c)``: the contributions ``c * y`` of the edges leaving state ``h`` to their nodes'
     accumulators ``mix`` (the operations' channels), ``rest`` (PC-DARTS's bypass) and ``full`` (the
