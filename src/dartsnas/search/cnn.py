@@ -274,7 +274,7 @@ class SearchNetwork(nn.Module):
                 C_curr *= 2
             cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, primitives,
                               lean_memory, partial_channels, aux_skip)
-            cell.fused = fused
+            cell.fused = fused  # False: edge by edge (the same values; search/fused.py)
             reduction_prev = reduction
             self.cells.append(cell)
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
