@@ -86,12 +86,44 @@ def _conv(convs: list[nn.Conv2d], x: Tensor) -> Tensor:
     return F.conv2d(x, weight, None, c.stride, c.padding, c.dilation, groups)
 
 
-def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor) -> Tensor:
+class _Bookkeeping:
+    """The edges' batch-norm bookkeeping of one cell forward, applied at its end in a few calls for the
+    whole cell instead of a few per batch norm: ``num_batches_tracked + 1``, and the running statistics
+    ``(1 - momentum) * running + momentum * batch statistic`` (unbiased variance), each edge's as its
+    own batch norm would update them."""
+
+    def __init__(self) -> None:
+        self.counters: list[Tensor] = []
+        self.copies: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # per size: buffers, their new values
+        self.lerps: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # per momentum: buffers, statistics
+
+    def copy(self, buffers: list[Tensor], values: Tensor) -> None:
+        """``values`` holds the new values of ``buffers`` one after the other."""
+        dst, src = self.copies.setdefault(buffers[0].numel(), ([], []))
+        dst += buffers
+        src.append(values)
+
+    def lerp(self, buffers: list[Tensor], statistic: Tensor, momentum: float) -> None:
+        dst, src = self.lerps.setdefault(momentum, ([], []))
+        dst += buffers
+        src += [statistic] * len(buffers)
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            if self.counters:
+                torch._foreach_add_(self.counters, 1)
+            for size, (dst, src) in self.copies.items():
+                torch._foreach_copy_(dst, torch.cat(src).view(-1, size).unbind(0))
+            for momentum, (dst, src) in self.lerps.items():
+                torch._foreach_lerp_(dst, src, momentum)
+
+
+def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Tensor:
     """The affine-free batch norms of the ``n`` edges over ``x``: their ``n * C`` channels one after the
     other, or ``C`` channels common to all edges (then one normalisation: the batch statistics are the
-    edges' common ones). Each edge's ``num_batches_tracked`` and running statistics are updated as its own
-    batch norm would update them. In eval mode each edge normalises with its own running statistics, also
-    on common channels (then the result holds the ``n`` edges' ``C`` channels one after the other)."""
+    edges' common ones). Their bookkeeping goes to ``book``. In eval mode each edge normalises with its
+    own running statistics, also on common channels (then the result holds the ``n`` edges' ``C``
+    channels one after the other)."""
     b, n = bns[0], len(bns)
     shared = x.shape[1] == b.num_features and n > 1
     means = [m.running_mean for m in bns]
@@ -99,40 +131,35 @@ def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor) -> Tensor:
     if not b.training:
         x = _repeat(x, n) if shared else x
         return F.batch_norm(x, torch.cat(means), torch.cat(variances), None, None, False, 0.0, b.eps)  # type: ignore
-    torch._foreach_add_([m.num_batches_tracked for m in bns], 1)  # type: ignore[misc]
+    book.counters += [m.num_batches_tracked for m in bns]  # type: ignore[misc]
     if shared:
         with torch.no_grad():
-            # running = (1 - momentum) * running + momentum * batch statistic (unbiased variance), per edge
             var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
-            torch._foreach_lerp_(means, [mean] * n, b.momentum)  # type: ignore[arg-type]
-            torch._foreach_lerp_(variances, [var] * n, b.momentum)  # type: ignore[arg-type]
+        book.lerp(means, mean, b.momentum)  # type: ignore[arg-type]
+        book.lerp(variances, var, b.momentum)  # type: ignore[arg-type]
         running: tuple[Tensor | None, Tensor | None] = (None, None)
     elif n == 1:
         running = means[0], variances[0]
     else:
         # The batch norm updates the concatenation in place, which is then copied back edge by edge.
         running = torch.cat(means), torch.cat(variances)  # type: ignore[arg-type]
+        book.copy(means, running[0])  # type: ignore[arg-type]
+        book.copy(variances, running[1])  # type: ignore[arg-type]
     momentum = 0.0 if shared else b.momentum
     if isinstance(b, lean.LeanBatchNorm2d) and lean.builds_graph(x):
-        out = lean._BatchNormKeepOutput.apply(x, *running, momentum, b.eps)
-    else:
-        out = F.batch_norm(x, *running, None, None, True, momentum, b.eps)
-    if not shared and n > 1:
-        with torch.no_grad():
-            torch._foreach_copy_(means, running[0].view(n, -1).unbind(0))  # type: ignore[union-attr, arg-type]
-            torch._foreach_copy_(variances, running[1].view(n, -1).unbind(0))  # type: ignore[union-attr, arg-type]
-    return out
+        return lean._BatchNormKeepOutput.apply(x, *running, momentum, b.eps)
+    return F.batch_norm(x, *running, None, None, True, momentum, b.eps)
 
 
-def _shared_pool(ops: list[nn.Sequential], x: Tensor) -> Tensor:
+def _shared_pool(ops: list[nn.Sequential], x: Tensor, book: _Bookkeeping) -> Tensor:
     """Pooling followed by an affine-free batch norm, the same on every edge: computed once, shape
     ``(batch, 1, C, H, W)`` in training; ``(batch, n, C, H, W)`` in eval mode (each edge's own running
     statistics)."""
-    y = _batch_norm([op[1] for op in ops], ops[0][0](x))
+    y = _batch_norm([op[1] for op in ops], ops[0][0](x), book)
     return y.unflatten(1, (-1, x.shape[1]))
 
 
-def _relu_op(ops: list[nn.Module], x: Tensor) -> Tensor:
+def _relu_op(ops: list[nn.Module], x: Tensor, book: _Bookkeeping) -> Tensor:
     """The ``n`` edges' ReLU-first operation (its ReLU already applied: ``x`` is the repeated ``relu``
     of the input), shape ``(batch, n, C, H, W)``."""
     n = len(ops)
@@ -143,7 +170,7 @@ def _relu_op(ops: list[nn.Module], x: Tensor) -> Tensor:
             b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
         # Each edge's output channels are its conv_1's then its conv_2's.
         y = torch.cat([a.unflatten(1, (n, -1)), b.unflatten(1, (n, -1))], dim=2).flatten(1, 2)
-        return _batch_norm([op.bn for op in ops], y).unflatten(1, (n, -1))
+        return _batch_norm([op.bn for op in ops], y, book).unflatten(1, (n, -1))
     layers = [op.op for op in ops]  # type: ignore[union-attr]
     y = x
     for k in range(1, len(layers[0])):
@@ -153,7 +180,7 @@ def _relu_op(ops: list[nn.Module], x: Tensor) -> Tensor:
         elif isinstance(layer, nn.Conv2d):
             y = _conv([seq[k] for seq in layers], y)
         elif isinstance(layer, nn.BatchNorm2d):
-            y = _batch_norm([seq[k] for seq in layers], y)
+            y = _batch_norm([seq[k] for seq in layers], y, book)
         else:
             raise TypeError(f"cannot fuse {type(layer).__name__}")
     return y.unflatten(1, (n, -1))
@@ -198,12 +225,13 @@ def cell_forward(cell: nn.Module, s0: Tensor, s1: Tensor, weights: Tensor, edge_
         aux_coefs = [aux_coef * c for c in node_coefs]  # type: ignore[operator]
     # The accumulators of nodes max(0, j - 1) .. steps - 1 by part (see _state_terms), (batch, nodes, C, H, W).
     acc: dict[str, Tensor] = {}
+    book = _Bookkeeping()
     start = 0
     for j, n in enumerate(sizes):
         out_edges = [edges[e] for e in order[start:start + n]]
         start += n
         # One coefficient tensor per operation (unbind: its backward is one stack, not a zero-filled select each).
-        terms = _state_terms(out_edges, states[j], coefs[j].unbind(0), node_coefs[j], aux_coefs[j], k)
+        terms = _state_terms(out_edges, states[j], coefs[j].unbind(0), node_coefs[j], aux_coefs[j], k, book)
         for part, y, c in terms:
             acc[part] = _add(acc.get(part), y, c, n)
         if j >= 1:
@@ -215,6 +243,7 @@ def cell_forward(cell: nn.Module, s0: Tensor, s1: Tensor, weights: Tensor, edge_
                 else:
                     done[part] = t
             states.append(_node(done, k).contiguous(memory_format=fmt))
+    book.apply()
     return torch.cat(states[-cell.multiplier:], dim=1)
 
 
@@ -227,7 +256,7 @@ def _node(done: dict[str, Tensor], k: int) -> Tensor:
 
 
 def _state_terms(edges: list[nn.Module], h: Tensor, coef: Sequence[Tensor], node_coef: Tensor | None, aux_coef: Coef,
-                 k: int) -> list[tuple[str, Tensor, Coef]]:
+                 k: int, book: _Bookkeeping) -> list[tuple[str, Tensor, Coef]]:
     """``(part, y, c)``: the contributions ``c * y`` of the edges leaving state ``h`` to their nodes'
     accumulators ``mix`` (the operations' channels), ``rest`` (PC-DARTS's bypass) and ``full`` (the
     auxiliary skip with partial channels, added after the shuffle)."""
@@ -246,11 +275,11 @@ def _state_terms(edges: list[nn.Module], h: Tensor, coef: Sequence[Tensor], node
         if isinstance(op, nn.Identity):
             y = selected.unsqueeze(1)
         elif isinstance(op, nn.Sequential) and isinstance(op[0], (nn.MaxPool2d, nn.AvgPool2d)):
-            y = _shared_pool(ops, selected)
+            y = _shared_pool(ops, selected, book)
         else:
             if repeated is None:
                 repeated = _repeat(relu, n)
-            y = _relu_op(ops, repeated)
+            y = _relu_op(ops, repeated, book)
         terms.append(("mix", y, coef[o]))
     if rest is not None:
         terms.append(("rest", first.bypass(rest).unsqueeze(1), node_coef))
@@ -263,6 +292,6 @@ def _state_terms(edges: list[nn.Module], h: Tensor, coef: Sequence[Tensor], node
                 repeated = _repeat(F.relu(h), n)
             elif repeated is None:
                 repeated = _repeat(relu, n)
-            y = _relu_op([e.aux for e in edges], repeated)
+            y = _relu_op([e.aux for e in edges], repeated, book)
         terms.append((part, y, aux_coef))
     return terms
