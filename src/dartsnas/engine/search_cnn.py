@@ -91,7 +91,7 @@ def build_search(cfg: SearchConfig, data: ImageData | DatasetInfo, device: torch
                           in_channels=data.in_channels, primitives=cfg.primitives, lean_memory=cfg.lean_memory,
                           checkpoint_cells=cfg.checkpoint_cells, dirichlet=cfg.dirichlet,
                           partial_channels=cfg.partial_channels, edge_normalization=cfg.edge_normalization,
-                          aux_skip=cfg.aux_skip > 0).to(device=device, dtype=dtype)
+                          aux_skip=cfg.aux_skip > 0, fused=cfg.fuse_edges).to(device=device, dtype=dtype)
     if cfg.flip_conv_backward:
         fastconv.use_flipped_backward(model)
     model = distributed.convert_sync_bn(model, cfg.sync_bn)

@@ -61,6 +61,19 @@ def builds_graph(*tensors: Tensor) -> bool:
     return enabled() and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+_CONSTANTS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _constants(like: Tensor) -> tuple[Tensor, Tensor]:
+    """Zeros and ones shaped like the per-channel ``like``, made once per size, type and device: every
+    batch-norm backward of the search needs them, and they are only read."""
+    key = (like.numel(), like.dtype, like.device)
+    pair = _CONSTANTS.get(key)
+    if pair is None:
+        pair = _CONSTANTS[key] = (torch.zeros_like(like), torch.ones_like(like))
+    return pair
+
+
 class _BatchNormKeepOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
@@ -81,7 +94,7 @@ class _BatchNormKeepOutput(torch.autograd.Function):
         out, invstd = ctx.saved_tensors
         # PyTorch's batch-norm backward with mean 0, invstd 1 and scale ``invstd`` on the output
         # (which is x_hat) computes exactly invstd * (g - mean(g) - x_hat * mean(g * x_hat)).
-        zeros, ones = torch.zeros_like(invstd), torch.ones_like(invstd)
+        zeros, ones = _constants(invstd)
         dx, _, _ = torch.ops.aten.native_batch_norm_backward(grad, out, invstd, None, None, zeros, ones, True, 0.0,
                                                              [True, False, False])
         return dx, None, None, None, None

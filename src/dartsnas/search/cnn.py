@@ -20,7 +20,7 @@ from ..genotype import CNN_PRIMITIVES, Genotype, derive_cnn_cell
 from ..ops import lean
 from ..ops.cnn import OPS, FactorizedReduce, ReLUConvBN, forward_after_relu, starts_with_relu
 from . import dirichlet as drnas
-from . import pt, robust
+from . import fused, pt, robust
 
 
 class MixedOp(nn.Module):
@@ -79,6 +79,14 @@ class MixedOp(nn.Module):
         assert out is not None
         return out
 
+    def bypass(self, rest: torch.Tensor) -> torch.Tensor:
+        """PC-DARTS: the channels that bypass the operations, downsampled on a stride-2 edge."""
+        if self.bypass_pool is None:
+            return rest
+        # On odd sizes, rounding up keeps the operations' output size.
+        odd = rest.shape[-1] % 2 or rest.shape[-2] % 2
+        return F.max_pool2d(rest, 2, 2, ceil_mode=True) if odd else self.bypass_pool(rest)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, x_relu: torch.Tensor | None = None,
                 aux_coef: float = 0.0) -> torch.Tensor:
         """The edge's output; ``x_relu``, when given, is ``relu`` of the channels that go through the
@@ -91,11 +99,7 @@ class MixedOp(nn.Module):
             # One split (not two slices): the backward assembles one gradient of x, not two zero-padded ones.
             selected, rest = x.split([x.shape[1] // k, x.shape[1] - x.shape[1] // k], dim=1)
             mixed = self.mix(robust.like_format(selected, x), weights, x_relu)
-            if self.bypass_pool is not None:
-                # On odd sizes, rounding up keeps the operations' output size.
-                odd = rest.shape[-1] % 2 or rest.shape[-2] % 2
-                rest = F.max_pool2d(rest, 2, 2, ceil_mode=True) if odd else self.bypass_pool(rest)
-            out = robust.channel_shuffle(torch.cat([mixed, rest], dim=1), k)
+            out = robust.channel_shuffle(torch.cat([mixed, self.bypass(rest)], dim=1), k)
         if self.aux is not None:
             share = k == 1 and x_relu is not None and isinstance(self.aux, FactorizedReduce)
             out = out + aux_coef * (self.aux.forward_after_relu(x_relu) if share else self.aux(x))
@@ -108,6 +112,8 @@ class SearchCell(nn.Module):
                  partial_channels: int = 1, aux_skip: bool = False):
         super().__init__()
         self.reduction = reduction
+        # All edges leaving a state computed together (search/fused.py): the same values, far fewer kernels.
+        self.fused = True
         self.steps = steps
         self.multiplier = multiplier
         if reduction_prev:
@@ -135,6 +141,8 @@ class SearchCell(nn.Module):
                 edge_weights: torch.Tensor | None = None, aux_coef: float = 0.0) -> torch.Tensor:
         """The cell's output; ``edge_weights`` (one per edge, PC-DARTS eq. 4) scale each edge's output
         in its node's sum, ``aux_coef`` is the auxiliary skip's coefficient (DARTS-)."""
+        if self.fused and fused.fusable(self):
+            return fused.cell_forward(self, s0, s1, weights, edge_weights, aux_coef)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         # One ReLU per state, shared by all operations on all edges leaving it: the same values as
         # a ReLU per operation, with a fraction of the memory and time.
@@ -238,7 +246,8 @@ class SearchNetwork(nn.Module):
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, steps: int = 4, multiplier: int = 4,
                  stem_multiplier: int = 3, in_channels: int = 3, primitives: Sequence[str] = CNN_PRIMITIVES,
                  lean_memory: bool = True, checkpoint_cells: bool = False, dirichlet: bool = False,
-                 partial_channels: int = 1, edge_normalization: bool = False, aux_skip: bool = False):
+                 partial_channels: int = 1, edge_normalization: bool = False, aux_skip: bool = False,
+                 fused: bool = True):
         super().__init__()
         if layers < 3:
             raise ValueError(f"the search network needs at least 3 cells (two of them reduction cells), got {layers}")
@@ -265,6 +274,7 @@ class SearchNetwork(nn.Module):
                 C_curr *= 2
             cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, primitives,
                               lean_memory, partial_channels, aux_skip)
+            cell.fused = fused  # False: edge by edge (the same values; search/fused.py)
             reduction_prev = reduction
             self.cells.append(cell)
             C_prev_prev, C_prev = C_prev, multiplier * C_curr

@@ -98,6 +98,10 @@ class SearchConfig(RunOptions):
     flip_conv_backward: bool = option(True, "input gradient of size-keeping depthwise convolutions (5x5, dilated) by a "
                                             "convolution with the flipped kernel, several times faster than PyTorch's "
                                             "backward on the CPU, same results (off: PyTorch's)", group="speed")
+    fuse_edges: bool = option(True, "compute all edges leaving a cell state together: parameter-free operations "
+                                    "once per state, each operation's convolutions on all those edges as one grouped "
+                                    "convolution; far fewer kernel calls, same results (off: edge by edge)",
+                              group="speed")
     lean_memory: bool = option(True, "batch norms that end an operation keep their output instead of their input "
                                      "for the backward, max pooling finds its argmax again: about a quarter less "
                                      "memory, same results (off: PyTorch's plain operations)", group="speed")
@@ -145,6 +149,6 @@ class SearchConfig(RunOptions):
 
 # Settings that may differ when a run is resumed: they do not change the mathematics. The eigenvalue is a
 # diagnostic that leaves the search where it was; --early_stop decides where the run ends, so it may not change.
-RESUMABLE_OVERRIDES = {"device", "channels_last", "checkpoint_cells", "lean_memory", "flip_conv_backward", "workers",
-                       "threads", "max_steps", "tensorboard", "plots", "report_freq", "download", "data", "sync_bn",
-                       "hessian_eig_every", "selection"} | RESUMABLE_RUN_OPTIONS
+RESUMABLE_OVERRIDES = {"device", "channels_last", "checkpoint_cells", "fuse_edges", "lean_memory", "flip_conv_backward",
+                       "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download", "data",
+                       "sync_bn", "hessian_eig_every", "selection"} | RESUMABLE_RUN_OPTIONS

@@ -1,0 +1,297 @@
+"""The search cell computed state by state, with the work of all edges leaving a state done together.
+
+Paper section 2.2: every edge ``(i, j)`` of the cell is a mixed operation ``sum_o softmax(alpha)_o o(x_j)``
+on its source state ``x_j``, and node ``i`` sums its incoming edges. Edge by edge, that is about a
+hundred small kernels per edge. All edges leaving state ``j`` see the same input and have the same
+stride, so once ``x_j`` exists:
+
+* parameter-free operations are computed once for the state, not once per edge: the skip connection,
+  and each pooling with its affine-free batch norm (whose batch statistics are the same for every edge;
+  each edge's running statistics are still updated from them, so checkpoints and eval mode are exact);
+* the convolutions of one operation type on all ``n`` edges are one grouped convolution over the
+  ``n``-fold repeated input (``n`` groups of the edge's own groups), with the edges' weights
+  concatenated in the forward, and one batch norm over the ``n * C`` channels (per-channel statistics:
+  exact), so the parameters, buffers and their names stay the edges' own;
+* each operation's ``n`` outputs are weighted and added into the ``n`` destination nodes by one
+  ``addcmul`` on a ``(batch, n, C, H, W)`` accumulator of those nodes.
+
+The values are those of :meth:`SearchCell.forward` edge by edge up to the order of floating-point
+sums. PC-DARTS's partial channels (Xu et al. 2020, eq. 3) fuse too: every edge leaving a state takes
+the same first ``C / K`` channels; since the channel shuffle is a fixed permutation, the weighted sum of
+shuffled edge outputs is the shuffle of the weighted sums, taken once per node. Cells whose modules have
+been replaced by other kinds (``SyncBatchNorm``) are computed edge by edge (:func:`fusable`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import lean
+from ..ops.cnn import FactorizedReduce
+from ..ops.fastconv import FlippedBackwardConv2d, _FlippedBackwardConv
+from . import robust
+
+Coef = Tensor | float | None
+
+
+@functools.cache
+def edge_order(steps: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The cell's edge indices grouped by source state, and the number leaving each state 0..steps.
+
+    Node ``i`` has edges ``offset(i) + j`` from states ``j = 0 .. i + 1``, so state ``j`` feeds nodes
+    ``max(0, j - 1) .. steps - 1``: a contiguous run of nodes, in that order here.
+    """
+    order, sizes = [], []
+    for j in range(steps + 1):
+        nodes = range(max(0, j - 1), steps)
+        order += [2 * i + i * (i - 1) // 2 + j for i in nodes]
+        sizes.append(len(nodes))
+    return tuple(order), tuple(sizes)
+
+
+def fusable(cell: nn.Module) -> bool:
+    """Whether every batch norm and convolution of the cell's edges is one :func:`cell_forward` can
+    fuse (plain or lean, affine-free batch norms with running statistics and a momentum; plain or
+    flipped-backward, bias-free convolutions)."""
+    for m in cell.edges.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and (
+                type(m) not in (nn.BatchNorm2d, lean.LeanBatchNorm2d) or m.affine or not m.track_running_stats
+                or m.momentum is None):
+            return False
+        if isinstance(m, nn.Conv2d) and (
+                type(m) not in (nn.Conv2d, FlippedBackwardConv2d) or m.bias is not None or m.padding_mode != "zeros"):
+            return False
+    return True
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv(convs: list[nn.Conv2d], x: Tensor) -> Tensor:
+    """The ``n`` edges' convolutions as one, on ``x`` holding the edges' inputs one after the other."""
+    c = convs[0]
+    weight = torch.cat([m.weight for m in convs]) if len(convs) > 1 else c.weight
+    groups = c.groups * len(convs)
+    if isinstance(c, FlippedBackwardConv2d) and lean.builds_graph(x, weight) \
+            and not torch.is_autocast_enabled(x.device.type):
+        return _FlippedBackwardConv.apply(x, weight, c.stride[0], tuple(c.padding), tuple(c.dilation), groups)
+    return F.conv2d(x, weight, None, c.stride, c.padding, c.dilation, groups)
+
+
+class _Bookkeeping:
+    """The edges' batch-norm bookkeeping of one cell forward, applied at its end in a few calls for the
+    whole cell instead of a few per batch norm: ``num_batches_tracked + 1``, and the running statistics
+    ``(1 - momentum) * running + momentum * batch statistic`` (unbiased variance), each edge's as its
+    own batch norm would update them."""
+
+    def __init__(self) -> None:
+        self.counters: list[Tensor] = []
+        self.copies: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # per size: buffers, their new values
+        self.lerps: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # per momentum: buffers, statistics
+
+    def copy(self, buffers: list[Tensor], values: Tensor) -> None:
+        """``values`` holds the new values of ``buffers`` one after the other."""
+        dst, src = self.copies.setdefault(buffers[0].numel(), ([], []))
+        dst += buffers
+        src.append(values)
+
+    def lerp(self, buffers: list[Tensor], statistic: Tensor, momentum: float) -> None:
+        dst, src = self.lerps.setdefault(momentum, ([], []))
+        dst += buffers
+        src += [statistic] * len(buffers)
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            if self.counters:
+                torch._foreach_add_(self.counters, 1)
+            for size, (dst, src) in self.copies.items():
+                torch._foreach_copy_(dst, torch.cat(src).view(-1, size).unbind(0))
+            for momentum, (dst, src) in self.lerps.items():
+                torch._foreach_lerp_(dst, src, momentum)
+
+
+def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Tensor:
+    """The affine-free batch norms of the ``n`` edges over ``x``: their ``n * C`` channels one after the
+    other, or ``C`` channels common to all edges (then one normalisation: the batch statistics are the
+    edges' common ones). Their bookkeeping goes to ``book``. In eval mode each edge normalises with its
+    own running statistics, also on common channels (then the result holds the ``n`` edges' ``C``
+    channels one after the other)."""
+    b, n = bns[0], len(bns)
+    shared = x.shape[1] == b.num_features and n > 1
+    means = [m.running_mean for m in bns]
+    variances = [m.running_var for m in bns]
+    if not b.training:
+        x = _repeat(x, n) if shared else x
+        return F.batch_norm(x, torch.cat(means), torch.cat(variances), None, None, False, 0.0, b.eps)  # type: ignore
+    book.counters += [m.num_batches_tracked for m in bns]  # type: ignore[misc]
+    if shared:
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
+        book.lerp(means, mean, b.momentum)  # type: ignore[arg-type]
+        book.lerp(variances, var, b.momentum)  # type: ignore[arg-type]
+        running: tuple[Tensor | None, Tensor | None] = (None, None)
+    elif n == 1:
+        running = means[0], variances[0]
+    else:
+        # The batch norm updates the concatenation in place, which is then copied back edge by edge.
+        running = torch.cat(means), torch.cat(variances)  # type: ignore[arg-type]
+        book.copy(means, running[0])  # type: ignore[arg-type]
+        book.copy(variances, running[1])  # type: ignore[arg-type]
+    momentum = 0.0 if shared else b.momentum
+    if isinstance(b, lean.LeanBatchNorm2d) and lean.builds_graph(x):
+        return lean._BatchNormKeepOutput.apply(x, *running, momentum, b.eps)
+    return F.batch_norm(x, *running, None, None, True, momentum, b.eps)
+
+
+def _shared_pool(ops: list[nn.Sequential], x: Tensor, book: _Bookkeeping) -> Tensor:
+    """Pooling followed by an affine-free batch norm, the same on every edge: computed once, shape
+    ``(batch, 1, C, H, W)`` in training; ``(batch, n, C, H, W)`` in eval mode (each edge's own running
+    statistics)."""
+    y = _batch_norm([op[1] for op in ops], ops[0][0](x), book)
+    return y.unflatten(1, (-1, x.shape[1]))
+
+
+def _relu_op(ops: list[nn.Module], x: Tensor, book: _Bookkeeping) -> Tensor:
+    """The ``n`` edges' ReLU-first operation (its ReLU already applied: ``x`` is the repeated ``relu``
+    of the input), shape ``(batch, n, C, H, W)``."""
+    n = len(ops)
+    if isinstance(ops[0], FactorizedReduce):
+        a = _conv([op.conv_1 for op in ops], x)
+        b = _conv([op.conv_2 for op in ops], x[:, :, 1:, 1:])
+        if b.shape[-2:] != a.shape[-2:]:
+            b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
+        # Each edge's output channels are its conv_1's then its conv_2's.
+        y = torch.cat([a.unflatten(1, (n, -1)), b.unflatten(1, (n, -1))], dim=2).flatten(1, 2)
+        return _batch_norm([op.bn for op in ops], y, book).unflatten(1, (n, -1))
+    layers = [op.op for op in ops]  # type: ignore[union-attr]
+    y = x
+    for k in range(1, len(layers[0])):
+        layer = layers[0][k]
+        if isinstance(layer, nn.ReLU):
+            y = F.relu(y)
+        elif isinstance(layer, nn.Conv2d):
+            y = _conv([seq[k] for seq in layers], y)
+        elif isinstance(layer, nn.BatchNorm2d):
+            y = _batch_norm([seq[k] for seq in layers], y, book)
+        else:
+            raise TypeError(f"cannot fuse {type(layer).__name__}")
+    return y.unflatten(1, (n, -1))
+
+
+def _repeat(x: Tensor, n: int) -> Tensor:
+    # The edges' common input, once per edge along the channels (a grouped convolution's groups).
+    return x if n == 1 else torch.cat([x] * n, dim=1)
+
+
+def _add(acc: Tensor | None, y: Tensor, c: Coef, n: int) -> Tensor:
+    """``acc + c * y`` for ``y`` of shape ``(batch, n or 1, C, H, W)`` and ``c`` one coefficient per
+    edge (``(n, 1, 1, 1)``), a number or None (1)."""
+    if acc is None:
+        out = y if c is None else y * c
+        return out.expand(-1, n, -1, -1, -1) if out.shape[1] != n else out
+    if c is None:
+        return acc + y
+    if isinstance(c, float):
+        return torch.add(acc, y, alpha=c)
+    return torch.addcmul(acc, y, c)
+
+
+def cell_forward(cell: nn.Module, s0: Tensor, s1: Tensor, weights: Tensor, edge_weights: Tensor | None,
+                 aux_coef: float) -> Tensor:
+    """:meth:`SearchCell.forward` computed state by state (module docstring)."""
+    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+    fmt = _memory_format(states[1])
+    steps, edges = cell.steps, cell.edges
+    k = edges[0].partial_channels
+    order, sizes = edge_order(steps)
+    index = torch.tensor(order, device=weights.device)
+    # Coefficient of operation o on edge e: its mixing weight times, with edge normalisation, the edge's
+    # weight in its node's sum (PC-DARTS eq. 4); rows grouped by source state, as (n, 1, 1, 1) blocks.
+    coef = weights if edge_weights is None else weights * edge_weights[:, None]
+    coefs = coef.t().index_select(1, index).view(coef.shape[1], -1, 1, 1, 1).split(sizes, dim=1)
+    if edge_weights is None:
+        node_coefs: list[Tensor | None] = [None] * len(sizes)
+        aux_coefs: list[Coef] = [aux_coef] * len(sizes)
+    else:
+        node_coefs = list(edge_weights.index_select(0, index).view(-1, 1, 1, 1).split(sizes))
+        aux_coefs = [aux_coef * c for c in node_coefs]  # type: ignore[operator]
+    # The accumulators of nodes max(0, j - 1) .. steps - 1 by part (see _state_terms), (batch, nodes, C, H, W).
+    acc: dict[str, Tensor] = {}
+    book = _Bookkeeping()
+    start = 0
+    for j, n in enumerate(sizes):
+        out_edges = [edges[e] for e in order[start:start + n]]
+        start += n
+        # One coefficient tensor per operation (unbind: its backward is one stack, not a zero-filled select each).
+        terms = _state_terms(out_edges, states[j], coefs[j].unbind(0), node_coefs[j], aux_coefs[j], k, book)
+        for part, y, c in terms:
+            acc[part] = _add(acc.get(part), y, c, n)
+        if j >= 1:
+            # The first node is complete; split it off (one split: its backward is one concatenation).
+            done = {}
+            for part, t in acc.items():
+                if t.shape[1] > 1:
+                    done[part], acc[part] = t.split([1, t.shape[1] - 1], dim=1)
+                else:
+                    done[part] = t
+            states.append(_node(done, k).contiguous(memory_format=fmt))
+    book.apply()
+    return torch.cat(states[-cell.multiplier:], dim=1)
+
+
+def _node(done: dict[str, Tensor], k: int) -> Tensor:
+    """The node from its accumulators (each ``(batch, 1, C, H, W)``)."""
+    if k == 1:
+        return done["mix"].squeeze(1)
+    out = robust.channel_shuffle(torch.cat([done["mix"], done["rest"]], dim=2).squeeze(1), k)
+    return out + done["full"].squeeze(1) if "full" in done else out
+
+
+def _state_terms(edges: list[nn.Module], h: Tensor, coef: Sequence[Tensor], node_coef: Tensor | None, aux_coef: Coef,
+                 k: int, book: _Bookkeeping) -> list[tuple[str, Tensor, Coef]]:
+    """``(part, y, c)``: the contributions ``c * y`` of the edges leaving state ``h`` to their nodes'
+    accumulators ``mix`` (the operations' channels), ``rest`` (PC-DARTS's bypass) and ``full`` (the
+    auxiliary skip with partial channels, added after the shuffle)."""
+    n = len(edges)
+    first = edges[0]
+    if k == 1:
+        selected, rest = h, None
+    else:
+        selected, rest = h.split([h.shape[1] // k, h.shape[1] - h.shape[1] // k], dim=1)
+        selected = robust.like_format(selected, h)
+    relu = F.relu(selected)
+    repeated: Tensor | None = None
+    terms: list[tuple[str, Tensor, Coef]] = []
+    for pos, (o, op) in enumerate(zip(first.op_index, first.ops)):
+        ops = [e.ops[pos] for e in edges]
+        if isinstance(op, nn.Identity):
+            y = selected.unsqueeze(1)
+        elif isinstance(op, nn.Sequential) and isinstance(op[0], (nn.MaxPool2d, nn.AvgPool2d)):
+            y = _shared_pool(ops, selected, book)
+        else:
+            if repeated is None:
+                repeated = _repeat(relu, n)
+            y = _relu_op(ops, repeated, book)
+        terms.append(("mix", y, coef[o]))
+    if rest is not None:
+        terms.append(("rest", first.bypass(rest).unsqueeze(1), node_coef))
+    if first.aux is not None:
+        part = "mix" if k == 1 else "full"
+        if isinstance(first.aux, nn.Identity):
+            y = h.unsqueeze(1)
+        else:
+            if k > 1:
+                repeated = _repeat(F.relu(h), n)
+            elif repeated is None:
+                repeated = _repeat(relu, n)
+            y = _relu_op([e.aux for e in edges], repeated, book)
+        terms.append((part, y, aux_coef))
+    return terms
