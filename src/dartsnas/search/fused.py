@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import lean
-from ..ops.cnn import FactorizedReduce
+from ..ops.cnn import Conv7x1_1x7, DilConv, FactorizedReduce, ReLUConvBN, SepConv
 from ..ops.fastconv import FlippedBackwardConv2d, _FlippedBackwardConv
 from . import robust
 
@@ -54,11 +54,20 @@ def edge_order(steps: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(order), tuple(sizes)
 
 
+# The module kinds the search operations are built from (ops/cnn.py OPS, ops/lean.py, ops/fastconv.py).
+_KNOWN = frozenset({nn.ModuleList, nn.Sequential, nn.ReLU, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.BatchNorm2d,
+                    nn.Conv2d, lean.LeanBatchNorm2d, lean.LeanMaxPool2d, FlippedBackwardConv2d, SepConv, DilConv,
+                    FactorizedReduce, ReLUConvBN, Conv7x1_1x7})
+
+
 def fusable(cell: nn.Module) -> bool:
     """Whether every batch norm and convolution of the cell's edges is one :func:`cell_forward` can
     fuse (plain or lean, affine-free batch norms with running statistics and a momentum; plain or
-    flipped-backward, bias-free convolutions)."""
+    flipped-backward, bias-free convolutions), and every module one of the operations' own kinds (an
+    operation replaced by anything else, e.g. by hand, is computed edge by edge)."""
     for m in cell.edges.modules():
+        if type(m) not in _KNOWN and type(m).__name__ != "MixedOp":
+            return False
         if isinstance(m, nn.modules.batchnorm._NormBase) and (
                 type(m) not in (nn.BatchNorm2d, lean.LeanBatchNorm2d) or m.affine or not m.track_running_stats
                 or m.momentum is None):
