@@ -35,7 +35,7 @@ def count(network: str, fused: bool, threads: int = 2, **settings: object) -> in
     C, layers, batch, size, in_channels = NETWORKS[network]
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = SearchConfig(init_channels=C, layers=layers, batch_size=batch, fuse_edges=fused, **settings)
+    cfg = SearchConfig(init_channels=C, layers=layers, batch_size=batch, fuse_edges="on" if fused else "off", **settings)
     cfg.validate()
     data = ImageData("bench", ImageSet(torch.zeros(1, in_channels, size, size, dtype=torch.uint8),
                                        torch.zeros(1, dtype=torch.long)), None, 10, (0.5,) * in_channels,

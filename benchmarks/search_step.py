@@ -67,7 +67,8 @@ def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int,
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return {"order": order, "batch": batch, "median_s": statistics.median(times), "steps": steps,
             "peak_gib": peak, "search_gib": peak - base, "device": device, "hvp": hvp, "threads": threads, "channels_last": channels_last,
-            "checkpoint_cells": checkpoint_cells}
+            "checkpoint_cells": checkpoint_cells,
+            "fuse_edges": (settings or {}).get("fuse_edges", "auto")}
 
 
 def main() -> None:
@@ -81,13 +82,15 @@ def main() -> None:
     p.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--checkpoint_cells", action="store_true",
                    help="recompute each cell's activations in the backward (less memory, slower steps)")
+    p.add_argument("--fuse_edges", default="auto", choices=["auto", "on", "off"],
+                   help="the search's --fuse_edges (auto: fused for small networks on the CPU)")
     p.add_argument("--json", help="write the results to this file")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "order,batch" in a child process
     args = p.parse_args()
     if args.one:
         order, batch = map(int, args.one.split(","))
         print(json.dumps(one(order, batch, args.steps, args.device, args.hvp, args.threads, args.channels_last,
-                             args.checkpoint_cells)))
+                             args.checkpoint_cells, settings={"fuse_edges": args.fuse_edges})))
         return
     rows = []
     failed = False
@@ -97,6 +100,7 @@ def main() -> None:
                    args.device, "--hvp", args.hvp, "--threads", str(args.threads), "--channels_last", args.channels_last]
             if args.checkpoint_cells:
                 cmd.append("--checkpoint_cells")
+            cmd += ["--fuse_edges", args.fuse_edges]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode:
                 print(f"order {order} batch {batch} failed:\n{out.stderr[-2000:]}", file=sys.stderr)

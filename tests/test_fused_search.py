@@ -119,7 +119,7 @@ def test_double_backward_in_plain_mode_matches():
 def tiny_search(fuse: bool, **kw):
     torch.manual_seed(3)
     args = {"init_channels": 4, "layers": 3, "nodes": 3, "learning_rate": LR, "epochs": 4, "channels_last": "off",
-            "fuse_edges": fuse}
+            "fuse_edges": "on" if fuse else "off"}
     args.update(kw)
     cfg = SearchConfig(**args)
     cfg.validate()
@@ -189,3 +189,13 @@ def test_other_batch_norms_fall_back_to_edge_by_edge():
     cell.edges[0].ops[0][1] = nn.SyncBatchNorm(edge_bn.num_features, affine=False).double()
     assert not fused.fusable(cell)
     assert fused.fusable(fast.cells[1])
+
+
+def test_auto_fuses_small_networks_on_the_cpu_only():
+    from dartsnas.engine.search_cnn import use_fused
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_fused("auto", cpu, 8, (8, 8))  # the quickstart
+    assert not use_fused("auto", cpu, 16, (32, 32))  # the paper's network
+    assert not use_fused("auto", cuda, 8, (8, 8))
+    assert use_fused("on", cpu, 16, (32, 32)) and not use_fused("off", cpu, 8, (8, 8))

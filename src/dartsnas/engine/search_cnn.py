@@ -77,6 +77,21 @@ def _evaluate(model: SearchNetwork, stream: Stream, max_batches: int | None,
     return loss_m.avg, acc_m.avg
 
 
+# Above this many first-cell activations per image (init_channels x height x width), the fused cell's
+# grouped convolutions cost more than the kernel calls they save on the CPU: on the 2-core AVX-512 machine a
+# first-order step is 1.5x faster fused for the quickstart network (C = 8, 8x8 images), as fast at C = 8 and
+# 32x32, and 1.4x slower at the paper's size (C = 16, 32x32); benchmarks/RESULTS.md.
+FUSE_MAX_ACTIVATIONS = 8192
+
+
+def use_fused(setting: str, device: torch.device, init_channels: int, image_size: tuple[int, int]) -> bool:
+    """Whether the search cell computes the edges leaving each state together (``--fuse_edges``). ``auto``
+    fuses small networks on the CPU only: on CUDA the fused cell has not been timed yet."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    return device.type == "cpu" and init_channels * image_size[0] * image_size[1] <= FUSE_MAX_ACTIVATIONS
+
+
 def use_channels_last(setting: str, device: torch.device, model: torch.nn.Module | None = None) -> bool:
     """Channels-last on the CPU, where depthwise and 1x1 convolutions run several times faster."""
     if setting in ("on", "off"):
@@ -91,7 +106,8 @@ def build_search(cfg: SearchConfig, data: ImageData | DatasetInfo, device: torch
                           in_channels=data.in_channels, primitives=cfg.primitives, lean_memory=cfg.lean_memory,
                           checkpoint_cells=cfg.checkpoint_cells, dirichlet=cfg.dirichlet,
                           partial_channels=cfg.partial_channels, edge_normalization=cfg.edge_normalization,
-                          aux_skip=cfg.aux_skip > 0, fused=cfg.fuse_edges).to(device=device, dtype=dtype)
+                          aux_skip=cfg.aux_skip > 0,
+                          fused=use_fused(cfg.fuse_edges, device, cfg.init_channels, data.image_size)).to(device=device, dtype=dtype)
     if cfg.flip_conv_backward:
         fastconv.use_flipped_backward(model)
     model = distributed.convert_sync_bn(model, cfg.sync_bn)

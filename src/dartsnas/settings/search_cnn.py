@@ -98,10 +98,11 @@ class SearchConfig(RunOptions):
     flip_conv_backward: bool = option(True, "input gradient of size-keeping depthwise convolutions (5x5, dilated) by a "
                                             "convolution with the flipped kernel, several times faster than PyTorch's "
                                             "backward on the CPU, same results (off: PyTorch's)", group="speed")
-    fuse_edges: bool = option(True, "compute all edges leaving a cell state together: parameter-free operations "
-                                    "once per state, each operation's convolutions on all those edges as one grouped "
-                                    "convolution; far fewer kernel calls, same results (off: edge by edge)",
-                              group="speed")
+    fuse_edges: str = option("auto", "compute all edges leaving a cell state together: parameter-free operations "
+                                     "once per state, each operation's convolutions on all those edges as one grouped "
+                                     "convolution; fewer kernel calls, same results. auto: on the CPU for small "
+                                     "networks (init_channels x image pixels up to 8192, where it is faster), "
+                                     "edge by edge otherwise; on or off", group="speed", choices=("auto", "on", "off"))
     lean_memory: bool = option(True, "batch norms that end an operation keep their output instead of their input "
                                      "for the backward, max pooling finds its argmax again: about a quarter less "
                                      "memory, same results (off: PyTorch's plain operations)", group="speed")
