@@ -305,6 +305,8 @@ def test_two_process_training_agrees_and_resumes_in_one_process(small_npz: Path,
 # -- the command line under torchrun, and one-line errors ----------------------------------------------
 
 
+# Slow (about 8 s): two processes under torchrun; the two-process engine tests above stay in the default set.
+@pytest.mark.slow
 def test_torchrun_command_line(small_npz: Path, tmp_path: Path):
     save = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")

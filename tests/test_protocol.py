@@ -259,6 +259,8 @@ def test_other_settings_in_an_existing_protocol_directory_are_refused(full_proto
         proto.load_protocol(full_protocol.run_dir, {}, target="rnn")
 
 
+# Slow (about 8 s): stage processes; the in-process scheduler is covered by the default tests.
+@pytest.mark.slow
 def test_jobs_run_stages_in_separate_processes(full_protocol, tmp_path):
     # Two stage processes at a time; searches and selections match the in-process protocol exactly.
     result = proto.run(proto.make_protocol("cnn", _settings(tmp_path / "p", jobs=2, final_runs=1)))

@@ -300,6 +300,9 @@ def test_alpha_regularisers_leave_the_edge_betas_alone():
     assert all(g.abs().sum() > 0 for g in grads[:2]) and all(g.abs().sum() == 0 for g in grads[2:])
 
 
+# Slow (about 9 s each): the resume machinery itself is covered by the default tests of test_loop.py and
+# test_search_engine.py; these add that the two methods' state survives it.
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{"partial_channels": 2, "edge_normalization": True}, {"aux_skip": 1.0}],
                          ids=["pc-darts", "darts-minus"])
 def test_kill_and_resume_mid_search_gives_the_uninterrupted_alphas(options: dict, tmp_path: Path):

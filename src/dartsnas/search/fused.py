@@ -115,7 +115,8 @@ class _Bookkeeping:
     def lerp(self, buffers: list[Tensor], statistic: Tensor, momentum: float) -> None:
         dst, src = self.lerps.setdefault(momentum, ([], []))
         dst += buffers
-        src += [statistic] * len(buffers)
+        # Under autocast the statistic may be in a lower precision than the (float32) running buffers.
+        src += [statistic.to(buffers[0].dtype)] * len(buffers)
 
     def apply(self) -> None:
         with torch.no_grad():
