@@ -158,3 +158,31 @@ def test_set_changes_the_plan_and_a_study_keeps_its_settings(tmp_path, cifar, mo
     # Other settings in the same directory would mix two studies' numbers: refused, nothing run.
     assert study.main(["run", plan_file, "--dir", str(out), "--set", "train.epochs=2"]) == 2
     assert "other plan settings" in capsys.readouterr().err
+
+
+def test_image_size_goes_through_an_image_folder_of_exact_pixels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), np.arange(12) % 3
+    np.savez(tmp_path / "train.npz", x=x, y=y, class_names=np.array(["a", "b", "c"]))
+    np.savez(tmp_path / "test.npz", x=x[:6], y=y[:6])
+    text = f"""
+data: {{train: {tmp_path / 'train.npz'}, test: {tmp_path / 'test.npz'}, image_size: 16}}
+search: {{epochs: 1}}
+train: {{epochs: 1}}
+groups: {{first-order: {{}}}}
+"""
+    (tmp_path / "plan.yaml").write_text(text)
+    plan = study.load_plan(str(tmp_path / "plan.yaml"))
+    out = tmp_path / "s"
+    study.prepare_data(plan, out)
+    files = sorted((out / "data" / "train").rglob("*.png"))
+    assert len(files) == 12 and {f.parent.name for f in files} == {"a", "b", "c"}
+    assert len(list((out / "data" / "val").rglob("*.png"))) == 6
+    assert np.array_equal(np.asarray(Image.open(out / "data" / "train" / "b" / "000001.png")), x[1])
+    search, train = study.stages(plan, out)[0], study.stages(plan, out)[-1]
+    assert search.config["dataset"] == train.config["dataset"] == "folder"
+    assert search.config["image_size"] == train.config["image_size"] == 16
+    assert train.config["test_data"] is None

@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -51,7 +52,8 @@ from dartsnas.settings.train_cnn import CifarTrainConfig
 SEARCH = ("dartsnas.engine.search_cnn", "SearchConfig")
 TRAIN = ("dartsnas.engine.train_cnn", "CifarTrainConfig")
 # Set by the study for every stage; a plan may not set them.
-FIXED = {"save", "seed", "data", "test_data", "dataset", "arch", "device", "threads", "download", "valid_size"}
+FIXED = {"save", "seed", "data", "test_data", "dataset", "arch", "device", "threads", "download", "valid_size",
+         "image_size"}
 RANDOM = "random"
 
 
@@ -71,6 +73,9 @@ class Plan:
     groups: dict[str, dict[str, Any]]
     threads: int = 2
     device: str = "cpu"
+    # Images resized to image_size x image_size (searches and retrainings alike) through an image folder
+    # the study writes from the .npz files; None: the images as they are.
+    image_size: int | None = None
     source: str = ""
     overrides: list[str] = field(default_factory=list)
 
@@ -150,6 +155,7 @@ def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
         search=options(SearchConfig, data["search"], "search"),
         train=options(CifarTrainConfig, data["train"], "train"),
         groups=groups, threads=int(data.get("threads", 2)), device=str(data.get("device", "cpu")),
+        image_size=int(data["data"]["image_size"]) if data["data"].get("image_size") else None,
         source=str(Path(path).resolve()), overrides=list(overrides or []))
     for cell in plan.fixed_cells:
         load_genotype(cell, kind="cnn")  # a clear error now rather than after hours of searching
@@ -157,6 +163,8 @@ def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
         if f and not os.path.exists(f):
             raise UserError(f"{where}: data {f} does not exist (set the environment variable it names, "
                             "or edit data.train/test)")
+    if plan.image_size is not None and not (plan.test_data and plan.train_data.endswith(".npz")):
+        raise UserError(f"{where}: data.image_size needs data.train and data.test as .npz files")
     if not plan.train_data or (not plan.test_data and os.path.isfile(plan.train_data)):
         raise UserError(f"{where}: data.train must name a CIFAR-10 folder, or a training .npz with data.test "
                         "naming the test .npz")
@@ -176,6 +184,42 @@ class Stage:
     deps: tuple[str, ...] = field(default_factory=tuple)
 
 
+def _search_data(plan: Plan, study: Path) -> dict[str, Any]:
+    if plan.image_size is None:
+        return {"dataset": "cifar10", "data": plan.train_data}
+    # A search reads only train/ of the folder (never val/, the test images).
+    return {"dataset": "folder", "data": str(study / "data"), "image_size": plan.image_size}
+
+
+def _train_data(plan: Plan, study: Path) -> dict[str, Any]:
+    if plan.image_size is None:
+        return {"data": plan.train_data, "test_data": plan.test_data}
+    return {"dataset": "folder", "data": str(study / "data"), "image_size": plan.image_size, "test_data": None}
+
+
+def prepare_data(plan: Plan, study: Path) -> None:
+    """With ``image_size``: ``STUDY/data/train/<class>/`` and ``val/<class>/`` as lossless PNGs of the
+    .npz images (the runs resize them as they read them), written once, under a temporary name first."""
+    folder = study / "data"
+    if plan.image_size is None or folder.is_dir():
+        return
+    from PIL import Image
+
+    tmp = study / "data.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for split, path in (("train", plan.train_data), ("val", plan.test_data)):
+        with np.load(path, allow_pickle=False) as arrays:
+            x, y = arrays["x"], arrays["y"]
+            names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
+        for i, (image, label) in enumerate(zip(x, y)):
+            name = names[int(label)] if names else f"class-{int(label)}"
+            target = tmp / split / name
+            target.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(target / f"{i:06d}.png")
+    tmp.rename(folder)
+
+
 def stages(plan: Plan, study: Path) -> list[Stage]:
     """Searches first (their retrainings need them), then every retraining; in launch order."""
     out: list[Stage] = []
@@ -184,8 +228,8 @@ def stages(plan: Plan, study: Path) -> list[Stage]:
     for group, options in plan.groups.items():
         for seed in plan.search_seeds:
             name = f"search/{group}/seed-{seed}"
-            cfg = {**plan.search, **options, **runtime, "dataset": "cifar10", "data": plan.train_data,
-                   "seed": seed, "save": str(study / name)}
+            cfg = {**plan.search, **options, **runtime, **_search_data(plan, study), "seed": seed,
+                   "save": str(study / name)}
             out.append(Stage(name, group, name, "search", cfg))
             cells.append((group, name, str(study / name), (name,)))
     for k in range(plan.random_cells):
@@ -196,8 +240,8 @@ def stages(plan: Plan, study: Path) -> list[Stage]:
     for group, cell, arch, deps in cells:
         for seed in plan.train_seeds:
             name = f"train/{cell}/run-{seed}"
-            cfg = {**plan.train, **runtime, "data": plan.train_data, "test_data": plan.test_data, "valid_size": 0,
-                   "arch": arch, "seed": seed, "save": str(study / name)}
+            cfg = {**plan.train, **runtime, **_train_data(plan, study), "valid_size": 0, "arch": arch, "seed": seed,
+                   "save": str(study / name)}
             out.append(Stage(name, group, cell, "train", cfg, deps))
     return out
 
@@ -222,6 +266,7 @@ def run(plan: Plan, study: Path, hours: float | None, only: set[str] | None) -> 
         if manifest.data["config"].get("digest") != plan.digest():
             raise UserError(f"{study} was run with other plan settings (--set {manifest.data['config'].get('overrides')}"
                             f" on {manifest.data['config'].get('plan')}); run it with those, or choose another --dir")
+        prepare_data(plan, study)
         started, failures = time.perf_counter(), 0
         for stage in stages(plan, study):
             entry = _entry(manifest, stage)
