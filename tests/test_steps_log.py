@@ -126,3 +126,35 @@ def test_steps_go_to_tensorboard_too(images: Path, tmp_path: Path):
     events.Reload()
     assert [e.step for e in events.Scalars("step/loss")] == [1, 2, 3, 4]
     assert len(events.Scalars("step/lr")) == 4
+
+
+def test_a_resumed_run_shows_every_step_once_in_tensorboard(images: Path, tmp_path: Path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+        events = EventAccumulator(str(run_dir / "tb"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    straight = search_cnn.run(cnn_search(images, tmp_path / "straight", tensorboard=True)).run_dir
+
+    class Killed(Exception):
+        pass
+
+    write = loop.StepLog.write
+
+    def write_then_die(self, step, *args):
+        write(self, step, *args)
+        if step == 6:  # two steps into epoch 2: steps 5 and 6 reached TensorBoard, not the checkpoint
+            raise Killed
+
+    monkeypatch.setattr(loop.StepLog, "write", write_then_die)
+    cut = tmp_path / "cut"
+    with pytest.raises(Killed):
+        search_cnn.run(cnn_search(images, cut, tensorboard=True))
+    monkeypatch.setattr(loop.StepLog, "write", write)
+    assert [s for s, _ in scalars(cut, "step/loss")] == [1, 2, 3, 4, 5, 6]
+    search_cnn.run(resume=cut)
+    for tag in ("step/loss", "step/lr", "train_loss", "valid_acc"):
+        assert scalars(cut, tag) == scalars(straight, tag), tag  # once each, with the same values

@@ -225,7 +225,8 @@ def test_plot_search_writes_gifs_alphas_and_curves(tmp_path: Path, capsys):
     assert main(["plot", "search", str(run)]) == 0
     printed = capsys.readouterr().out.split()
     names = ["progress_normal.gif", "progress_reduce.gif", "alphas_normal.png", "alphas_reduce.png",
-             "alpha_heatmap_normal.png", "alpha_heatmap_reduce.png", "curves.png"]
+             "alpha_heatmap_normal.png", "alpha_heatmap_normal.gif", "alpha_heatmap_reduce.png",
+             "alpha_heatmap_reduce.gif", "curves.png"]
     assert printed == [str(run / "figures" / n) for n in names]
     for name in names[:2]:
         with Image.open(run / "figures" / name) as im:
@@ -245,8 +246,8 @@ def test_recurrent_search_run(tmp_path: Path):
 
     run = make_search_run(tmp_path / "rnn", epochs=2, kind="rnn")
     files = plot_search(run, tmp_path / "out")
-    assert sorted(f.name for f in files) == ["alpha_heatmap_recurrent.png", "alphas_recurrent.png", "curves.png",
-                                             "progress_recurrent.gif"]
+    assert sorted(f.name for f in files) == ["alpha_heatmap_recurrent.gif", "alpha_heatmap_recurrent.png",
+                                             "alphas_recurrent.png", "curves.png", "progress_recurrent.gif"]
     with Image.open(tmp_path / "out" / "progress_recurrent.gif") as im:
         assert im.n_frames == 2
 
@@ -406,7 +407,8 @@ def test_search_figures_without_graphviz_keep_everything_else(tmp_path: Path, mo
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with caplog.at_level(logging.WARNING, logger="dartsnas"):
         files = finalize_run(run)
-    assert sorted(f.name for f in files) == ["alpha_heatmap_normal.png", "alpha_heatmap_reduce.png",
+    assert sorted(f.name for f in files) == ["alpha_heatmap_normal.gif", "alpha_heatmap_normal.png",
+                                             "alpha_heatmap_reduce.gif", "alpha_heatmap_reduce.png",
                                              "alphas_normal.png", "alphas_reduce.png", "cell_normal.dot",
                                              "cell_reduce.dot", "curves.png", "report.html"]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -427,10 +429,46 @@ def test_alpha_heatmaps_and_diagnostics_figure(tmp_path: Path):
                  entropy_reduce=1.4, genotype_changes=3 - r["epoch"])
         rd.append_metrics(r)
     heatmaps = write_alpha_heatmaps(run, tmp_path / "out")
-    assert [p.name for p in heatmaps] == ["alpha_heatmap_normal.png", "alpha_heatmap_reduce.png"]
+    assert [p.name for p in heatmaps] == ["alpha_heatmap_normal.png", "alpha_heatmap_normal.gif",
+                                          "alpha_heatmap_reduce.png", "alpha_heatmap_reduce.gif"]
     diagnostics = write_diagnostics_figure(run, tmp_path / "out")
     assert [p.name for p in diagnostics] == ["diagnostics.png"]
     for p in heatmaps + diagnostics:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert p.read_bytes()[:6 if p.suffix == ".gif" else 8] == (b"GIF89a" if p.suffix == ".gif" else b"\x89PNG\r\n\x1a\n")
     html = Path(write_report(run, figures=heatmaps + diagnostics)).read_text()
     assert "Collapse diagnostics" in html and "edges x operations" in html
+    assert "softmax(alpha) of the normal cell after each epoch" in html
+
+
+def test_per_epoch_alpha_heatmaps_mark_each_epochs_cell_on_one_scale(tmp_path: Path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[viz]')")
+    from PIL import Image
+
+    from dartsnas.viz import plotting
+    from dartsnas.viz.cells import cell_graph, edge_keys
+    from dartsnas.viz.search import load_history, write_alpha_heatmaps
+
+    run = make_search_run(tmp_path / "run", epochs=4, seed=3)
+    frames: list[tuple[str, list[str], tuple[float, float], list[list[float]]]] = []
+    draw = plotting.figure_bytes
+
+    def keep(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        frames.append((ax.get_title(), [t.get_text() for t in ax.get_yticklabels()], ax.images[0].get_clim(),
+                       ax.images[0].get_array().tolist()))
+        return draw(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plotting, "figure_bytes", keep)
+    write_alpha_heatmaps(run, tmp_path / "out")
+    history = load_history(run)
+    assert len(frames) == 10  # per cell: the final PNG, then one frame per epoch
+    for cell, drawn in (("normal", frames[1:5]), ("reduce", frames[6:])):
+        with Image.open(tmp_path / "out" / f"alpha_heatmap_{cell}.gif") as im:
+            assert im.n_frames == 4
+        every = [v for e in history.epochs for row in history.alphas[e][cell] for v in row]
+        for epoch, genotype, (title, labels, clim, values) in zip(history.epochs, history.genotypes, drawn):
+            assert f"epoch {epoch} / 4" in title and cell in title
+            assert values == history.alphas[epoch][cell]
+            assert clim == pytest.approx((min(every), max(every)))  # one scale for every frame
+            kept = {f"{src} → {dst}" for (src, dst, _), _op in edge_keys(cell_graph(genotype, cell))}
+            assert {label[2:] for label in labels if label.startswith("* ")} == kept

@@ -57,12 +57,16 @@ def log_distributed(per_rank_batch: int, learning_rates: dict[str, float], unit:
 class TensorBoard:
     """Scalars of each epoch record as TensorBoard events (optional dependency)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, step: int = 0):
+        """``step``: the run's global step at its checkpoint (0 for a new run). Events a killed process
+        wrote after it are repeated by the resumed one, so TensorBoard is told to drop every event from
+        step + 1 on (``purge_step``); epoch events are numbered by epoch, which never exceeds the
+        global step, so the epochs the checkpoint covers stay."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-        self.writer = SummaryWriter(str(path))
+        self.writer = SummaryWriter(str(path), purge_step=step + 1)
 
     def log(self, record: dict[str, Any], step: int) -> None:
         for key, value in record.items():

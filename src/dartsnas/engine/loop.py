@@ -334,7 +334,7 @@ def _drive(job: Job, rd: RunDir, state: dict[str, Any] | None, on_epoch_end: OnE
                            " and ".join("Pillow" if m == "PIL" else m for m in missing))
 
     main = distributed.is_main()
-    tb = TensorBoard(rd.path / "tb") if cfg.tensorboard and main else None
+    tb = TensorBoard(rd.path / "tb", step) if cfg.tensorboard and main else None
     steps_log = StepLog(rd.steps, tb) if cfg.log_steps and main else None
     progress = RunProgress(_run_steps(cfg, job.steps_per_epoch()), step)
     epoch_times: list[float] = []

@@ -23,9 +23,15 @@ def palette(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def figure_bytes(fig: Any, fmt: str = "png", dpi: int = 110) -> bytes:
+    """The figure drawn into memory, e.g. as one frame of an animation."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi, facecolor="white")
+    return buf.getvalue()
+
+
 def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi, facecolor="white")
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    data = figure_bytes(fig, path.suffix.lstrip(".") or "png", dpi)
+    atomic_write(path, lambda f: f.write(data))
     return path

@@ -269,6 +269,9 @@ def render_report(run_dir: str | Path, figures: Sequence[Path]) -> str:
         for n in heatmaps:
             cell = n[len("alpha_heatmap_"):-len(".png")]
             parts.append(_figure(by_name[n], f"final softmax(alpha) of the {cell} cell, edges x operations"))
+            if f"alpha_heatmap_{cell}.gif" in by_name:
+                parts.append(_figure(by_name[f"alpha_heatmap_{cell}.gif"],
+                                     f"softmax(alpha) of the {cell} cell after each epoch, edges x operations"))
     if "diagnostics.png" in by_name:
         parts += ["<h2>Collapse diagnostics</h2>",
                   _figure(by_name["diagnostics.png"], "skip connections, parameter-free edges, alpha entropy, "

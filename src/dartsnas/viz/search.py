@@ -237,40 +237,71 @@ def write_alpha_figures(run_dir: str | Path, out_dir: str | Path, history: Searc
     return files
 
 
+def _heatmap_figure(cell: str, rows: list[list[float]], primitives: list[str], genotype: AnyGenotype,
+                    title: str, low: float, high: float) -> Any:
+    """One edges x operations grid of softmaxed alphas, each value written in its square, the edges
+    ``genotype`` keeps marked with ``*``; colours span ``low``..``high``."""
+    from .plotting import new_figure
+
+    titles = _edge_titles(cell, _steps_from_rows(cell, len(rows)))
+    kept = {(src, dst) for (src, dst, _), _op in edge_keys(cell_graph(genotype, cell))}
+    labels = [("* " if tuple(t.split(" → ")) in kept else "") + t for _, _, t in titles]
+    fig = new_figure(figsize=(0.9 * len(primitives) + 2.2, 0.32 * len(rows) + 1.4))
+    ax = fig.subplots()
+    image = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=low, vmax=high)
+    ax.set_xticks(range(len(primitives)), primitives, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            dark = value - low < 0.5 * (high - low)  # viridis is dark in its lower half
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def _value_range(tables: Sequence[list[list[float]]]) -> tuple[float, float]:
+    low = min(min(row) for rows in tables for row in rows)
+    high = max(max(row) for rows in tables for row in rows)
+    return low, high
+
+
 def write_alpha_heatmaps(run_dir: str | Path, out_dir: str | Path, history: SearchHistory | None = None
                          ) -> list[Path]:
-    """``alpha_heatmap_<cell>.png``: the final epoch's softmaxed alphas as an edges x operations grid,
-    each cell's value written in it, the edges the final genotype keeps marked with ``*``."""
+    """Per cell type, ``alpha_heatmap_<cell>.png``: the final epoch's softmaxed alphas as an edges x
+    operations grid, each value written in it, the edges the final genotype keeps marked with ``*``;
+    and ``alpha_heatmap_<cell>.gif``: the same grid after every epoch that saved its alphas, one frame
+    each, on one colour scale so that the frames compare."""
     history = history or load_history(run_dir)
     epochs = sorted(history.alphas)
     if not epochs:
         return []
-    from .plotting import new_figure, save_figure
+    from .plotting import figure_bytes, save_figure
 
+    genotype_of = dict(zip(history.epochs, history.genotypes))
     final, last = history.genotypes[-1], history.alphas[epochs[-1]]
     files = []
     for cell in cell_names(final):
         if cell not in last:
             continue
-        rows, primitives = last[cell], last["primitives"]
-        titles = _edge_titles(cell, _steps_from_rows(cell, len(rows)))
-        kept = {(src, dst) for (src, dst, _), _op in edge_keys(cell_graph(final, cell))}
-        labels = [("* " if tuple(t.split(" → ")) in kept else "") + t for _, _, t in titles]
-        fig = new_figure(figsize=(0.9 * len(primitives) + 2.2, 0.32 * len(rows) + 1.4))
-        ax = fig.subplots()
+        primitives = last["primitives"]
         # Colours span the values present (early in a search they all sit near 1/|ops|); the numbers
         # written in the squares give the absolute weights.
-        low, high = min(min(r) for r in rows), max(max(r) for r in rows)
-        image = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=low, vmax=high)
-        ax.set_xticks(range(len(primitives)), primitives, rotation=40, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), labels, fontsize=8)
-        for i, row in enumerate(rows):
-            for j, value in enumerate(row):
-                dark = value - low < 0.5 * (high - low)  # viridis is dark in its lower half
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
-        fig.colorbar(image, ax=ax, fraction=0.04)
-        ax.set_title(f"softmax(alpha) of the {cell} cell after epoch {epochs[-1]} (* edge kept)", fontsize=10)
+        fig = _heatmap_figure(cell, last[cell], primitives, final,
+                              f"softmax(alpha) of the {cell} cell after epoch {epochs[-1]} (* edge kept)",
+                              *_value_range([last[cell]]))
         files.append(save_figure(fig, Path(out_dir) / f"alpha_heatmap_{cell}.png"))
+        # An epoch's frame marks the edges of that epoch's cell; an epoch without a saved genotype
+        # (none in runs this project writes) is left out rather than drawn with another epoch's marks.
+        frames = [e for e in epochs if e in genotype_of and cell in history.alphas[e]]
+        if not frames:
+            continue
+        scale = _value_range([history.alphas[e][cell] for e in frames])
+        pngs = [figure_bytes(_heatmap_figure(cell, history.alphas[e][cell], primitives, genotype_of[e],
+                                             f"softmax(alpha) of the {cell} cell, "
+                                             f"{_frame_title(e, history.total_epochs)} (* edge kept)", *scale))
+                for e in frames]
+        files.append(write_gif(pngs, Path(out_dir) / f"alpha_heatmap_{cell}.gif"))
     return files
 
 
