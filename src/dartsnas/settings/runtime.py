@@ -43,9 +43,10 @@ class RuntimeOptions:
         check(workers is None or workers >= 0, f"--workers must be >= 0, got {workers}")
 
 
-# Run options that a resume may change, in every job: they cut a run short or say what it writes.
-RESUMABLE_RUN_OPTIONS = frozenset({"max_steps", "limit_train_batches", "log_steps", "tensorboard", "plots",
-                                   "report_freq"})
+# Run options that a resume may change, in every job: where it runs, and options that cut a run short or
+# say what it writes. Each job's RESUMABLE_OVERRIDES adds its own to these.
+RESUMABLE_RUN_OPTIONS = frozenset({"device", "threads", "max_steps", "limit_train_batches", "log_steps", "tensorboard",
+                                   "plots", "report_freq"})
 
 
 @dataclass

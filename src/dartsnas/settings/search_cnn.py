@@ -150,6 +150,5 @@ class SearchConfig(RunOptions):
 
 # Settings that may differ when a run is resumed: they do not change the mathematics. The eigenvalue is a
 # diagnostic that leaves the search where it was; --early_stop decides where the run ends, so it may not change.
-RESUMABLE_OVERRIDES = {"device", "channels_last", "checkpoint_cells", "fuse_edges", "lean_memory", "flip_conv_backward",
-                       "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download", "data",
-                       "sync_bn", "hessian_eig_every", "selection"} | RESUMABLE_RUN_OPTIONS
+RESUMABLE_OVERRIDES = {"channels_last", "checkpoint_cells", "fuse_edges", "lean_memory", "flip_conv_backward",
+                       "workers", "download", "data", "sync_bn", "hessian_eig_every", "selection"} | RESUMABLE_RUN_OPTIONS

@@ -85,5 +85,4 @@ class RNNSearchConfig(RunOptions):
 
 # Settings that may differ when a run is resumed: they do not change the mathematics. The eigenvalue is a
 # diagnostic that leaves the search where it was; --early_stop decides where the run ends, so it may not change.
-RESUMABLE_OVERRIDES = {"device", "threads", "max_steps", "tensorboard", "plots", "report_freq", "data",
-                       "eval_batches", "sync_bn", "compile", "hessian_eig_every"} | RESUMABLE_RUN_OPTIONS
+RESUMABLE_OVERRIDES = {"data", "eval_batches", "sync_bn", "compile", "hessian_eig_every"} | RESUMABLE_RUN_OPTIONS

@@ -149,6 +149,5 @@ class ImageNetTrainConfig(TrainConfig):
 
 CONFIGS: dict[str, type[TrainConfig]] = {"cifar10": CifarTrainConfig, "imagenet": ImageNetTrainConfig}
 # Settings that may change when a run is resumed: they do not change what is being trained.
-RESUMABLE_OVERRIDES = {"device", "workers", "threads", "max_steps", "tensorboard", "plots", "report_freq", "download",
-                       "data", "test_data", "amp", "channels_last", "flip_conv_backward", "deterministic",
-                       "eval_batches", "sync_bn"} | RESUMABLE_RUN_OPTIONS
+RESUMABLE_OVERRIDES = {"workers", "download", "data", "test_data", "amp", "channels_last", "flip_conv_backward",
+                       "deterministic", "eval_batches", "sync_bn"} | RESUMABLE_RUN_OPTIONS

@@ -85,8 +85,7 @@ class TrainConfig(RunOptions):
 
 
 # Settings that may differ when a run is resumed: they do not change the mathematics of past epochs.
-RESUMABLE_OVERRIDES = {"device", "threads", "max_steps", "tensorboard", "plots", "report_freq", "data", "epochs",
-                       "final_test", "eval_batches", "pack_weights"} | RESUMABLE_RUN_OPTIONS
+RESUMABLE_OVERRIDES = {"data", "epochs", "final_test", "eval_batches", "pack_weights"} | RESUMABLE_RUN_OPTIONS
 
 
 def config_from_args(args: argparse.Namespace, dataset: str) -> TrainConfig:
