@@ -109,6 +109,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, cifar, capsys):
     metrics = (out / "train/search/first-order/seed-0/run-0/metrics.jsonl").read_text().splitlines()
     assert cell["test_acc"] == [json.loads(metrics[-1])["test_acc"]]
     assert (out / "summary.md").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "cells.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Running again finds everything done and changes no result.
     before = (out / "manifest.json").read_text()
     assert study.main(["run", str(plan), "--dir", str(out)]) == 0

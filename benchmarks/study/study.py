@@ -44,7 +44,7 @@ from dartsnas.engine.protocol_manifest import Manifest
 from dartsnas.engine.protocol_summary import last_record, mean_std, read_genotype
 from dartsnas.errors import UserError
 from dartsnas.genotype import Genotype, load_genotype, random_genotype
-from dartsnas.rundir import RunDir, atomic_write, write_json, write_text
+from dartsnas.rundir import RunDir, write_json, write_text
 from dartsnas.search.diagnostics import PARAMETER_FREE, count_ops
 from dartsnas.settings.search_cnn import SearchConfig
 from dartsnas.settings.train_cnn import CifarTrainConfig
@@ -404,27 +404,29 @@ def write_outputs(summary: dict[str, Any], study: Path) -> None:
                      f"{_fmt(g['skip_normal'], 1)} | {_fmt(g.get('search_cpu_minutes', {}), 1)} | {cmp} |")
     write_text(study / "summary.md", "\n".join(lines) + "\n")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from dartsnas.viz.plotting import new_figure, save_figure
     except ImportError:
         print("study: matplotlib is not installed; the strip plot was skipped", flush=True)
         return
-    names = list(summary["groups"])
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    # Only groups with a result: a plot of a partly run study shows what exists.
+    names = [n for n, g in summary["groups"].items() if g["per_cell"]]
+    if not names:
+        return
+    fig = new_figure(figsize=(1.2 * len(names) + 2, 3.8))
+    ax = fig.subplots()
     rng = np.random.default_rng(0)
     for i, name in enumerate(names):
         ys = summary["groups"][name]["per_cell"]
         ax.scatter(i + rng.uniform(-0.12, 0.12, len(ys)), ys, s=18)
-        if ys:
-            ax.hlines(statistics.fmean(ys), i - 0.3, i + 0.3, colors="k", linewidth=1)
+        ax.hlines(statistics.fmean(ys), i - 0.3, i + 0.3, colors="k", linewidth=1)
+    if "random" in names:
+        ax.axhline(statistics.fmean(summary["groups"]["random"]["per_cell"]), color="0.6", linestyle="--",
+                   linewidth=0.8, zorder=0)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel("test accuracy (%), mean over training seeds")
-    ax.set_title("one point per cell; bar: group mean")
-    fig.tight_layout()
-    atomic_write(study / "cells.png", lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("one point per cell (mean over its training seeds); bar: group mean; dashed: random cells' mean",
+                 fontsize=9)
+    save_figure(fig, study / "cells.png", dpi=120)
 
 
 def status(plan: Plan, study: Path) -> str:
