@@ -37,6 +37,14 @@ def test_permutation_test_known_answers():
         1 / math.comb(9, 3))
 
 
+def test_spearman_known_answers():
+    assert study.spearman([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]) == pytest.approx(1.0)
+    assert study.spearman([1.0, 2.0, 3.0], [3.0, 1.0, 0.0]) == pytest.approx(-1.0)
+    # Ties share their mean rank: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4) give 4.5 / sqrt(4.5 * 5).
+    assert study.spearman([1.0, 2.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert study.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # no ranking to correlate
+
+
 def _plan(tmp_path: Path, cifar: Path, **extra: str) -> Path:
     text = f"""
 data:
@@ -108,6 +116,11 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, cifar, capsys):
     cell = next(c for c in summary["cells"] if c["group"] == "first-order")
     metrics = (out / "train/search/first-order/seed-0/run-0/metrics.jsonl").read_text().splitlines()
     assert cell["test_acc"] == [json.loads(metrics[-1])["test_acc"]]
+    assert cell["train_acc"] == [json.loads(metrics[-1])["train_acc"]]
+    from dartsnas import create_model
+
+    network = create_model(cell["genotype"], "cifar10", init_channels=4, layers=3)
+    assert cell["parameters"] == sum(p.numel() for p in network.parameters())
     assert (out / "summary.md").is_file()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "cells.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

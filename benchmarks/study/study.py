@@ -324,19 +324,24 @@ def _cell_record(study: Path, plan: Plan, group: str, cell: str, manifest: Manif
         genotype = random_genotype(plan.random_seed + int(cell.rsplit("-", 1)[1]), kind="cnn")
     else:
         genotype = load_genotype(cell, kind="cnn")
-    accs = []
+    accs, train_accs = [], []
     for seed in plan.train_seeds:
         name = f"train/{cell}/run-{seed}"
         if manifest.is_done(name):
             acc = last_record(study / name, "test_acc")
             if acc is not None and math.isfinite(acc):
                 accs.append(acc)
+                train_accs.append(last_record(study / name, "train_acc"))
     rec: dict[str, Any] = {"group": group, "cell": cell, "test_acc": accs,
-                           "mean_test_acc": statistics.fmean(accs) if accs else None}
+                           "mean_test_acc": statistics.fmean(accs) if accs else None,
+                           # The last epoch's running training accuracy: tells a cell that fits its
+                           # data slowly (too few epochs) from one that overfits.
+                           "train_acc": train_accs}
     if isinstance(genotype, Genotype):
         rec.update(genotype=repr(genotype), skip_normal=count_ops(genotype.normal, ["skip_connect"]),
                    skip_reduce=count_ops(genotype.reduce, ["skip_connect"]),
-                   param_free_normal=count_ops(genotype.normal, PARAMETER_FREE))
+                   param_free_normal=count_ops(genotype.normal, PARAMETER_FREE),
+                   parameters=_parameters(plan, genotype))
     if cell.startswith("search/") and manifest.is_done(cell):
         entry = manifest.stage(cell)
         rec["search_cpu_minutes"] = entry["seconds"] * entry.get("threads", plan.threads) / 60
@@ -347,6 +352,18 @@ def _cell_record(study: Path, plan: Plan, group: str, cell: str, manifest: Manif
         if stop:
             rec["early_stop"] = stop[-1]
     return rec
+
+
+def _parameters(plan: Plan, genotype: Genotype) -> int:
+    """Weights of the retrained network of ``genotype`` (without an auxiliary head): the same for every
+    image size, since the network ends in global pooling."""
+    from dartsnas.api import create_model
+
+    defaults = CifarTrainConfig()
+    model = create_model(genotype, "cifar10", num_classes=10,
+                         init_channels=plan.train.get("init_channels", defaults.init_channels),
+                         layers=plan.train.get("layers", defaults.layers))
+    return sum(p.numel() for p in model.parameters())
 
 
 def summarize(plan: Plan, study: Path) -> dict[str, Any]:
@@ -364,6 +381,9 @@ def summarize(plan: Plan, study: Path) -> dict[str, Any]:
                              "per_cell": per_cell}
         skips = [c["skip_normal"] for c in members if "skip_normal" in c and (c["mean_test_acc"] is not None)]
         g["skip_normal"] = mean_std([float(s) for s in skips])
+        trained = [c for c in members if c["mean_test_acc"] is not None]
+        g["parameters"] = mean_std([float(c["parameters"]) for c in trained if "parameters" in c])
+        g["train_acc"] = mean_std([a for c in trained for a in c["train_acc"] if a is not None])
         cost = [c["search_cpu_minutes"] for c in members if "search_cpu_minutes" in c]
         if cost:
             g["search_cpu_minutes"] = mean_std(cost)
@@ -377,11 +397,41 @@ def summarize(plan: Plan, study: Path) -> dict[str, Any]:
             g["vs_random"] = {"difference": diff, "p_value": p, "significant_at_0.05": p < 0.05,
                               "smallest_possible_p": 1 / math.comb(len(g["per_cell"]) + len(random_cells),
                                                                    len(g["per_cell"])) * 2}
+    sized = [c for c in cells.values() if c["mean_test_acc"] is not None and "parameters" in c]
+    extra = {}
+    if len(sized) >= 3:
+        # Over every retrained cell: does accuracy at this training length follow network size?
+        extra["spearman_test_acc_vs_parameters"] = spearman([c["parameters"] for c in sized],
+                                                            [c["mean_test_acc"] for c in sized])
     done = sum(1 for s in manifest.stages.values() if s["status"] == "done")
     return {"plan": plan.source, "stages_done": done, "stages": len(stages(plan, study)),
             "overrides": plan.overrides, "cpu_minutes_total": sum(s["seconds"] * s.get("threads", plan.threads) for s in
                                      manifest.stages.values()) / 60,
-            "groups": groups, "cells": list(cells.values())}
+            "groups": groups, **extra, "cells": list(cells.values())}
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing the mean of their ranks."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (None when either is constant)."""
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else None
 
 
 def _fmt(stat: dict[str, Any], digits: int = 2) -> str:
@@ -391,17 +441,30 @@ def _fmt(stat: dict[str, Any], digits: int = 2) -> str:
     return f"{stat['mean']:.{digits}f}{std}"
 
 
+def _thousands(stat: dict[str, Any]) -> dict[str, Any]:
+    if not stat or stat.get("n", 0) == 0:
+        return stat
+    return {**stat, "mean": stat["mean"] / 1000, "std": None if stat["std"] is None else stat["std"] / 1000}
+
+
 def write_outputs(summary: dict[str, Any], study: Path) -> None:
     write_json(study / "summary.json", summary)
     lines = [(f"{summary['stages_done']} of {summary['stages']} stages done; "
              f"{summary['cpu_minutes_total']:.0f} CPU-minutes in all."), "",
              ("| group | test acc (%) mean ± std | trainings | cells | skip connections (normal cell) | "
-             "search CPU-min | vs random: difference, p |"), "|---|---|---|---|---|---|---|"]
+              "parameters (k) | final train acc (%) | search CPU-min | vs random: difference, p |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, g in summary["groups"].items():
         vs = g.get("vs_random")
         cmp = f"{vs['difference']:+.2f}, p = {vs['p_value']:.3f}" if vs else "-"
         lines.append(f"| {name} | {_fmt(g['test_acc'])} | {g['test_acc']['n']} | {g['cells']}/{g['cells_planned']} | "
-                     f"{_fmt(g['skip_normal'], 1)} | {_fmt(g.get('search_cpu_minutes', {}), 1)} | {cmp} |")
+                     f"{_fmt(g['skip_normal'], 1)} | {_fmt(_thousands(g.get('parameters', {})), 0)} | "
+                     f"{_fmt(g.get('train_acc', {}), 1)} | {_fmt(g.get('search_cpu_minutes', {}), 1)} | {cmp} |")
+    rho = summary.get("spearman_test_acc_vs_parameters")
+    if rho is not None:
+        lines += ["", (f"Spearman rank correlation of test accuracy with the retrained network's parameters, over "
+                      f"all {sum(1 for c in summary['cells'] if c['mean_test_acc'] is not None)} retrained cells: "
+                      f"{rho:+.2f}.")]
     write_text(study / "summary.md", "\n".join(lines) + "\n")
     try:
         from dartsnas.viz.plotting import new_figure, save_figure
