@@ -394,9 +394,11 @@ def summarize(plan: Plan, study: Path) -> dict[str, Any]:
         if len(g["per_cell"]) >= 2 and len(random_cells) >= 2:
             diff = statistics.fmean(g["per_cell"]) - statistics.fmean(random_cells)
             p = permutation_test(g["per_cell"], random_cells)
+            n, m = len(g["per_cell"]), len(random_cells)
+            # Only the observed split reaches the largest |difference|, and with equal group sizes
+            # also its mirror image (the groups swapped).
             g["vs_random"] = {"difference": diff, "p_value": p, "significant_at_0.05": p < 0.05,
-                              "smallest_possible_p": 1 / math.comb(len(g["per_cell"]) + len(random_cells),
-                                                                   len(g["per_cell"])) * 2}
+                              "smallest_possible_p": (2 if n == m else 1) / math.comb(n + m, n)}
     sized = [c for c in cells.values() if c["mean_test_acc"] is not None and "parameters" in c]
     extra = {}
     if len(sized) >= 3:
@@ -404,7 +406,11 @@ def summarize(plan: Plan, study: Path) -> dict[str, Any]:
         extra["spearman_test_acc_vs_parameters"] = spearman([c["parameters"] for c in sized],
                                                             [c["mean_test_acc"] for c in sized])
     done = sum(1 for s in manifest.stages.values() if s["status"] == "done")
-    return {"plan": plan.source, "stages_done": done, "stages": len(stages(plan, study)),
+    # The plan as the repository names it, so that a committed summary holds no path of one machine.
+    source = Path(plan.source).resolve()
+    root = Path(__file__).resolve().parents[2]
+    shown = str(source.relative_to(root)) if source.is_relative_to(root) else plan.source
+    return {"plan": shown, "stages_done": done, "stages": len(stages(plan, study)),
             "overrides": plan.overrides, "cpu_minutes_total": sum(s["seconds"] * s.get("threads", plan.threads) for s in
                                      manifest.stages.values()) / 60,
             "groups": groups, **extra, "cells": list(cells.values())}
