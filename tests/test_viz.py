@@ -328,9 +328,9 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(tmp_path: P
     text = report.read_text(encoding="utf-8")
     # Self-contained: every image is a data URI and nothing else is fetched.
     sources = re.findall(r'<img src="([^"]+)"', text)
-    # Two cell diagrams and two animations need Graphviz; two alpha figures, two alpha heat-maps and the
-    # curves do not.
-    assert len(sources) == (9 if HAVE_DOT else 5) and all(s.startswith("data:image/") for s in sources)
+    # Two cell diagrams and two animations need Graphviz; two alpha figures, two final and two per-epoch
+    # alpha heat-maps and the curves do not.
+    assert len(sources) == (11 if HAVE_DOT else 7) and all(s.startswith("data:image/") for s in sources)
     assert not re.search(r'(src|href)="(?!data:)', text)
     for expected in ("Final numbers", "Architecture", "Learning curves", "Search progress", "Configuration",
                      load_genotype(run).normal[0][0]):
