@@ -358,12 +358,13 @@ def _parameters(plan: Plan, genotype: Genotype) -> int:
     """Weights of the retrained network of ``genotype`` (without an auxiliary head): the same for every
     image size, since the network ends in global pooling."""
     from dartsnas.api import create_model
+    from dartsnas.models.cnn import count_network_parameters
 
     defaults = CifarTrainConfig()
     model = create_model(genotype, "cifar10", num_classes=10,
                          init_channels=plan.train.get("init_channels", defaults.init_channels),
                          layers=plan.train.get("layers", defaults.layers))
-    return sum(p.numel() for p in model.parameters())
+    return count_network_parameters(model)
 
 
 def summarize(plan: Plan, study: Path) -> dict[str, Any]:
@@ -488,8 +489,8 @@ def write_outputs(summary: dict[str, Any], study: Path) -> None:
         ys = summary["groups"][name]["per_cell"]
         ax.scatter(i + rng.uniform(-0.12, 0.12, len(ys)), ys, s=18)
         ax.hlines(statistics.fmean(ys), i - 0.3, i + 0.3, colors="k", linewidth=1)
-    if "random" in names:
-        ax.axhline(statistics.fmean(summary["groups"]["random"]["per_cell"]), color="0.6", linestyle="--",
+    if RANDOM in names:
+        ax.axhline(statistics.fmean(summary["groups"][RANDOM]["per_cell"]), color="0.6", linestyle="--",
                    linewidth=0.8, zorder=0)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("test accuracy (%)")
