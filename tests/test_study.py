@@ -201,3 +201,59 @@ groups: {{first-order: {{}}}}
     assert search.config["dataset"] == train.config["dataset"] == "folder"
     assert search.config["image_size"] == train.config["image_size"] == 16
     assert train.config["test_data"] is None
+
+
+def test_earlier_sitting_fills_cells_without_a_result_here(tmp_path, cifar, monkeypatch, capsys):
+    """A study run in sittings: cells whose stage directories are gone take their record from the earlier
+    sitting's summary.json; cells with a result here keep theirs; another plan's summary is refused."""
+    plan_file = str(_plan(tmp_path, cifar))
+    plan = study.load_plan(plan_file)
+    earlier = {"plan": "plan.yaml", "plan_digest": plan.digest(), "overrides": [], "cpu_minutes_total": 12.0,
+               "cells": [{"group": "random", "cell": "random/cell-0", "test_acc": [41.0], "mean_test_acc": 41.0,
+                          "train_acc": [40.0], "parameters": 1000},
+                         {"group": "random", "cell": "random/cell-1", "test_acc": [43.0], "mean_test_acc": 43.0,
+                          "train_acc": [42.0], "parameters": 1200},
+                         {"group": "DARTS_V2", "cell": "DARTS_V2", "test_acc": [47.0], "mean_test_acc": 47.0,
+                          "train_acc": [46.0], "parameters": 900}]}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+
+    # This sitting retrains only DARTS_V2 (a stand-in run that writes one metrics record).
+    def fake(module, cls_name, config, resume):
+        save = Path(config["save"])
+        save.mkdir(parents=True, exist_ok=True)
+        (save / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_acc": 55.0, "test_acc": 50.0}) + "\n")
+
+    monkeypatch.setattr(study, "run_stage", fake)
+    out = tmp_path / "s"
+    assert study.run(plan, out, None, {"DARTS_V2"}) == 0
+    summary = study.summarize(plan, out, study.load_earlier(plan, [str(path)]))
+    assert summary["groups"]["random"]["per_cell"] == [41.0, 43.0]
+    assert summary["groups"]["DARTS_V2"]["per_cell"] == [50.0]  # the result here wins
+    cells = {c["cell"]: c for c in summary["cells"]}
+    assert cells["random/cell-0"]["from"] == str(path) and "from" not in cells["DARTS_V2"]
+    assert summary["stages_done"] == 1 + 2
+    assert summary["cpu_minutes_total"] >= 12.0
+    assert summary["earlier_sittings"] == [{"summary": str(path), "cells": 2, "cpu_minutes_total": 12.0,
+                                            "machine": None}]
+    assert summary["plan_digest"] == plan.digest()
+    assert summary["machine"]["cpu"] and summary["machine"]["torch_cpu_capability"]
+    study.write_outputs(summary, out)
+    text = (out / "summary.md").read_text()
+    assert "2 cells taken from an earlier sitting" in text and "a machine the summary did not record" in text
+    assert f"CPU time measured on: {summary['machine']['cpu']}" in text
+
+    # A summary of other settings, or something that is not a summary: one line, nothing written.
+    other = study.load_plan(plan_file, ["train.epochs=2"])
+    with pytest.raises(UserError, match="other plan settings"):
+        study.load_earlier(other, [str(path)])
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    capsys.readouterr()
+    assert study.main(["summary", plan_file, "--dir", str(out), "--earlier", str(tmp_path / "junk.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a study summary" in err
+    # A summary from before the digest was recorded: accepted when plan file and overrides agree.
+    path.write_text(json.dumps({k: v for k, v in earlier.items() if k != "plan_digest"}))
+    assert len(study.load_earlier(plan, [str(path)])) == 1
+    with pytest.raises(UserError, match="other plan settings"):
+        study.load_earlier(other, [str(path)])

@@ -3,7 +3,7 @@ every derived cell, random cells and a fixed reference cell with identical setti
 
     python benchmarks/study/study.py run benchmarks/study/cpu.yaml [--dir DIR] [--hours H] [--only GROUP,...]
     python benchmarks/study/study.py status benchmarks/study/cpu.yaml [--dir DIR]
-    python benchmarks/study/study.py summary benchmarks/study/cpu.yaml [--dir DIR]
+    python benchmarks/study/study.py summary benchmarks/study/cpu.yaml [--dir DIR] [--earlier SUMMARY_JSON]
 
 The plan (a YAML file, see cpu.yaml) names the data, the settings shared by every search and every
 retraining, the search groups (each a set of `dartsnas search cnn` options), the seeds, the number of
@@ -13,7 +13,10 @@ protocol's stage runner, so a killed stage resumes from its last epoch); `manife
 stages are done and how long each ran. Run the same command again to continue.
 
 `summary` reads every number back from the stage directories and writes summary.json, summary.md and
-a strip plot (figures need matplotlib). The comparison of each searched group with the random cells is
+a strip plot (figures need matplotlib). A study may run in sittings on different machines: a cell that
+has no result in this directory takes it from the summary.json of an earlier sitting of the same plan
+(`--earlier`), whose stage directories need not exist any more; the merged summary says which cells
+came from where. The comparison of each searched group with the random cells is
 an exact two-sided permutation test on the per-cell mean test accuracy: under the null hypothesis that
 the search is no better than drawing a cell at random, the group labels of the cells are exchangeable.
 """
@@ -48,6 +51,9 @@ from dartsnas.rundir import RunDir, write_json, write_text
 from dartsnas.search.diagnostics import PARAMETER_FREE, count_ops
 from dartsnas.settings.search_cnn import SearchConfig
 from dartsnas.settings.train_cnn import CifarTrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from side_by_side import cpu_description  # the benchmarks share one CPU description
 
 SEARCH = ("dartsnas.engine.search_cnn", "SearchConfig")
 TRAIN = ("dartsnas.engine.train_cnn", "CifarTrainConfig")
@@ -367,12 +373,52 @@ def _parameters(plan: Plan, genotype: Genotype) -> int:
     return count_network_parameters(model)
 
 
-def summarize(plan: Plan, study: Path) -> dict[str, Any]:
+def _shown(path: str) -> str:
+    """A file as the repository names it, so that a committed summary holds no path of one machine."""
+    resolved, root = Path(path).resolve(), Path(__file__).resolve().parents[2]
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else path
+
+
+def load_earlier(plan: Plan, paths: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Summaries that earlier sittings of the same plan wrote (their stage directories may be gone, on
+    another machine or deleted): each must come from a plan with the same digest. A summary written
+    before summaries recorded the digest is accepted when it names the same plan file and overrides."""
+    out = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--earlier {path}: cannot read it as a study summary ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
+            raise UserError(f"--earlier {path}: not a study summary (no list of cells); give a summary.json "
+                            "that `study.py summary` wrote")
+        digest = data.get("plan_digest")
+        same = (digest == plan.digest() if digest is not None else
+                Path(str(data.get("plan", ""))).name == Path(plan.source).name
+                and data.get("overrides", []) == plan.overrides)
+        if not same:
+            raise UserError(f"--earlier {path}: it was written for other plan settings ({data.get('plan')}, "
+                            f"--set {data.get('overrides')}); only a summary of this plan can be merged")
+        out.append((_shown(path), data))
+    return out
+
+
+def summarize(plan: Plan, study: Path, earlier: list[tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Every number read back from the stage directories; a cell without a result here takes its record
+    from the first of the ``earlier`` summaries (see load_earlier) that has one, marked with its source."""
     manifest = _manifest(plan, study)
     cells: dict[str, dict[str, Any]] = {}
     for stage in stages(plan, study):
         if stage.kind == "train" and stage.cell not in cells:
             cells[stage.cell] = _cell_record(study, plan, stage.group, stage.cell, manifest)
+    imported: dict[str, int] = {}
+    for source, data in earlier or []:
+        for rec in data["cells"]:
+            here = cells.get(rec.get("cell"))
+            if here is not None and here["mean_test_acc"] is None and rec.get("mean_test_acc") is not None \
+                    and rec.get("group") == here["group"]:
+                cells[rec["cell"]] = {**rec, "from": source}
+                imported[source] = imported.get(source, 0) + 1
     groups: dict[str, Any] = {}
     for name in plan.names():
         members = [c for c in cells.values() if c["group"] == name]
@@ -407,13 +453,23 @@ def summarize(plan: Plan, study: Path) -> dict[str, Any]:
         extra["spearman_test_acc_vs_parameters"] = spearman([c["parameters"] for c in sized],
                                                             [c["mean_test_acc"] for c in sized])
     done = sum(1 for s in manifest.stages.values() if s["status"] == "done")
-    # The plan as the repository names it, so that a committed summary holds no path of one machine.
-    source = Path(plan.source).resolve()
-    root = Path(__file__).resolve().parents[2]
-    shown = str(source.relative_to(root)) if source.is_relative_to(root) else plan.source
-    return {"plan": shown, "stages_done": done, "stages": len(stages(plan, study)),
-            "overrides": plan.overrides, "cpu_minutes_total": sum(s["seconds"] * s.get("threads", plan.threads) for s in
-                                     manifest.stages.values()) / 60,
+    cpu_minutes = sum(s["seconds"] * s.get("threads", plan.threads) for s in manifest.stages.values()) / 60
+    sittings = []
+    for source, data in earlier or []:
+        if imported.get(source):
+            # Its searches and trainings count as done stages; its CPU time counts whole (it was spent).
+            taken = [c for c in cells.values() if c.get("from") == source]
+            done += sum(len(c["test_acc"]) + ("search_cpu_minutes" in c) for c in taken)
+            cpu_minutes += data.get("cpu_minutes_total", 0.0)
+            sittings.append({"summary": source, "cells": imported[source],
+                             "cpu_minutes_total": data.get("cpu_minutes_total"), "machine": data.get("machine")})
+    if sittings:
+        extra["earlier_sittings"] = sittings
+    return {"plan": _shown(plan.source), "plan_digest": plan.digest(), "stages_done": done, "stages": len(stages(plan, study)),
+            "overrides": plan.overrides, "cpu_minutes_total": cpu_minutes,
+            # CPU-minutes are only comparable on one machine: say which one this sitting's were taken on.
+            "machine": {k: v for k, v in cpu_description().items() if k in ("cpu", "cpu_flags", "cores",
+                                                                              "torch_cpu_capability", "torch")},
             "groups": groups, **extra, "cells": list(cells.values())}
 
 
@@ -454,6 +510,13 @@ def _thousands(stat: dict[str, Any]) -> dict[str, Any]:
     return {**stat, "mean": stat["mean"] / 1000, "std": None if stat["std"] is None else stat["std"] / 1000}
 
 
+def _machine_line(machine: dict[str, str] | None) -> str:
+    if not machine:
+        return "a machine the summary did not record"
+    return (f"{machine.get('cpu')}, {machine.get('cores')} cores (flags {machine.get('cpu_flags')}; PyTorch "
+            f"{machine.get('torch')} kernels {machine.get('torch_cpu_capability')})")
+
+
 def write_outputs(summary: dict[str, Any], study: Path) -> None:
     write_json(study / "summary.json", summary)
     lines = [(f"{summary['stages_done']} of {summary['stages']} stages done; "
@@ -467,6 +530,11 @@ def write_outputs(summary: dict[str, Any], study: Path) -> None:
         lines.append(f"| {name} | {_fmt(g['test_acc'])} | {g['test_acc']['n']} | {g['cells']}/{g['cells_planned']} | "
                      f"{_fmt(g['skip_normal'], 1)} | {_fmt(_thousands(g.get('parameters', {})), 0)} | "
                      f"{_fmt(g.get('train_acc', {}), 1)} | {_fmt(g.get('search_cpu_minutes', {}), 1)} | {cmp} |")
+    lines += ["", f"CPU time measured on: {_machine_line(summary.get('machine'))}."]
+    for sitting in summary.get("earlier_sittings", []):
+        lines += ["", (f"{sitting['cells']} cells taken from an earlier sitting's summary, {sitting['summary']} "
+                      f"({sitting['cpu_minutes_total']:.0f} CPU-minutes, counted in the total; measured on "
+                      f"{_machine_line(sitting.get('machine'))}).")]
     rho = summary.get("spearman_test_acc_vs_parameters")
     if rho is not None:
         lines += ["", (f"Spearman rank correlation of test accuracy with the retrained network's parameters, over "
@@ -518,10 +586,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change the plan, e.g. --set search.epochs=2 --set search_seeds=[0] (a study directory "
                              "keeps the --set options it was started with)")
+    parser.add_argument("--earlier", action="append", default=[], metavar="SUMMARY_JSON",
+                        help="take the result of every cell that has none in --dir from this summary.json of an "
+                             "earlier sitting of the same plan (its stage directories may be gone); repeatable")
     parser.add_argument("--only", help="run: only these groups (comma-separated; random, a fixed cell or a group)")
     args = parser.parse_args(argv)
     try:
         plan = load_plan(args.plan, args.set)
+        earlier = load_earlier(plan, args.earlier)
         study = Path(args.dir or Path("runs") / f"study-{Path(args.plan).stem}")
         if args.action == "run":
             only = set(args.only.split(",")) if args.only else None
@@ -529,14 +601,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--only: unknown group(s) {sorted(only - set(plan.names()))}; "
                                 f"the plan has {', '.join(plan.names())}")
             failures = run(plan, study, args.hours, only)
-            summary = summarize(plan, study)
-            write_outputs(summary, study)
+            write_outputs(summarize(plan, study, earlier), study)
             print((study / "summary.md").read_text(), end="")
             return 1 if failures else 0
         if args.action == "status":
             print(status(plan, study))
             return 0
-        write_outputs(summarize(plan, study), study)
+        write_outputs(summarize(plan, study, earlier), study)
         print((study / "summary.md").read_text(), end="")
         return 0
     except UserError as exc:
