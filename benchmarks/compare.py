@@ -31,8 +31,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BENCHES = ("search_step", "rnn_step", "train_step")
 # Fields that describe a measurement rather than name the configuration.
-MEASURED = {"median_s", "train_step_s", "peak_gib", "tokens_per_s", "train_images_per_s", "eval_images_per_s",
-            "steps", "warmup_s", "gflop", "matmul_gflops", "floor_s"}
+MEASURED = {"median_s", "train_step_s", "peak_gib", "search_gib", "tokens_per_s", "train_images_per_s",
+            "eval_images_per_s", "steps", "warmup_s", "gflop", "matmul_gflops", "floor_s"}
 TIME_FIELDS = ("median_s", "train_step_s")  # seconds per step, whichever the benchmark reports
 
 
@@ -56,7 +56,9 @@ def _run(root: Path, bench: str, args: list[str], out: Path) -> list[dict]:
     if not script.exists():
         sys.exit(f"error: {script.relative_to(root)} does not exist in that revision; pick a later --baseline")
     env = dict(os.environ, PYTHONPATH=str(root / "src"))
-    subprocess.run([sys.executable, str(script), *args, "--json", str(out)], env=env, check=True, cwd=root)
+    done = subprocess.run([sys.executable, str(script), *args, "--json", str(out)], env=env, check=False, cwd=root)
+    if done.returncode:
+        raise SystemExit(f"compare: {script.name} failed on {root} (exit status {done.returncode}; its error is above)")
     return json.loads(out.read_text())["rows"]
 
 

@@ -39,6 +39,50 @@ def test_gradients_match_pytorch_convolution(fmt, kernel, dilation, padding, str
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kernel, dilation, stride, size", [
+    (3, 2, 1, (8, 6)), (5, 2, 1, (8, 10)), (3, 3, 1, (9, 12)), (5, 3, 1, (6, 6)),  # stride 1: every phase
+    (3, 2, 2, (9, 7)), (5, 2, 2, (8, 8)), (5, 2, 2, (7, 10)),  # stride d = 2: phase (0, 0)
+])
+def test_dilated_backward_by_phases_matches_pytorch(fmt, kernel, dilation, stride, size):
+    """The dilated weight gradient as an undilated one over the phase images (and, at stride d, the
+    input gradient on phase (0, 0)) gives PyTorch's gradients, in either memory format."""
+    torch.manual_seed(3)
+    pad = dilation * (kernel - 1) // 2
+    assert fastconv._by_phases(torch.empty(1, 1, *size), stride, (pad, pad), (dilation, dilation))
+    plain = nn.Conv2d(3, 3, kernel, stride=stride, padding=pad, dilation=dilation, groups=3, bias=False).double()
+    fast = copy.deepcopy(plain)
+    assert fastconv.use_flipped_backward(fast) == 1
+    x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=fmt)
+    xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yp, yf = plain(xp), fast(xf)
+    torch.testing.assert_close(yf, yp, rtol=0, atol=0)
+    g = torch.randn_like(yp)
+    gp = torch.autograd.grad(yp, [xp, plain.weight], g)
+    gf = torch.autograd.grad(yf, [xf, fast.weight], g)
+    for a, b in zip(gf, gp):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert gf[0].is_contiguous(memory_format=fmt)
+    # A phase image is the strided view of the input: the layout the backward relies on.
+    d = dilation
+    if stride == 1:
+        phases = fastconv._phases(x, d)
+        assert phases.is_contiguous(memory_format=fmt)
+        for r in range(d):
+            for s in range(d):
+                blk = (r * d + s) * x.shape[0]
+                assert torch.equal(phases[blk:blk + x.shape[0]], x[..., r::d, s::d])
+
+
+def test_phases_apply_only_where_exact():
+    pad = (2, 2)
+    assert not fastconv._by_phases(torch.empty(1, 1, 9, 8), 1, pad, (2, 2))  # odd side at stride 1
+    assert fastconv._by_phases(torch.empty(1, 1, 9, 7), 2, pad, (2, 2))  # stride d: any side
+    assert not fastconv._by_phases(torch.empty(1, 1, 8, 8), 1, (2, 1), (2, 1))  # unequal dilations
+    assert not fastconv._by_phases(torch.empty(1, 1, 8, 8), 1, (1, 1), (1, 1))  # not dilated
+    assert not fastconv._by_phases(torch.empty(1, 1, 8, 8), 1, (3, 3), (2, 2))  # even kernel: p not a multiple of d
+
+
 def test_gradient_against_finite_differences():
     torch.manual_seed(1)
     conv = nn.Conv2d(2, 2, 5, padding=4, dilation=2, groups=2, bias=False).double()
@@ -62,12 +106,12 @@ def test_other_convolutions_are_left_alone(conv):
     assert fastconv.use_flipped_backward(conv) == 0 and type(conv) is nn.Conv2d
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_second_derivatives_are_exact(stride):
+@pytest.mark.parametrize("stride, size", [(1, (6, 5)), (1, (6, 4)), (2, (6, 5))])  # (6, 4): by phases
+def test_second_derivatives_are_exact(stride, size):
     torch.manual_seed(2)
     conv = nn.Conv2d(2, 2, 3, stride=stride, padding=2, dilation=2, groups=2, bias=False).double()
     assert fastconv.use_flipped_backward(conv) == 1
-    x = torch.randn(2, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 2, *size, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x, w: conv(x).pow(2), (x, conv.weight))
 
 

@@ -7,13 +7,23 @@ flipped in both spatial dimensions:
 (oneDNN, channels-last) computes that input gradient 5 to 14 times slower than the forward
 convolution for 5x5 and dilated depthwise kernels, the ones in ``sep_conv_5x5``, ``dil_conv_3x3``
 and ``dil_conv_5x5``; the flipped forward takes the forward's time. The weight gradient stays
-PyTorch's. Every backward pass of the search and of training goes through these convolutions.
+PyTorch's (for a dilated kernel, PyTorch's undilated one: below). Every backward pass of the search and of training goes through these convolutions.
 
 The dilated convolutions that stride (the reduction cells' edges from their inputs) are worse: 25 to
 40 ms for an input gradient whose forward takes 0.2 ms. A stride-2 convolution is the stride-1 one
 read at even positions, so with the output gradient spread onto the input grid (zeros between,
 ``g_up[2o] = g[o]``) both gradients are those of the stride-1 convolution at ``g_up``: the flipped
 convolution for the input, PyTorch's stride-1 weight gradient (3x faster than its strided one).
+
+The weight gradient of a dilated convolution is the slowest part left (on an AVX2-only CPU 20 to
+100 ms at the search network's sizes, against 2 to 10 ms for the undilated one of the same size), and
+it needs no dilated kernel: with ``p = d q`` and ``H``, ``W`` multiples of ``d``, the output at
+``(d h + r, d w + s)`` only reads the input at the same phase ``(r, s)``, so a dilation-``d``
+convolution is an undilated one (padding ``q``) of each of the ``d * d`` phase images
+``x[..., r::d, s::d]``, and its weight gradient is the undilated weight gradient over the phases
+stacked as a batch. A stride-``d`` dilated convolution reads phase ``(0, 0)`` only: it is the
+undilated convolution of ``x[..., ::d, ::d]``, whose input gradient lands on that phase. Both are
+the same sums, regrouped (the forward is unchanged).
 
 The backward is written with differentiable operations, so a double backward through it (the exact
 Hessian-vector product) is exact; :func:`lean.plain` switches it off like the lean operations.
@@ -42,6 +52,8 @@ class _FlippedBackwardConv(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
+        if _by_phases(x, stride, padding, dilation):
+            return (*_phase_backward(ctx, x, weight, grad, stride, padding, dilation[0], groups), None, None, None, None)
         if stride > 1:
             spread = torch.zeros_like(x, dtype=grad.dtype)  # in x's memory format
             spread[..., ::stride, ::stride] = grad
@@ -53,6 +65,45 @@ class _FlippedBackwardConv(torch.autograd.Function):
             dw = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], list(padding), list(dilation),
                                                      False, [0, 0], groups, [False, True, False])[1]
         return dx, dw, None, None, None, None
+
+
+def _by_phases(x: Tensor, stride: int, padding: tuple[int, int], dilation: tuple[int, int]) -> bool:
+    """Whether the backward can run undilated on phase images (module docstring): the same dilation
+    ``d > 1`` in both dimensions, and stride ``d``, or stride 1 on a map whose sides are multiples of ``d``."""
+    d = dilation[0]
+    if d < 2 or dilation[1] != d or padding[0] % d or padding[1] % d:
+        return False
+    return stride == d or (stride == 1 and x.shape[-2] % d == 0 and x.shape[-1] % d == 0)
+
+
+def _phases(t: Tensor, d: int) -> Tensor:
+    """``(N, C, H, W)`` to ``(d * d * N, C, H / d, W / d)``: phase ``(r, s)``, i.e. ``t[..., r::d, s::d]``, is
+    batch block ``r * d + s``; one copy, in ``t``'s memory format (channels-last stays channels-last)."""
+    n, c, h, w = t.shape
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        nhwc = t.permute(0, 2, 3, 1).reshape(n, h // d, d, w // d, d, c)
+        return nhwc.permute(2, 4, 0, 1, 3, 5).reshape(d * d * n, h // d, w // d, c).permute(0, 3, 1, 2)
+    return t.reshape(n, c, h // d, d, w // d, d).permute(3, 5, 0, 1, 2, 4).reshape(d * d * n, c, h // d, w // d)
+
+
+def _phase_backward(ctx: Any, x: Tensor, weight: Tensor, grad: Tensor, stride: int, padding: tuple[int, int], d: int,
+                    groups: int) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients of the dilated convolution through undilated ones (module docstring)."""
+    pad = [padding[0] // d, padding[1] // d]
+    dx = dw = None
+    if stride == d:  # the convolution of phase (0, 0) with the undilated kernel
+        xs, gs = x[..., ::d, ::d], grad
+        if ctx.needs_input_grad[0]:
+            dx = torch.zeros_like(x, dtype=grad.dtype)  # in x's memory format
+            dx[..., ::d, ::d] = F.conv2d(grad, weight.flip(-1, -2), None, 1, pad, 1, groups)
+    else:
+        xs, gs = _phases(x, d), _phases(grad, d)
+        if ctx.needs_input_grad[0]:  # the flipped dilated convolution is as fast as the forward
+            dx = F.conv2d(grad, weight.flip(-1, -2), None, 1, padding, d, groups)
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.aten.convolution_backward(gs, xs, weight, None, [1, 1], pad, [1, 1], False, [0, 0], groups,
+                                                 [False, True, False])[1]
+    return dx, dw
 
 
 def qualifies(conv: nn.Conv2d) -> bool:
