@@ -96,8 +96,9 @@ class SearchConfig(RunOptions):
     checkpoint_cells: bool = option(False, "recompute each cell's activations in the backward instead of keeping "
                                            "them: much less memory, slower steps (same results)", group="speed")
     flip_conv_backward: bool = option(True, "input gradient of size-keeping depthwise convolutions (5x5, dilated) by a "
-                                            "convolution with the flipped kernel, several times faster than PyTorch's "
-                                            "backward on the CPU, same results (off: PyTorch's)", group="speed")
+                                            "convolution with the flipped kernel, and of dilated ones their weight "
+                                            "gradient by undilated convolutions of the phase images: several times "
+                                            "faster than PyTorch's backward on the CPU, same results (off: PyTorch's)", group="speed")
     fuse_edges: str = option("auto", "compute all edges leaving a cell state together: parameter-free operations "
                                      "once per state, each operation's convolutions on all those edges as one grouped "
                                      "convolution; fewer kernel calls, same results. auto: on the CPU for small "

@@ -53,8 +53,9 @@ class TrainConfig(RunOptions):
     channels_last: str = option("auto", "channels-last memory format: auto (CPU, or CUDA with mixed precision), "
                                         "on or off", group="speed", choices=("auto", "on", "off"))
     flip_conv_backward: bool = option(True, "input gradient of size-keeping depthwise convolutions (5x5, dilated) by a "
-                                            "convolution with the flipped kernel, several times faster than PyTorch's "
-                                            "backward on the CPU, same results (off: PyTorch's)", group="speed")
+                                            "convolution with the flipped kernel, and of dilated ones their weight "
+                                            "gradient by undilated convolutions of the phase images: several times "
+                                            "faster than PyTorch's backward on the CPU, same results (off: PyTorch's)", group="speed")
     deterministic: bool = option(False, "deterministic algorithms only (slower on CUDA; CPU runs are "
                                         "deterministic anyway)", group="runtime")
     sync_bn: bool = option(False, "with several processes on CUDA: batch norm over the global batch (SyncBatchNorm) "
