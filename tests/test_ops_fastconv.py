@@ -27,7 +27,12 @@ def test_gradients_match_pytorch_convolution(fmt, kernel, dilation, padding, str
     plain = nn.Conv2d(4, 4, kernel, stride=stride, padding=padding, dilation=dilation, groups=4, bias=False).double()
     fast = copy.deepcopy(plain)
     assert fastconv.use_flipped_backward(fast) == 1 and isinstance(fast, fastconv.FlippedBackwardConv2d)
-    x = torch.randn(3, 4, *size, dtype=torch.float64).contiguous(memory_format=fmt)
+    _assert_same_as_pytorch(plain, fast, torch.randn(3, 4, *size, dtype=torch.float64).contiguous(memory_format=fmt))
+
+
+def _assert_same_as_pytorch(plain: nn.Conv2d, fast: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same output (exactly) and the same input and weight gradients (to rounding) in float64;
+    returns the fast module's gradients."""
     xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     yp, yf = plain(xp), fast(xf)
     assert yf.shape == yp.shape
@@ -37,6 +42,7 @@ def test_gradients_match_pytorch_convolution(fmt, kernel, dilation, padding, str
     gf = torch.autograd.grad(yf, [xf, fast.weight], g)
     for a, b in zip(gf, gp):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    return gf
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -54,14 +60,7 @@ def test_dilated_backward_by_phases_matches_pytorch(fmt, kernel, dilation, strid
     fast = copy.deepcopy(plain)
     assert fastconv.use_flipped_backward(fast) == 1
     x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=fmt)
-    xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yp, yf = plain(xp), fast(xf)
-    torch.testing.assert_close(yf, yp, rtol=0, atol=0)
-    g = torch.randn_like(yp)
-    gp = torch.autograd.grad(yp, [xp, plain.weight], g)
-    gf = torch.autograd.grad(yf, [xf, fast.weight], g)
-    for a, b in zip(gf, gp):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    gf = _assert_same_as_pytorch(plain, fast, x)
     assert gf[0].is_contiguous(memory_format=fmt)
     # A phase image is the strided view of the input: the layout the backward relies on.
     d = dilation
