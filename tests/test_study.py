@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import sys
@@ -35,6 +36,27 @@ def test_permutation_test_known_answers():
     # 3 cells far above 6 cells: only the observed split is as extreme; p = 1 / C(9, 3).
     assert study.permutation_test([90.0, 91.0, 92.0], [50.0, 51.0, 52.0, 53.0, 54.0, 55.0]) == pytest.approx(
         1 / math.comb(9, 3))
+    # The same splits whichever group is named first (the smaller one is enumerated).
+    assert study.permutation_test([50.0, 51.0, 52.0, 53.0, 54.0, 55.0], [90.0, 91.0, 92.0]) == pytest.approx(
+        1 / math.comb(9, 3))
+    a, b = [1.0, 4.0, 2.5, 7.0, 3.0], [2.0, 6.0, 5.5]
+    assert study.permutation_test(a, b) == study.permutation_test(b, a)
+    # Brute force over index subsets of the first group's size.
+    pooled, obs = a + b, abs(sum(a) / 5 - sum(b) / 3)
+    splits = list(itertools.combinations(range(8), 5))
+    extreme = sum(abs(sum(pooled[i] for i in s) / 5 - sum(pooled[i] for i in range(8) if i not in s) / 3) >= obs - 1e-12
+                  for s in splits)
+    assert study.permutation_test(a, b) == pytest.approx(extreme / len(splits))
+
+
+def test_pooled_comparison_takes_every_searched_cell():
+    pooled = study.pooled_comparison([[60.0, 61.0], [62.0]], [50.0, 51.0, 52.0])
+    assert pooled["cells"] == 3 and pooled["mean"] == pytest.approx(61.0)
+    assert pooled["difference"] == pytest.approx(10.0)
+    # All three searched cells above all three random ones: the observed split and its mirror of C(6, 3).
+    assert pooled["p_value"] == pytest.approx(2 / 20) == pooled["smallest_possible_p"]
+    assert study.pooled_comparison([[60.0, 61.0]], [50.0, 51.0]) is None  # one group: its own test says it
+    assert study.pooled_comparison([[60.0], [61.0]], [50.0]) is None  # too few random cells
 
 
 def test_spearman_known_answers():

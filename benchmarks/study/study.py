@@ -311,16 +311,42 @@ def run(plan: Plan, study: Path, hours: float | None, only: set[str] | None) -> 
 def permutation_test(a: list[float], b: list[float]) -> float:
     """Exact two-sided p-value of the difference of means, over every split of the pooled values
     into groups of the original sizes (a permutation test; no normality assumed)."""
-    pooled, n = a + b, len(a)
+    pooled = a + b
+    n, total_sum = len(a), math.fsum(pooled)
+    # Enumerate the smaller group's members; its sum fixes both means.
+    k = min(n, len(b))
+    size_other = len(pooled) - k
+
+    def difference(chosen_sum: float) -> float:
+        return abs(chosen_sum / k - (total_sum - chosen_sum) / size_other)
+
     observed = abs(statistics.fmean(a) - statistics.fmean(b))
     total = hits = 0
-    for idx in itertools.combinations(range(len(pooled)), n):
-        chosen = set(idx)
-        x = [pooled[i] for i in idx]
-        y = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+    for idx in itertools.combinations(pooled, k):
         total += 1
-        hits += abs(statistics.fmean(x) - statistics.fmean(y)) >= observed - 1e-12
+        hits += difference(math.fsum(idx)) >= observed - 1e-9
     return hits / total
+
+
+def compare_with_random(cells: list[float], random_cells: list[float]) -> dict[str, Any]:
+    """Mean difference of ``cells`` against the random cells and the permutation test's p-value."""
+    n, m = len(cells), len(random_cells)
+    p = permutation_test(cells, random_cells)
+    # Only the observed split reaches the largest |difference|, and with equal group sizes
+    # also its mirror image (the groups swapped).
+    return {"difference": statistics.fmean(cells) - statistics.fmean(random_cells), "p_value": p,
+            "significant_at_0.05": p < 0.05, "smallest_possible_p": (2 if n == m else 1) / math.comb(n + m, n)}
+
+
+def pooled_comparison(searched_groups: list[list[float]], random_cells: list[float]) -> dict[str, Any] | None:
+    """Every searched cell of every group against the random cells, or None with fewer than two groups.
+
+    More cells, so a smaller difference can show; and one test instead of one per group: with a test per
+    group, some p < 0.05 becomes likely by chance alone as groups are added."""
+    searched = [v for cells in searched_groups for v in cells]
+    if len(searched_groups) < 2 or len(searched) < 2 or len(random_cells) < 2:
+        return None
+    return {"cells": len(searched), "mean": statistics.fmean(searched), **compare_with_random(searched, random_cells)}
 
 
 def _cell_record(study: Path, plan: Plan, group: str, cell: str, manifest: Manifest) -> dict[str, Any]:
@@ -439,15 +465,12 @@ def summarize(plan: Plan, study: Path, earlier: list[tuple[str, dict[str, Any]]]
     for name in plan.groups:
         g = groups[name]
         if len(g["per_cell"]) >= 2 and len(random_cells) >= 2:
-            diff = statistics.fmean(g["per_cell"]) - statistics.fmean(random_cells)
-            p = permutation_test(g["per_cell"], random_cells)
-            n, m = len(g["per_cell"]), len(random_cells)
-            # Only the observed split reaches the largest |difference|, and with equal group sizes
-            # also its mirror image (the groups swapped).
-            g["vs_random"] = {"difference": diff, "p_value": p, "significant_at_0.05": p < 0.05,
-                              "smallest_possible_p": (2 if n == m else 1) / math.comb(n + m, n)}
+            g["vs_random"] = compare_with_random(g["per_cell"], random_cells)
+    extra: dict[str, Any] = {}
+    pooled = pooled_comparison([groups[name]["per_cell"] for name in plan.groups], random_cells)
+    if pooled:
+        extra["searched_vs_random"] = pooled
     sized = [c for c in cells.values() if c["mean_test_acc"] is not None and "parameters" in c]
-    extra = {}
     if len(sized) >= 3:
         # Over every retrained cell: does accuracy at this training length follow network size?
         extra["spearman_test_acc_vs_parameters"] = spearman([c["parameters"] for c in sized],
@@ -535,6 +558,11 @@ def write_outputs(summary: dict[str, Any], study: Path) -> None:
         lines += ["", (f"{sitting['cells']} cells taken from an earlier sitting's summary, {sitting['summary']} "
                       f"({sitting['cpu_minutes_total']:.0f} CPU-minutes, counted in the total; measured on "
                       f"{_machine_line(sitting.get('machine'))}).")]
+    pooled = summary.get("searched_vs_random")
+    if pooled:
+        lines += ["", (f"All {pooled['cells']} searched cells together against the random cells: "
+                      f"{pooled['mean']:.2f} %, difference {pooled['difference']:+.2f}, p = {pooled['p_value']:.3f} "
+                      f"(smallest possible {pooled['smallest_possible_p']:.2g}).")]
     rho = summary.get("spearman_test_acc_vs_parameters")
     if rho is not None:
         lines += ["", (f"Spearman rank correlation of test accuracy with the retrained network's parameters, over "
