@@ -199,3 +199,7 @@ def test_auto_fuses_small_networks_on_the_cpu_only():
     assert not use_fused("auto", cpu, 16, (32, 32))  # the paper's network
     assert not use_fused("auto", cuda, 8, (8, 8))
     assert use_fused("on", cpu, 16, (32, 32)) and not use_fused("off", cpu, 8, (8, 8))
+    # PC-DARTS: the operations see init_channels / K channels.
+    assert use_fused("auto", cpu, 16, (32, 32), partial_channels=4)
+    assert not use_fused("auto", cpu, 64, (32, 32), partial_channels=4)
+    assert not use_fused("off", cpu, 16, (32, 32), partial_channels=4)

@@ -84,12 +84,15 @@ def _evaluate(model: SearchNetwork, stream: Stream, max_batches: int | None,
 FUSE_MAX_ACTIVATIONS = 8192
 
 
-def use_fused(setting: str, device: torch.device, init_channels: int, image_size: tuple[int, int]) -> bool:
+def use_fused(setting: str, device: torch.device, init_channels: int, image_size: tuple[int, int],
+              partial_channels: int = 1) -> bool:
     """Whether the search cell computes the edges leaving each state together (``--fuse_edges``). ``auto``
-    fuses small networks on the CPU only: on CUDA the fused cell has not been timed yet."""
+    fuses small networks on the CPU only: on CUDA the fused cell has not been timed yet. With PC-DARTS's
+    partial channels the operations see ``init_channels / K`` channels, so the size that counts is that."""
     if setting in ("on", "off"):
         return setting == "on"
-    return device.type == "cpu" and init_channels * image_size[0] * image_size[1] <= FUSE_MAX_ACTIVATIONS
+    channels = init_channels / partial_channels
+    return device.type == "cpu" and channels * image_size[0] * image_size[1] <= FUSE_MAX_ACTIVATIONS
 
 
 def use_channels_last(setting: str, device: torch.device, model: torch.nn.Module | None = None) -> bool:
@@ -107,7 +110,8 @@ def build_search(cfg: SearchConfig, data: ImageData | DatasetInfo, device: torch
                           checkpoint_cells=cfg.checkpoint_cells, dirichlet=cfg.dirichlet,
                           partial_channels=cfg.partial_channels, edge_normalization=cfg.edge_normalization,
                           aux_skip=cfg.aux_skip > 0,
-                          fused=use_fused(cfg.fuse_edges, device, cfg.init_channels, data.image_size)).to(device=device, dtype=dtype)
+                          fused=use_fused(cfg.fuse_edges, device, cfg.init_channels, data.image_size,
+                                          cfg.partial_channels)).to(device=device, dtype=dtype)
     if cfg.flip_conv_backward:
         fastconv.use_flipped_backward(model)
     model = distributed.convert_sync_bn(model, cfg.sync_bn)

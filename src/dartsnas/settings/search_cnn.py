@@ -102,8 +102,8 @@ class SearchConfig(RunOptions):
     fuse_edges: str = option("auto", "compute all edges leaving a cell state together: parameter-free operations "
                                      "once per state, each operation's convolutions on all those edges as one grouped "
                                      "convolution; fewer kernel calls, same results. auto: on the CPU for small "
-                                     "networks (init_channels x image pixels up to 8192, where it is faster), "
-                                     "edge by edge otherwise; on or off", group="speed", choices=("auto", "on", "off"))
+                                     "networks (init_channels / partial_channels x image pixels up to 8192, where "
+                                     "it is faster), edge by edge otherwise; on or off", group="speed", choices=("auto", "on", "off"))
     lean_memory: bool = option(True, "batch norms that end an operation keep their output instead of their input "
                                      "for the backward, max pooling finds its argmax again: about a quarter less "
                                      "memory, same results (off: PyTorch's plain operations)", group="speed")
