@@ -324,7 +324,7 @@ def permutation_test(a: list[float], b: list[float]) -> float:
     total = hits = 0
     for idx in itertools.combinations(pooled, k):
         total += 1
-        hits += difference(math.fsum(idx)) >= observed - 1e-9
+        hits += difference(math.fsum(idx)) >= observed - 1e-12
     return hits / total
 
 

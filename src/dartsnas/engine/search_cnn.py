@@ -77,10 +77,11 @@ def _evaluate(model: SearchNetwork, stream: Stream, max_batches: int | None,
     return loss_m.avg, acc_m.avg
 
 
-# Above this many first-cell activations per image (init_channels x height x width), the fused cell's
-# grouped convolutions cost more than the kernel calls they save on the CPU: on the 2-core AVX-512 machine a
-# first-order step is 1.5x faster fused for the quickstart network (C = 8, 8x8 images), as fast at C = 8 and
-# 32x32, and 1.4x slower at the paper's size (C = 16, 32x32); benchmarks/RESULTS.md.
+# Above this many first-cell operation activations per image (init_channels / partial_channels x height
+# x width), the fused cell's grouped convolutions cost more than the kernel calls they save on the CPU: on
+# the 2-core AVX-512 machine a first-order step is 1.5x faster fused for the quickstart network (C = 8,
+# 8x8 images), as fast at C = 8 and 32x32, and 1.4x slower at the paper's size (C = 16, 32x32);
+# benchmarks/RESULTS.md.
 FUSE_MAX_ACTIVATIONS = 8192
 
 
