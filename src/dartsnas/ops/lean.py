@@ -74,6 +74,13 @@ def _constants(like: Tensor) -> tuple[Tensor, Tensor]:
     return pair
 
 
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """Channels-last when ``t`` is stored so (and not also plainly contiguous), else contiguous."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class _BatchNormKeepOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
@@ -92,6 +99,12 @@ class _BatchNormKeepOutput(torch.autograd.Function):
             raise RuntimeError("a batch norm of dartsnas.ops.lean cannot be differentiated twice; build the graph "
                                "inside dartsnas.ops.lean.plain()")
         out, invstd = ctx.saved_tensors
+        # A gradient in another memory format than the output (a channels-last output whose gradient
+        # arrives contiguous, e.g. through a reshape of the fused cell or the network's head) sends
+        # PyTorch's CPU kernel down a mixed-format path several times slower than one copy of the
+        # gradient into the output's format (benchmarks/RESULTS.md, "Gradients in the output's
+        # memory format").
+        grad = grad.contiguous(memory_format=_memory_format(out))
         # PyTorch's batch-norm backward with mean 0, invstd 1 and scale ``invstd`` on the output
         # (which is x_hat) computes exactly invstd * (g - mean(g) - x_hat * mean(g * x_hat)).
         zeros, ones = _constants(invstd)
