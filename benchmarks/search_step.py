@@ -44,7 +44,7 @@ def one(order: int, batch: int, steps: int, device: str, hvp: str, threads: int,
     data = ImageData("bench", ImageSet(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)),
                      None, 10, (0.5,) * 3, (0.25,) * 3, pad=4, flip=True)
     model, w_opt, _, architect = build_search(cfg, data, dev)
-    fmt = torch.channels_last if use_channels_last(cfg.channels_last, dev, model) else torch.contiguous_format
+    fmt = torch.channels_last if use_channels_last(cfg.channels_last, dev) else torch.contiguous_format
     x_t = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
     x_v = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
     y_t, y_v = torch.randint(0, 10, (batch,), device=dev), torch.randint(0, 10, (batch,), device=dev)

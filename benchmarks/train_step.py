@@ -69,7 +69,7 @@ def one(impl: str, batch: int, steps: int, eval_batches: int, device: str, threa
     else:
         model = NetworkCIFAR(36, 10, 20, True, get_genotype("DARTS_V2"))
         amp_dtype = resolve_amp(amp, dev)
-        cl = use_channels_last(channels_last, dev, amp_dtype, model)
+        cl = use_channels_last(channels_last, dev, amp_dtype)
         model = model.to(dev)
     fmt = torch.channels_last if cl else torch.contiguous_format
     model = model.to(memory_format=fmt)

@@ -38,7 +38,10 @@ def test_batch_norm_keeping_its_output_matches_batch_norm(fmt, momentum):
         torch.testing.assert_close(b_l, b_p, rtol=1e-14, atol=0, msg=name)
     plain.eval(), lean_bn.eval()
     x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
-    torch.testing.assert_close(lean_bn(x), plain(x), rtol=0, atol=0)
+    # Channels-last with 5 channels takes the wide batch norm (ops/widebn.py): running statistics equal
+    # up to rounding, hence eval-mode outputs too.
+    exact = fmt == torch.contiguous_format
+    torch.testing.assert_close(lean_bn(x), plain(x), rtol=0 if exact else 1e-14, atol=0 if exact else 1e-15)
 
 
 def test_batch_norm_gradient_against_finite_differences():

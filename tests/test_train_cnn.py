@@ -208,16 +208,12 @@ def test_info_prints_parameters_and_multiply_adds(capsys):
 def test_mixed_precision_and_memory_format_choices():
     from dartsnas.engine.evaluate_cnn import resolve_amp, use_channels_last
     from dartsnas.errors import UserError
-    from dartsnas.models.cnn import NetworkCIFAR, NetworkImageNet
 
     cpu = torch.device("cpu")
     assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
     with pytest.raises(UserError, match="needs a CUDA device"):
         resolve_amp("bf16", cpu)
-    paper = NetworkCIFAR(36, 10, 20, True, get_genotype("DARTS"))
-    assert use_channels_last("auto", cpu, None, paper)
-    assert not use_channels_last("off", cpu, None, paper)
-    # Toy widths hit a oneDNN fault in channels-last 1x1 stride-2 weight gradients: auto avoids it.
-    assert not use_channels_last("auto", cpu, None, NetworkImageNet(8, 3, 3, False, get_genotype("DARTS")))
+    assert use_channels_last("auto", cpu, None) and use_channels_last("on", cpu, None)
+    assert not use_channels_last("off", cpu, None)
     cuda = torch.device("cuda")
     assert use_channels_last("auto", cuda, torch.bfloat16) and not use_channels_last("auto", cuda, None)

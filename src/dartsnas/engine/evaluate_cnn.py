@@ -25,7 +25,6 @@ from ..data.images import CIFAR10_MEAN, CIFAR10_STD, BatchStream, ImageSet, Norm
 from ..errors import UserError
 from ..genotype import Genotype, load_genotype
 from ..models.cnn import build_network, count_network_parameters, multiply_adds
-from ..ops.cnn import narrow_strided_pointwise
 from ..settings.choices import AMP_CHOICES, NETWORK_DEFAULTS  # noqa: F401 -- AMP_CHOICES: still importable here
 from ..settings.evaluate_cnn import InfoConfig, TestConfig
 from ..utils import AverageMeter, accuracy, resolve_device
@@ -52,15 +51,12 @@ def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
-def use_channels_last(setting: str, device: torch.device, amp_dtype: torch.dtype | None,
-                      model: torch.nn.Module | None = None) -> bool:
+def use_channels_last(setting: str, device: torch.device, amp_dtype: torch.dtype | None) -> bool:
     """Channels-last where it helps: on the CPU (depthwise and 1x1 convolutions run faster) and on
     CUDA under mixed precision (tensor-core convolutions want NHWC)."""
     if setting in ("on", "off"):
         return setting == "on"
-    if device.type == "cpu":
-        return model is None or not narrow_strided_pointwise(model)
-    return amp_dtype is not None
+    return device.type == "cpu" or amp_dtype is not None
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -371,7 +367,7 @@ def run_test(cfg: TestConfig, network: str) -> TestResult:
                          auxiliary=cfg.auxiliary)
     model, loaded, arch_name, sizes = net.model, net.loaded, net.arch_name, net.sizes
     amp_dtype = resolve_amp(cfg.amp, device)
-    channels_last = use_channels_last(cfg.channels_last, device, amp_dtype, model)
+    channels_last = use_channels_last(cfg.channels_last, device, amp_dtype)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

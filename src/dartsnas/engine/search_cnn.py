@@ -23,7 +23,6 @@ from ..data.stream import DatasetInfo, DatasetStream, dataset_info, shuffled_spl
 from ..errors import UserError
 from ..genotype import from_dict
 from ..ops import fastconv
-from ..ops.cnn import narrow_strided_pointwise
 from ..rundir import write_json
 from ..search.alpha_noise import adversarial_weights, noise_bound, perturbed_weights
 from ..search.architect import Architect, VirtualStep
@@ -96,11 +95,11 @@ def use_fused(setting: str, device: torch.device, init_channels: int, image_size
     return device.type == "cpu" and channels * image_size[0] * image_size[1] <= FUSE_MAX_ACTIVATIONS
 
 
-def use_channels_last(setting: str, device: torch.device, model: torch.nn.Module | None = None) -> bool:
+def use_channels_last(setting: str, device: torch.device) -> bool:
     """Channels-last on the CPU, where depthwise and 1x1 convolutions run several times faster."""
     if setting in ("on", "off"):
         return setting == "on"
-    return device.type == "cpu" and (model is None or not narrow_strided_pointwise(model))
+    return device.type == "cpu"
 
 
 def build_search(cfg: SearchConfig, data: ImageData | DatasetInfo, device: torch.device, dtype: torch.dtype = torch.float32
@@ -116,7 +115,7 @@ def build_search(cfg: SearchConfig, data: ImageData | DatasetInfo, device: torch
     if cfg.flip_conv_backward:
         fastconv.use_flipped_backward(model)
     model = distributed.convert_sync_bn(model, cfg.sync_bn)
-    if use_channels_last(cfg.channels_last, device, model):
+    if use_channels_last(cfg.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     w_opt = torch.optim.SGD(model.weight_parameters(), cfg.learning_rate, momentum=cfg.momentum,
                             weight_decay=cfg.weight_decay)
@@ -237,7 +236,7 @@ class CNNSearch(SearchJob):
         self.model, self.w_opt, self.scheduler, self.architect = build_search(cfg, data, device)
         images = data.train.to(device)
         normalize = Normalizer(data.mean, data.std, device,
-                               channels_last=use_channels_last(cfg.channels_last, device, self.model))
+                               channels_last=use_channels_last(cfg.channels_last, device))
         self.train_stream = BatchStream(images, train_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
         self.alpha_stream = BatchStream(images, valid_idx, batch, normalize, data.pad, data.flip, train=True, **shard)
         self.eval_stream = BatchStream(images, valid_idx, batch, normalize, train=False, **shard)
@@ -257,7 +256,7 @@ class CNNSearch(SearchJob):
         else:
             self.train_idx, self.valid_idx = shuffled_split(len(train_data), cfg.train_portion)
         common_args = {"device": device, "num_classes": data.num_classes, "workers": cfg.workers,
-                       "channels_last": use_channels_last(cfg.channels_last, device, self.model), **shard}
+                       "channels_last": use_channels_last(cfg.channels_last, device), **shard}
         self.train_stream = DatasetStream(train_data, self.train_idx, batch, train=True, **common_args)
         what = "valid_data" if valid_data is not None else "train_data"
         self.alpha_stream = DatasetStream(alpha_data, self.valid_idx, batch, train=True, what=what, **common_args)

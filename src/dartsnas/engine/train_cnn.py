@@ -355,7 +355,7 @@ class CNNTraining(Job):
                               data.num_classes)
         if cfg.flip_conv_backward:
             fastconv.use_flipped_backward(model)
-        self.channels_last = use_channels_last(cfg.channels_last, device, amp_dtype, model)
+        self.channels_last = use_channels_last(cfg.channels_last, device, amp_dtype)
         self.fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         model = distributed.convert_sync_bn(model.to(device), cfg.sync_bn)
         if self.channels_last:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -96,8 +97,8 @@ class FactorizedReduce(nn.Module):
         return self.forward_after_relu(self.relu(x))
 
     def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.conv_1(x)
-        b = self.conv_2(x[:, :, 1:, 1:])
+        a = pointwise_stride2(x, self.conv_1.weight)
+        b = pointwise_stride2(x[:, :, 1:, 1:], self.conv_2.weight)
         if b.shape[-2:] != a.shape[-2:]:
             # Odd spatial sizes: the shifted branch is one pixel short; pad it back (the authors'
             # code only ever sees even sizes, where this never triggers).
@@ -159,12 +160,16 @@ def forward_after_relu(op: nn.Module, x_relu: torch.Tensor) -> torch.Tensor:
     return x_relu
 
 
-def narrow_strided_pointwise(model: nn.Module) -> bool:
-    """Whether ``model`` has a 1x1 stride-2 convolution with fewer than 16 input channels.
+def pointwise_stride2(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The bias-free 1x1 stride-2 convolution of ``x`` (the factorized reduce's).
 
-    oneDNN (as in PyTorch 2.14's CPU build) corrupts memory computing the weight gradient of such a
-    convolution in channels-last format on large feature maps (the factorized reduce of toy-sized
-    networks). Those networks gain little from the format, so the automatic choice avoids it.
+    oneDNN (as in PyTorch 2.14's CPU build) corrupts the heap computing the weight gradient of an
+    ungrouped 1x1 stride-2 convolution with fewer than 16 input channels on a channels-last input
+    (crashes from 64x64 maps on, with 2 to 12 channels; grouped ones and 16 channels or more are
+    fine). A 1x1 kernel reads only the pixels it lands on, so for such inputs the same convolution
+    runs with stride 1 on every second pixel: the same values, and a weight gradient oneDNN computes
+    correctly. It is slower for wide inputs, hence only there.
     """
-    return any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2) and m.in_channels < 16
-               for m in model.modules())
+    if groups == 1 and weight.shape[1] < 16 and x.device.type == "cpu" and x.stride(1) == 1 and x.shape[1] > 1:
+        return F.conv2d(x[:, :, ::2, ::2], weight)
+    return F.conv2d(x, weight, None, 2, 0, 1, groups)

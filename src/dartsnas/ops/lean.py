@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from . import widebn
+
 _state = threading.local()
 
 
@@ -85,8 +87,12 @@ class _BatchNormKeepOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
                 eps: float) -> Tensor:
-        out, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True, momentum,
-                                                           eps)
+        ctx.columns = widebn.columns(x)
+        if ctx.columns:  # few channels, channels-last, on the CPU (ops/widebn.py)
+            out, invstd = widebn.forward(x, ctx.columns, running_mean, running_var, momentum, eps)
+        else:
+            out, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True,
+                                                               momentum, eps)
         ctx.save_for_backward(out, invstd)
         return out
 
@@ -105,6 +111,8 @@ class _BatchNormKeepOutput(torch.autograd.Function):
         # gradient into the output's format (benchmarks/RESULTS.md, "Gradients in the output's
         # memory format").
         grad = grad.contiguous(memory_format=_memory_format(out))
+        if ctx.columns:
+            return widebn.backward(grad, out, invstd, ctx.columns), None, None, None, None
         # PyTorch's batch-norm backward with mean 0, invstd 1 and scale ``invstd`` on the output
         # (which is x_hat) computes exactly invstd * (g - mean(g) - x_hat * mean(g * x_hat)).
         zeros, ones = _constants(invstd)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import lean
-from ..ops.cnn import Conv7x1_1x7, DilConv, FactorizedReduce, ReLUConvBN, SepConv
+from ..ops import lean, widebn
+from ..ops.cnn import Conv7x1_1x7, DilConv, FactorizedReduce, ReLUConvBN, SepConv, pointwise_stride2
 from ..ops.fastconv import FlippedBackwardConv2d, _FlippedBackwardConv
 from . import robust
 
@@ -89,6 +89,8 @@ def _conv(convs: list[nn.Conv2d], x: Tensor) -> Tensor:
     c = convs[0]
     weight = torch.cat([m.weight for m in convs]) if len(convs) > 1 else c.weight
     groups = c.groups * len(convs)
+    if c.kernel_size == (1, 1) and c.stride == (2, 2):  # the factorized reduce's (ops/cnn.py)
+        return pointwise_stride2(x, weight, groups)
     if isinstance(c, FlippedBackwardConv2d) and lean.builds_graph(x, weight) \
             and not torch.is_autocast_enabled(x.device.type):
         return _FlippedBackwardConv.apply(x, weight, c.stride[0], tuple(c.padding), tuple(c.dilation), groups)
@@ -143,8 +145,9 @@ def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Ten
         return F.batch_norm(x, torch.cat(means), torch.cat(variances), None, None, False, 0.0, b.eps)  # type: ignore
     book.counters += [m.num_batches_tracked for m in bns]  # type: ignore[misc]
     if shared:
-        with torch.no_grad():
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
+        mean, var = widebn.batch_stats(x)  # PyTorch's batch-norm kernel: faster than torch.var_mean
+        count = x.numel() // x.shape[1]
+        var = var * (count / max(count - 1, 1))  # unbiased, as batch norm's running variance
         book.lerp(means, mean, b.momentum)  # type: ignore[arg-type]
         book.lerp(variances, var, b.momentum)  # type: ignore[arg-type]
         running: tuple[Tensor | None, Tensor | None] = (None, None)
@@ -156,7 +159,9 @@ def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Ten
         book.copy(means, running[0])  # type: ignore[arg-type]
         book.copy(variances, running[1])  # type: ignore[arg-type]
     momentum = 0.0 if shared else b.momentum
-    if isinstance(b, lean.LeanBatchNorm2d) and lean.builds_graph(x):
+    # An inner batch norm of few channels (ops/widebn.py) takes the same path as the lean ones: it keeps
+    # its output instead of its input, the same size, and PyTorch's backward is slow for it.
+    if (isinstance(b, lean.LeanBatchNorm2d) or widebn.columns(x)) and lean.builds_graph(x):
         return lean._BatchNormKeepOutput.apply(x, *running, momentum, b.eps)
     return F.batch_norm(x, *running, None, None, True, momentum, b.eps)
 
