@@ -42,8 +42,11 @@ def test_forward_backward_and_running_statistics_equal_pytorch_in_float64(shape)
     rm2, rv2 = rm.clone(), rv.clone()
     xp, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
     yp = F.batch_norm(xp, rm, rv, None, None, True, 0.1, 1e-5)
+    versions = rm2._version, rv2._version
     yw = lean._BatchNormKeepOutput.apply(xw, rm2, rv2, 0.1, 1e-5)
     assert yw.is_contiguous(memory_format=CL)
+    # Updated as PyTorch updates them, unseen by autograd (a graph may hold them from an earlier forward).
+    assert (rm2._version, rv2._version) == versions
     torch.testing.assert_close(yw, yp, rtol=0, atol=1e-13)
     torch.testing.assert_close(rm2, rm, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(rv2, rv, rtol=1e-14, atol=1e-15)

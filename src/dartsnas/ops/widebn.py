@@ -89,9 +89,12 @@ def forward(x: Tensor, r: int, running_mean: Tensor | None, running_var: Tensor 
     mean, var = batch_stats(x)
     with torch.no_grad():
         if running_mean is not None and running_var is not None:
+            # Through ``.data``: like PyTorch's own update, it does not count as a change of the buffers
+            # for autograd, which may hold them from an earlier forward (a graph differentiated twice
+            # saves them) and would otherwise refuse its backward.
             n = x.numel() // x.shape[1]
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
-            running_var.copy_(momentum * var * (n / max(n - 1, 1)) + (1 - momentum) * running_var)
+            running_mean.data.copy_(momentum * mean + (1 - momentum) * running_mean)
+            running_var.data.copy_(momentum * var * (n / max(n - 1, 1)) + (1 - momentum) * running_var)
         out = torch.ops.aten.native_batch_norm(_wide(x, r), None, None, mean.repeat(r), var.repeat(r), False, 0.0,
                                                eps)[0]
     return _narrow(out, x), (var + eps).rsqrt()
