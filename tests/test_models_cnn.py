@@ -277,3 +277,27 @@ def test_factorized_reduce_of_few_channels_in_channels_last_has_exact_gradients(
     out = subprocess.run([sys.executable, "-c", _NARROW_REDUCE], capture_output=True, text=True, timeout=300,
                          check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("channels", [4, 24])
+def test_factorized_reduce_equals_its_two_stride_2_convolutions(fmt, size, channels):
+    from dartsnas.ops.cnn import FactorizedReduce
+
+    torch.manual_seed(0)
+    op = FactorizedReduce(channels, 8, affine=False).double().to(memory_format=fmt)
+    x = torch.randn(3, channels, size, size, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    y = op(x)
+    # The definition (NASNet; the authors' code): stride-2 1x1 convolutions of the input and of the
+    # input shifted by one pixel, the second padded back on odd sizes.
+    r = torch.relu(x)
+    a = torch.nn.functional.conv2d(r, op.conv_1.weight, stride=2)
+    b = torch.nn.functional.conv2d(r[:, :, 1:, 1:], op.conv_2.weight, stride=2)
+    b = torch.nn.functional.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
+    ref = torch.nn.functional.batch_norm(torch.cat([a, b], dim=1), None, None, training=True)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    inputs = [x, op.conv_1.weight, op.conv_2.weight]
+    for got, want in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

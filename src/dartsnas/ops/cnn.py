@@ -98,7 +98,7 @@ class FactorizedReduce(nn.Module):
 
     def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
         a = pointwise_stride2(x, self.conv_1.weight)
-        b = pointwise_stride2(x[:, :, 1:, 1:], self.conv_2.weight)
+        b = pointwise_stride2(x, self.conv_2.weight, shift=1)
         if b.shape[-2:] != a.shape[-2:]:
             # Odd spatial sizes: the shifted branch is one pixel short; pad it back (the authors'
             # code only ever sees even sizes, where this never triggers).
@@ -160,16 +160,24 @@ def forward_after_relu(op: nn.Module, x_relu: torch.Tensor) -> torch.Tensor:
     return x_relu
 
 
-def pointwise_stride2(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """The bias-free 1x1 stride-2 convolution of ``x`` (the factorized reduce's).
+def pointwise_stride2(x: torch.Tensor, weight: torch.Tensor, groups: int = 1, shift: int = 0) -> torch.Tensor:
+    """The bias-free 1x1 stride-2 convolution of ``x[:, :, shift:, shift:]`` (the factorized reduce's
+    two halves, ``shift`` 0 and 1).
 
-    oneDNN (as in PyTorch 2.14's CPU build) corrupts the heap computing the weight gradient of an
-    ungrouped 1x1 stride-2 convolution with fewer than 16 input channels on a channels-last input
-    (crashes from 64x64 maps on, with 2 to 12 channels; grouped ones and 16 channels or more are
-    fine). A 1x1 kernel reads only the pixels it lands on, so for such inputs the same convolution
-    runs with stride 1 on every second pixel: the same values, and a weight gradient oneDNN computes
-    correctly. It is slower for wide inputs, hence only there.
+    A 1x1 kernel reads only the pixels it lands on, so this is also the stride-1 convolution of every
+    second pixel, ``x[:, :, shift::2, shift::2]``: the same values. On the CPU that form is used
+
+    * for the shifted half, whose stride-2 form (on a strided slice) takes 2 to 6 times longer forward
+      and backward (benchmarks/RESULTS.md, "The factorized reduce");
+    * without channels-last, where it is faster for both halves;
+    * for an ungrouped convolution of fewer than 16 input channels in channels-last, where oneDNN (as
+      in PyTorch 2.14's CPU build) corrupts the heap computing the stride-2 weight gradient (crashes
+      from 64x64 maps on, with 2 to 12 channels; grouped ones and 16 channels or more are fine).
+
+    Elsewhere (the unshifted half of wider channels-last inputs, and CUDA) the stride-2 convolution.
     """
-    if groups == 1 and weight.shape[1] < 16 and x.device.type == "cpu" and x.stride(1) == 1 and x.shape[1] > 1:
-        return F.conv2d(x[:, :, ::2, ::2], weight)
-    return F.conv2d(x, weight, None, 2, 0, 1, groups)
+    if x.device.type == "cpu":
+        channels_last = x.stride(1) == 1 and x.shape[1] > 1
+        if shift or not channels_last or (groups == 1 and weight.shape[1] < 16):
+            return F.conv2d(x[:, :, shift::2, shift::2], weight, None, 1, 0, 1, groups)
+    return F.conv2d(x[:, :, shift:, shift:] if shift else x, weight, None, 2, 0, 1, groups)

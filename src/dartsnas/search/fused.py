@@ -84,13 +84,14 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _conv(convs: list[nn.Conv2d], x: Tensor) -> Tensor:
-    """The ``n`` edges' convolutions as one, on ``x`` holding the edges' inputs one after the other."""
+def _conv(convs: list[nn.Conv2d], x: Tensor, shift: int = 0) -> Tensor:
+    """The ``n`` edges' convolutions as one, on ``x`` holding the edges' inputs one after the other
+    (for the factorized reduce's 1x1 stride-2 ones, on ``x[:, :, shift:, shift:]``)."""
     c = convs[0]
     weight = torch.cat([m.weight for m in convs]) if len(convs) > 1 else c.weight
     groups = c.groups * len(convs)
     if c.kernel_size == (1, 1) and c.stride == (2, 2):  # the factorized reduce's (ops/cnn.py)
-        return pointwise_stride2(x, weight, groups)
+        return pointwise_stride2(x, weight, groups, shift)
     if isinstance(c, FlippedBackwardConv2d) and lean.builds_graph(x, weight) \
             and not torch.is_autocast_enabled(x.device.type):
         return _FlippedBackwardConv.apply(x, weight, c.stride[0], tuple(c.padding), tuple(c.dilation), groups)
@@ -180,7 +181,7 @@ def _relu_op(ops: list[nn.Module], x: Tensor, book: _Bookkeeping) -> Tensor:
     n = len(ops)
     if isinstance(ops[0], FactorizedReduce):
         a = _conv([op.conv_1 for op in ops], x)
-        b = _conv([op.conv_2 for op in ops], x[:, :, 1:, 1:])
+        b = _conv([op.conv_2 for op in ops], x, shift=1)
         if b.shape[-2:] != a.shape[-2:]:
             b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
         # Each edge's output channels are its conv_1's then its conv_2's.
