@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dartsnas.data.images import ImageData, ImageSet
-from dartsnas.engine.search_cnn import SearchConfig, build_search, weight_step
+from dartsnas.engine.search_cnn import SearchConfig, build_search, use_channels_last, weight_step
 
 # name: (init_channels, layers, batch, image size, input channels, settings)
 NETWORKS = {
@@ -41,7 +41,9 @@ def count(network: str, fused: bool, threads: int = 2, **settings: object) -> in
                                        torch.zeros(1, dtype=torch.long)), None, 10, (0.5,) * in_channels,
                      (0.25,) * in_channels, pad=0, flip=False)
     model, w_opt, _, architect = build_search(cfg, data, torch.device("cpu"))
-    x = torch.randn(batch, in_channels, size, size)
+    # In the memory format the search gives its batches (channels-last on the CPU).
+    fmt = torch.channels_last if use_channels_last(cfg.channels_last, torch.device("cpu")) else torch.contiguous_format
+    x = torch.randn(batch, in_channels, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
 
     def step() -> None:

@@ -13,6 +13,12 @@ wide_cpu = pytest.mark.skipif(widebn._vector_bytes() == 0,
                               reason="the wide batch norm is used on x86 CPUs with AVX2 or AVX-512 only")
 
 
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch):
+    # Small tensors here: the wide path for every size (the size threshold is tested on its own).
+    monkeypatch.setattr(widebn, "MIN_ELEMENTS", 0)
+
+
 def _x(shape, dtype=torch.float64, fmt=CL, seed=0):
     torch.manual_seed(seed)
     return (3 * torch.randn(*shape, dtype=dtype) + 1).contiguous(memory_format=fmt)
@@ -31,6 +37,13 @@ def test_columns_picks_a_multiple_of_the_vector_width_or_declines():
     assert widebn.columns(_x((4, 4, 4, 4), torch.float32, torch.contiguous_format)) == 0  # not channels-last
     assert widebn.columns(_x((1, 4, 1, 1), torch.float32)) == 0  # too few rows for the columns
     assert widebn.columns(_x((4, 4, 4, 4)).to(torch.int64)) == 0
+
+
+@wide_cpu
+def test_small_tensors_keep_pytorchs_kernel(monkeypatch):
+    monkeypatch.setattr(widebn, "MIN_ELEMENTS", 1 << 16)
+    assert widebn.columns(_x((32, 4, 16, 16), torch.float32)) == 0  # 32,768 elements
+    assert widebn.columns(_x((32, 4, 32, 32), torch.float32)) > 1
 
 
 @wide_cpu

@@ -110,7 +110,9 @@ class _BatchNormKeepOutput(torch.autograd.Function):
         # PyTorch's CPU kernel down a mixed-format path several times slower than one copy of the
         # gradient into the output's format (benchmarks/RESULTS.md, "Gradients in the output's
         # memory format").
-        grad = grad.contiguous(memory_format=_memory_format(out))
+        fmt = _memory_format(out)
+        if not grad.is_contiguous(memory_format=fmt):
+            grad = grad.contiguous(memory_format=fmt)
         if ctx.columns:
             return widebn.backward(grad, out, invstd, ctx.columns), None, None, None, None
         # PyTorch's batch-norm backward with mean 0, invstd 1 and scale ``invstd`` on the output

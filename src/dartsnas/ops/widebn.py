@@ -39,10 +39,17 @@ def _vector_bytes() -> int:
     return _VECTOR_BYTES.get(torch.backends.cpu.get_cpu_capability(), 0)
 
 
+# Below this many elements the few extra operations of the wide path cost more than they save.
+MIN_ELEMENTS = 1 << 16
+
+
 def columns(x: Tensor) -> int:
-    """``r`` for a channels-last CPU tensor ``x`` whose channels are fewer than two vector widths and not
-    a multiple of one (0 for every other tensor: PyTorch's kernels serve it as they are)."""
+    """``r`` for a channels-last CPU tensor ``x`` of at least :data:`MIN_ELEMENTS` whose channels are
+    fewer than two vector widths and not a multiple of one (0 for every other tensor: PyTorch's kernels
+    serve it as they are)."""
     if x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
+        return 0
+    if x.numel() < MIN_ELEMENTS:
         return 0
     if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
         return 0
@@ -58,6 +65,11 @@ def columns(x: Tensor) -> int:
 def _wide(x: Tensor, r: int) -> Tensor:
     # (N, C, H, W) channels-last as (N H W / r, r C, 1, 1): a view of the same memory.
     return x.permute(0, 2, 3, 1).reshape(-1, r * x.shape[1], 1, 1)
+
+
+def _tile(t: Tensor, r: int) -> Tensor:
+    # A per-channel vector as per-column one: channel c's value in columns c, C + c, 2 C + c, ...
+    return torch.cat([t] * r)
 
 
 def _narrow(w: Tensor, like: Tensor) -> Tensor:
@@ -95,7 +107,7 @@ def forward(x: Tensor, r: int, running_mean: Tensor | None, running_var: Tensor 
             n = x.numel() // x.shape[1]
             running_mean.data.copy_(momentum * mean + (1 - momentum) * running_mean)
             running_var.data.copy_(momentum * var * (n / max(n - 1, 1)) + (1 - momentum) * running_var)
-        out = torch.ops.aten.native_batch_norm(_wide(x, r), None, None, mean.repeat(r), var.repeat(r), False, 0.0,
+        out = torch.ops.aten.native_batch_norm(_wide(x, r), None, None, _tile(mean, r), _tile(var, r), False, 0.0,
                                                eps)[0]
     return _narrow(out, x), (var + eps).rsqrt()
 
@@ -106,15 +118,26 @@ def backward(grad: Tensor, out: Tensor, invstd: Tensor, r: int) -> Tensor:
     c = out.shape[1]
     n = out.numel() // c
     gw, ow = _wide(grad, r), _wide(out, r)
-    zeros = torch.zeros(r * c, dtype=invstd.dtype, device=invstd.device)
-    ones = torch.ones(r * c, dtype=invstd.dtype, device=invstd.device)
+    zeros, ones = _constants(r * c, invstd)
     # Column sums of g * x_hat and of g: the weight and bias gradients of a batch norm with mean 0, 1/std 1.
     _, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(gw, ow, None, None, None, zeros, ones, True, 0.0,
                                                                  [False, True, True])
     mean_g = g_sum.view(r, c).sum(0) / n
     mean_g_xhat = g_xhat.view(r, c).sum(0) / n
     # invstd * g - invstd * mean(g) as an eval-mode batch norm (mean 0, var 1, eps 0, scale and shift).
-    dx = torch.ops.aten.native_batch_norm(gw, invstd.repeat(r), (-invstd * mean_g).repeat(r), zeros, ones, False,
+    dx = torch.ops.aten.native_batch_norm(gw, _tile(invstd, r), _tile(-invstd * mean_g, r), zeros, ones, False,
                                           0.0, 0.0)[0]
-    dx.addcmul_(ow, (invstd * mean_g_xhat).repeat(r).view(-1, 1, 1), value=-1)
+    dx.addcmul_(ow, _tile(invstd * mean_g_xhat, r).view(-1, 1, 1), value=-1)
     return _narrow(dx, out)
+
+
+_CONSTANTS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _constants(size: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Zeros and ones of ``size``, made once per size, type and device (only ever read)."""
+    key = (size, like.dtype, like.device)
+    pair = _CONSTANTS.get(key)
+    if pair is None:
+        pair = _CONSTANTS[key] = (like.new_zeros(size), like.new_ones(size))
+    return pair
