@@ -146,12 +146,12 @@ def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Ten
         return F.batch_norm(x, torch.cat(means), torch.cat(variances), None, None, False, 0.0, b.eps)  # type: ignore
     book.counters += [m.num_batches_tracked for m in bns]  # type: ignore[misc]
     if shared:
-        mean, var = widebn.batch_stats(x)  # PyTorch's batch-norm kernel: faster than torch.var_mean
-        count = x.numel() // x.shape[1]
-        var = var * (count / max(count - 1, 1))  # unbiased, as batch norm's running variance
-        book.lerp(means, mean, b.momentum)  # type: ignore[arg-type]
-        book.lerp(variances, var, b.momentum)  # type: ignore[arg-type]
-        running: tuple[Tensor | None, Tensor | None] = (None, None)
+        # Running statistics with momentum 1 are the batch's own (the mean and the unbiased variance,
+        # exactly): the one normalisation computes them, and each edge's buffers follow at the end.
+        running: tuple[Tensor | None, Tensor | None] = (means[0].new_zeros(b.num_features),  # type: ignore
+                                                        variances[0].new_zeros(b.num_features))  # type: ignore
+        book.lerp(means, running[0], b.momentum)  # type: ignore[arg-type]
+        book.lerp(variances, running[1], b.momentum)  # type: ignore[arg-type]
     elif n == 1:
         running = means[0], variances[0]
     else:
@@ -159,7 +159,7 @@ def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Ten
         running = torch.cat(means), torch.cat(variances)  # type: ignore[arg-type]
         book.copy(means, running[0])  # type: ignore[arg-type]
         book.copy(variances, running[1])  # type: ignore[arg-type]
-    momentum = 0.0 if shared else b.momentum
+    momentum = 1.0 if shared else b.momentum
     # An inner batch norm of few channels (ops/widebn.py) takes the same path as the lean ones: it keeps
     # its output instead of its input, the same size, and PyTorch's backward is slow for it.
     if (isinstance(b, lean.LeanBatchNorm2d) or widebn.columns(x)) and lean.builds_graph(x):
