@@ -161,8 +161,9 @@ def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Ten
         logits = model(x, mixing)
         loss = F.cross_entropy(logits, y)
         loss.backward()
-        distributed.average_gradients(model.weight_parameters())  # no-op in a single process
-        torch.nn.utils.clip_grad_norm_(model.weight_parameters(), grad_clip)
+        params = model.weight_parameters()
+        distributed.average_gradients(params)  # no-op in a single process
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
         w_opt.step()
     return loss.detach(), logits.detach()
 

@@ -65,7 +65,10 @@ def fusable(cell: nn.Module) -> bool:
     fuse (plain or lean, affine-free batch norms with running statistics and a momentum; plain or
     flipped-backward, bias-free convolutions), and every module one of the operations' own kinds (an
     operation replaced by anything else, e.g. by hand, is computed edge by edge)."""
-    for m in cell.edges.modules():
+    stack: list[nn.Module] = [cell.edges]
+    while stack:  # every module below the edges; a plain walk (checked at every forward: keep it cheap)
+        m = stack.pop()
+        stack.extend(c for c in m._modules.values() if c is not None)
         if type(m) not in _KNOWN and type(m).__name__ != "MixedOp":
             return False
         if isinstance(m, nn.modules.batchnorm._NormBase) and (
