@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,27 +237,46 @@ def write_alpha_figures(run_dir: str | Path, out_dir: str | Path, history: Searc
     return files
 
 
-def _heatmap_figure(cell: str, rows: list[list[float]], primitives: list[str], genotype: AnyGenotype,
-                    title: str, low: float, high: float) -> Any:
-    """One edges x operations grid of softmaxed alphas, each value written in its square, the edges
-    ``genotype`` keeps marked with ``*``; colours span ``low``..``high``."""
+def _heatmap_figure(cell: str, shape: tuple[int, int], primitives: list[str], low: float, high: float
+                    ) -> Callable[[list[list[float]], AnyGenotype, str], Any]:
+    """An edges x operations grid of softmaxed alphas, each value written in its square, the edges a
+    genotype keeps marked with ``*``; colours span ``low``..``high``. Returns ``draw(rows, genotype,
+    title) -> figure``, which puts one table into the same figure: the frames of an animation reuse the
+    figure and the layout computed for the first (drawing the 100-odd numbers is the cost that stays)."""
     from .plotting import new_figure
 
-    titles = _edge_titles(cell, _steps_from_rows(cell, len(rows)))
-    kept = {(src, dst) for (src, dst, _), _op in edge_keys(cell_graph(genotype, cell))}
-    labels = [("* " if tuple(t.split(" → ")) in kept else "") + t for _, _, t in titles]
-    fig = new_figure(figsize=(0.9 * len(primitives) + 2.2, 0.32 * len(rows) + 1.4))
+    titles = _edge_titles(cell, _steps_from_rows(cell, shape[0]))
+    fig = new_figure(figsize=(0.9 * len(primitives) + 2.2, 0.32 * shape[0] + 1.4))
     ax = fig.subplots()
-    image = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=low, vmax=high)
+    image = ax.imshow([[low] * shape[1]] * shape[0], aspect="auto", cmap="viridis", vmin=low, vmax=high)
     ax.set_xticks(range(len(primitives)), primitives, rotation=40, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    for i, row in enumerate(rows):
-        for j, value in enumerate(row):
-            dark = value - low < 0.5 * (high - low)  # viridis is dark in its lower half
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
+    texts = [[ax.text(j, i, "", ha="center", va="center", fontsize=6) for j in range(shape[1])]
+             for i in range(shape[0])]
     fig.colorbar(image, ax=ax, fraction=0.04)
-    ax.set_title(title, fontsize=10)
-    return fig
+    first = True
+
+    def draw(rows: list[list[float]], genotype: AnyGenotype, title: str) -> Any:
+        nonlocal first
+        kept = {(src, dst) for (src, dst, _), _op in edge_keys(cell_graph(genotype, cell))}
+        # Layout from the widest labels (every edge marked), then kept for every frame.
+        marked = [("* " if first or tuple(t.split(" → ")) in kept else "") + t for _, _, t in titles]
+        ax.set_yticks(range(len(rows)), marked, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if first:
+            fig.draw_without_rendering()
+            fig.set_layout_engine("none")
+            first = False
+            marked = [("* " if tuple(t.split(" → ")) in kept else "") + t for _, _, t in titles]
+            ax.set_yticks(range(len(rows)), marked, fontsize=8)
+        image.set_data(rows)
+        for i, row in enumerate(rows):
+            for j, value in enumerate(row):
+                dark = value - low < 0.5 * (high - low)  # viridis is dark in its lower half
+                texts[i][j].set_text(f"{value:.2f}")
+                texts[i][j].set_color("white" if dark else "black")
+        return fig
+
+    return draw
 
 
 def _value_range(tables: Sequence[list[list[float]]]) -> tuple[float, float]:
@@ -287,19 +306,18 @@ def write_alpha_heatmaps(run_dir: str | Path, out_dir: str | Path, history: Sear
         primitives = last["primitives"]
         # Colours span the values present (early in a search they all sit near 1/|ops|); the numbers
         # written in the squares give the absolute weights.
-        fig = _heatmap_figure(cell, last[cell], primitives, final,
-                              f"softmax(alpha) of the {cell} cell after epoch {epochs[-1]} (* edge kept)",
-                              *_value_range([last[cell]]))
+        shape = (len(last[cell]), len(primitives))
+        draw = _heatmap_figure(cell, shape, primitives, *_value_range([last[cell]]))
+        fig = draw(last[cell], final, f"softmax(alpha) of the {cell} cell after epoch {epochs[-1]} (* edge kept)")
         files.append(save_figure(fig, Path(out_dir) / f"alpha_heatmap_{cell}.png"))
         # An epoch's frame marks the edges of that epoch's cell; an epoch without a saved genotype
         # (none in runs this project writes) is left out rather than drawn with another epoch's marks.
         frames = [e for e in epochs if e in genotype_of and cell in history.alphas[e]]
         if not frames:
             continue
-        scale = _value_range([history.alphas[e][cell] for e in frames])
-        pngs = [figure_bytes(_heatmap_figure(cell, history.alphas[e][cell], primitives, genotype_of[e],
-                                             f"softmax(alpha) of the {cell} cell, "
-                                             f"{_frame_title(e, history.total_epochs)} (* edge kept)", *scale))
+        draw = _heatmap_figure(cell, shape, primitives, *_value_range([history.alphas[e][cell] for e in frames]))
+        pngs = [figure_bytes(draw(history.alphas[e][cell], genotype_of[e], f"softmax(alpha) of the {cell} cell, "
+                                  f"{_frame_title(e, history.total_epochs)} (* edge kept)"))
                 for e in frames]
         files.append(write_gif(pngs, Path(out_dir) / f"alpha_heatmap_{cell}.gif"))
     return files
