@@ -63,20 +63,7 @@ def builds_graph(*tensors: Tensor) -> bool:
     return enabled() and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-_CONSTANTS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
-
-
-def _constants(like: Tensor) -> tuple[Tensor, Tensor]:
-    """Zeros and ones shaped like the per-channel ``like``, made once per size, type and device: every
-    batch-norm backward of the search needs them, and they are only read."""
-    key = (like.numel(), like.dtype, like.device)
-    pair = _CONSTANTS.get(key)
-    if pair is None:
-        pair = _CONSTANTS[key] = (torch.zeros_like(like), torch.ones_like(like))
-    return pair
-
-
-def _memory_format(t: Tensor) -> torch.memory_format:
+def memory_format(t: Tensor) -> torch.memory_format:
     """Channels-last when ``t`` is stored so (and not also plainly contiguous), else contiguous."""
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
@@ -110,14 +97,14 @@ class _BatchNormKeepOutput(torch.autograd.Function):
         # PyTorch's CPU kernel down a mixed-format path several times slower than one copy of the
         # gradient into the output's format (benchmarks/RESULTS.md, "Gradients in the output's
         # memory format").
-        fmt = _memory_format(out)
+        fmt = memory_format(out)
         if not grad.is_contiguous(memory_format=fmt):
             grad = grad.contiguous(memory_format=fmt)
         if ctx.columns:
             return widebn.backward(grad, out, invstd, ctx.columns), None, None, None, None
         # PyTorch's batch-norm backward with mean 0, invstd 1 and scale ``invstd`` on the output
         # (which is x_hat) computes exactly invstd * (g - mean(g) - x_hat * mean(g * x_hat)).
-        zeros, ones = _constants(invstd)
+        zeros, ones = widebn.constants(invstd.numel(), invstd)
         dx, _, _ = torch.ops.aten.native_batch_norm_backward(grad, out, invstd, None, None, zeros, ones, True, 0.0,
                                                              [True, False, False])
         return dx, None, None, None, None

@@ -77,9 +77,10 @@ def _narrow(w: Tensor, like: Tensor) -> Tensor:
     return w.view(n, h, wd, c).permute(0, 3, 1, 2)
 
 
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` over batch and space (no gradient)."""
-    r = columns(x)
+def batch_stats(x: Tensor, r: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` over batch and space (no gradient); ``r`` is
+    :func:`columns` of ``x`` when the caller has it."""
+    r = columns(x) if r is None else r
     with torch.no_grad():
         # PyTorch's training-mode kernel as a statistics pass: it returns the batch mean and
         # 1 / sqrt(var + eps); with eps = 0, var = invstd^-2, except for a constant channel, whose
@@ -98,7 +99,7 @@ def forward(x: Tensor, r: int, running_mean: Tensor | None, running_var: Tensor 
             eps: float) -> tuple[Tensor, Tensor]:
     """Training-mode batch norm of ``x`` (``r = columns(x)``) without affine parameters: ``x_hat`` and
     ``1 / sqrt(var + eps)``, updating the running statistics as PyTorch does (unbiased variance)."""
-    mean, var = batch_stats(x)
+    mean, var = batch_stats(x, r)
     with torch.no_grad():
         if running_mean is not None and running_var is not None:
             # Through ``.data``: like PyTorch's own update, it does not count as a change of the buffers
@@ -118,7 +119,7 @@ def backward(grad: Tensor, out: Tensor, invstd: Tensor, r: int) -> Tensor:
     c = out.shape[1]
     n = out.numel() // c
     gw, ow = _wide(grad, r), _wide(out, r)
-    zeros, ones = _constants(r * c, invstd)
+    zeros, ones = constants(r * c, invstd)
     # Column sums of g * x_hat and of g: the weight and bias gradients of a batch norm with mean 0, 1/std 1.
     _, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(gw, ow, None, None, None, zeros, ones, True, 0.0,
                                                                  [False, True, True])
@@ -134,8 +135,9 @@ def backward(grad: Tensor, out: Tensor, invstd: Tensor, r: int) -> Tensor:
 _CONSTANTS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
 
 
-def _constants(size: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Zeros and ones of ``size``, made once per size, type and device (only ever read)."""
+def constants(size: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Zeros and ones of ``size`` in ``like``'s type and device, made once per size, type and device:
+    every batch-norm backward of the search needs them (here and in ops/lean.py), and they are only read."""
     key = (size, like.dtype, like.device)
     pair = _CONSTANTS.get(key)
     if pair is None:

@@ -81,12 +81,6 @@ def fusable(cell: nn.Module) -> bool:
     return True
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _conv(convs: list[nn.Conv2d], x: Tensor, shift: int = 0) -> Tensor:
     """The ``n`` edges' convolutions as one, on ``x`` holding the edges' inputs one after the other
     (for the factorized reduce's 1x1 stride-2 ones, on ``x[:, :, shift:, shift:]``)."""
@@ -227,7 +221,7 @@ def cell_forward(cell: nn.Module, s0: Tensor, s1: Tensor, weights: Tensor, edge_
                  aux_coef: float) -> Tensor:
     """:meth:`SearchCell.forward` computed state by state (module docstring)."""
     states = [cell.preprocess0(s0), cell.preprocess1(s1)]
-    fmt = _memory_format(states[1])
+    fmt = lean.memory_format(states[1])
     steps, edges = cell.steps, cell.edges
     k = edges[0].partial_channels
     order, sizes = edge_order(steps)

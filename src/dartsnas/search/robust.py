@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops import lean
+
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Interleave ``groups`` equal channel groups: output channel ``i * groups + g`` is channel ``i`` of group ``g``.
@@ -21,9 +23,8 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     shuffled = x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        shuffled = shuffled.contiguous(memory_format=torch.channels_last)
-    return shuffled
+    fmt = lean.memory_format(x)
+    return shuffled.contiguous(memory_format=fmt) if fmt == torch.channels_last else shuffled
 
 
 def like_format(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,7 @@ def like_format(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     A channel slice of a channels-last tensor is strided; elementwise operations would return it in the
     plain layout, and the CPU's convolutions are several times slower on that layout.
     """
-    if whole.is_contiguous(memory_format=torch.channels_last) and not whole.is_contiguous():
-        return part.contiguous(memory_format=torch.channels_last)
-    return part.contiguous()
+    return part.contiguous(memory_format=lean.memory_format(whole))
 
 
 def node_softmax(betas: torch.Tensor, steps: int) -> torch.Tensor:

@@ -255,19 +255,20 @@ def _heatmap_figure(cell: str, shape: tuple[int, int], primitives: list[str], lo
     fig.colorbar(image, ax=ax, fraction=0.04)
     first = True
 
+    def label(kept: set[tuple[str, ...]] | None) -> None:
+        # The edges in ``kept`` marked with "*" (every edge when None).
+        marks = [("* " if kept is None or tuple(t.split(" → ")) in kept else "") + t for _, _, t in titles]
+        ax.set_yticks(range(len(titles)), marks, fontsize=8)
+
     def draw(rows: list[list[float]], genotype: AnyGenotype, title: str) -> Any:
         nonlocal first
-        kept = {(src, dst) for (src, dst, _), _op in edge_keys(cell_graph(genotype, cell))}
-        # Layout from the widest labels (every edge marked), then kept for every frame.
-        marked = [("* " if first or tuple(t.split(" → ")) in kept else "") + t for _, _, t in titles]
-        ax.set_yticks(range(len(rows)), marked, fontsize=8)
         ax.set_title(title, fontsize=10)
-        if first:
+        if first:  # the layout from the widest labels (every edge marked), then kept for every frame
+            label(None)
             fig.draw_without_rendering()
             fig.set_layout_engine("none")
             first = False
-            marked = [("* " if tuple(t.split(" → ")) in kept else "") + t for _, _, t in titles]
-            ax.set_yticks(range(len(rows)), marked, fontsize=8)
+        label({(src, dst) for (src, dst, _), _op in edge_keys(cell_graph(genotype, cell))})
         image.set_data(rows)
         for i, row in enumerate(rows):
             for j, value in enumerate(row):
