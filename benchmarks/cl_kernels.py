@@ -1,6 +1,6 @@
 """Time the CPU kernels of a channels-last search against the alternatives dartsnas avoids.
 
-Three comparisons, each forward and backward of one operation, the two ways alternating within the
+Four comparisons, each forward and backward of one operation, the two ways alternating within the
 process (median over repeats), on shapes of the search network (batch 32, 32x32 down to 8x8):
 
 * ``bn``: batch norm without affine parameters of few channels, PyTorch's channels-last kernel
@@ -9,7 +9,11 @@ process (median over repeats), on shapes of the search network (batch 32, 32x32 
   it arrives through a reshape, against the gradient first copied into the output's format
   (:mod:`dartsnas.ops.lean`);
 * ``reduce``: the factorized reduce's 1x1 stride-2 convolutions (unshifted and shifted by a pixel)
-  against stride-1 convolutions of every second pixel (:func:`dartsnas.ops.cnn.pointwise_stride2`).
+  against stride-1 convolutions of every second pixel (:func:`dartsnas.ops.cnn.pointwise_stride2`);
+* ``taps``: depthwise convolutions of the search operations on maps smaller than the kernel's reach
+  (a small search network's last cells), the full kernel against the kernel cropped to the taps that
+  read the input (:mod:`dartsnas.ops.livetaps`), both with the search's flipped backward; forward
+  alone and forward with backward.
 
     python benchmarks/cl_kernels.py
     python benchmarks/cl_kernels.py --what bn --repeats 50
@@ -30,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dartsnas.ops import lean, widebn
+from dartsnas.ops import fastconv, lean, livetaps, widebn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -130,9 +134,40 @@ def bench_reduce(repeats: int) -> list[str]:
     return rows
 
 
+def _taps_pair(shape: tuple[int, ...], k: int, d: int, s: int, backward: bool) -> list[Callable[[], object]]:
+    x = torch.randn(*shape).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(shape[1], 1, k, k).contiguous(memory_format=CL).requires_grad_()
+    p = d * (k - 1) // 2
+    g = F.conv2d(x.detach(), w.detach(), None, s, p, d, shape[1]) if backward else None
+    crop = livetaps.crop
+
+    def run(cropped: bool) -> object:
+        livetaps.crop = crop if cropped else (lambda weight, size, stride, padding, dilation:
+                                              (weight, tuple(padding), tuple(dilation)))
+        try:
+            y = fastconv.conv2d(x, w, (s, s), (p, p), (d, d), shape[1])
+            return torch.autograd.grad(y, (x, w), g) if backward else y
+        finally:
+            livetaps.crop = crop
+
+    return [lambda: run(False), lambda: run(True)]
+
+
+def bench_taps(repeats: int) -> list[str]:
+    rows = ["| input (N, C, H, W) | kernel | pass | full kernel (us) | cropped (us) | speed-up |", "|---|---|---|---|---|---|"]
+    for shape, k, d, s in [((32, 128, 2, 2), 5, 2, 1), ((32, 128, 2, 2), 3, 2, 1), ((32, 128, 2, 2), 5, 1, 1),
+                           ((32, 128, 4, 4), 5, 2, 2), ((32, 64, 4, 4), 5, 2, 1), ((64, 64, 4, 4), 5, 2, 1)]:
+        kind = f"{k}x{k}" + (f", dilation {d}" if d > 1 else "") + (f", stride {s}" if s > 1 else "")
+        for backward in (False, True):
+            a, b = _time(_taps_pair(shape, k, d, s, backward), repeats)
+            rows.append(f"| {shape} | {kind} | {'forward and backward' if backward else 'forward'} | {a:.0f} | {b:.0f} "
+                        f"| {a / b:.2f}x |")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", default="bn,grad,reduce", help="comma-separated: bn, grad, reduce")
+    p.add_argument("--what", default="bn,grad,reduce,taps", help="comma-separated: bn, grad, reduce, taps")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -140,7 +175,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"CPU: {cpu_model()}; PyTorch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
           f"{args.threads} threads; forward and backward, median of {args.repeats}\n")
-    benches = {"bn": bench_bn, "grad": bench_grad, "reduce": bench_reduce}
+    benches = {"bn": bench_bn, "grad": bench_grad, "reduce": bench_reduce, "taps": bench_taps}
     for name in args.what.split(","):
         if name not in benches:
             raise SystemExit(f"--what: unknown comparison {name!r}; choose from {', '.join(benches)}")

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import lean
+from . import lean, livetaps
 
 
 class _FlippedBackwardConv(torch.autograd.Function):
@@ -121,11 +121,20 @@ class FlippedBackwardConv2d(nn.Conv2d):
     Parameter names are the parent's; anything :func:`qualifies` rejects runs the parent's code."""
 
     def forward(self, x: Tensor) -> Tensor:
-        # Under autocast the parent's convolution handles the casts of both passes.
-        if not (lean.builds_graph(x, self.weight) and x.dim() == 4 and not torch.is_autocast_enabled(x.device.type)):
+        if x.dim() != 4:
             return super().forward(x)
-        return _FlippedBackwardConv.apply(x, self.weight, self.stride[0], tuple(self.padding), tuple(self.dilation),
-                                          self.groups)
+        return conv2d(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+
+
+def conv2d(x: Tensor, weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...],
+           groups: int, flipped: bool = True) -> Tensor:
+    """A bias-free, zero-padded convolution of a 4-D ``x`` with the kernel cropped to the taps that can
+    reach it (ops/livetaps.py) and, when ``flipped`` and a graph is built, the backward above."""
+    weight, pad, dil = livetaps.crop(weight, x.shape[-2:], stride, padding, dilation)
+    # Under autocast PyTorch's own convolution handles the casts of both passes.
+    if flipped and lean.builds_graph(x, weight) and not torch.is_autocast_enabled(x.device.type):
+        return _FlippedBackwardConv.apply(x, weight, stride[0], pad, dil, groups)
+    return F.conv2d(x, weight, None, stride, pad, dil, groups)
 
 
 def use_flipped_backward(model: nn.Module) -> int:

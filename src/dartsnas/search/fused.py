@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import lean, widebn
+from ..ops import fastconv, lean, widebn
 from ..ops.cnn import Conv7x1_1x7, DilConv, FactorizedReduce, ReLUConvBN, SepConv, pointwise_stride2
-from ..ops.fastconv import FlippedBackwardConv2d, _FlippedBackwardConv
+from ..ops.fastconv import FlippedBackwardConv2d
 from . import robust
 
 Coef = Tensor | float | None
@@ -89,10 +89,8 @@ def _conv(convs: list[nn.Conv2d], x: Tensor, shift: int = 0) -> Tensor:
     groups = c.groups * len(convs)
     if c.kernel_size == (1, 1) and c.stride == (2, 2):  # the factorized reduce's (ops/cnn.py)
         return pointwise_stride2(x, weight, groups, shift)
-    if isinstance(c, FlippedBackwardConv2d) and lean.builds_graph(x, weight) \
-            and not torch.is_autocast_enabled(x.device.type):
-        return _FlippedBackwardConv.apply(x, weight, c.stride[0], tuple(c.padding), tuple(c.dilation), groups)
-    return F.conv2d(x, weight, None, c.stride, c.padding, c.dilation, groups)
+    return fastconv.conv2d(x, weight, c.stride, c.padding, c.dilation, groups,
+                           flipped=isinstance(c, FlippedBackwardConv2d))
 
 
 class _Bookkeeping:
