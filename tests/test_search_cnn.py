@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dartsnas.genotype import CNN_PRIMITIVES
@@ -101,3 +102,36 @@ def test_shared_relu_gives_the_same_values_and_gradients():
         g1, = torch.autograd.grad(shared.square().sum(), x)
         g2, = torch.autograd.grad(separate.square().sum(), x)
         torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+
+
+def test_evaluation_in_larger_batches_gives_the_batchwise_values():
+    """A full evaluation with running statistics takes several training batches per forward
+    (search_cnn.EVAL_GROUPING): the mean loss and accuracy equal those of a pass at the training batch
+    (float64); with batch statistics, or a cap on the batches, the training batch is kept."""
+    from dartsnas.data.images import BatchStream, ImageSet, Normalizer
+    from dartsnas.engine import search_cnn as engine
+    from dartsnas.search.cnn import SearchNetwork
+
+    torch.manual_seed(0)
+    model = SearchNetwork(4, 10, 3, steps=2, multiplier=2).double()
+    model.train()
+    for _ in range(2):  # running statistics that differ from any one batch's
+        model(torch.randn(8, 3, 8, 8, dtype=torch.float64))
+    images = ImageSet(torch.randint(0, 256, (37, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (37,)))
+    stream = BatchStream(images, torch.arange(37), 4, Normalizer((0.5,) * 3, (0.25,) * 3, torch.device("cpu"),
+                                                                    torch.float64), train=False)
+    seen = []
+    forward = model.forward
+    model.forward = lambda x, mixing=None: seen.append(len(x)) or forward(x, mixing)
+    loss, acc = engine._evaluate(model, stream, None)
+    assert seen == [32, 5] and engine.EVAL_GROUPING == 8
+    seen.clear()
+    engine._evaluate(model, stream, 3)  # a cap counts training batches
+    assert seen == [4] * 3
+    seen.clear()
+    ref = engine._evaluate(model, stream, 100)
+    assert seen == [4] * 9 + [1]
+    assert loss == pytest.approx(ref[0], rel=1e-12) and acc == pytest.approx(ref[1], rel=1e-12)
+    seen.clear()
+    engine._evaluate(model, stream, None, batch_stats=True)
+    assert seen == [4] * 9 + [1]

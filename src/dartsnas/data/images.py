@@ -21,6 +21,7 @@ Sources:
 
 from __future__ import annotations
 
+import copy
 import os
 import zipfile
 from collections.abc import Iterator
@@ -337,6 +338,12 @@ class Stream:
                 rows = slice(lo, hi)
                 idx = idx[rows]
             yield idx, total, rows
+
+    def regrouped(self, batch_size: int) -> Stream:
+        """The same stream in global batches of ``batch_size`` (a shallow copy: the images are shared)."""
+        other = copy.copy(self)
+        other.batch_size = batch_size
+        return other
 
     def sharded_batches(self, generator: torch.Generator | None = None
                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, slice]]:
