@@ -4,6 +4,8 @@ product, running statistics after several search steps, and checkpoints written 
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,6 +182,46 @@ def test_state_dict_written_by_either_loads_into_either(writer):
         with torch.no_grad():
             close(target(x), source(x))
         source.train()
+
+
+def _storages(cell: nn.Module, name: str) -> set[int]:
+    return {getattr(m, name).untyped_storage().data_ptr() for m in cell.edges.modules()
+            if isinstance(m, nn.BatchNorm2d)}
+
+
+@pytest.mark.parametrize("settings", [{}, {"lean_memory": False}])
+def test_packed_batch_norm_buffers(settings):
+    """The first forward packs each cell's batch-norm buffers into one tensor per kind (each module's
+    buffers are views of it); buffers moved apart later take the general path and are packed again; a
+    packed state_dict saves and loads like any other."""
+    plain, fast = pair(**settings)
+    x, y = batch()
+    for m in (plain, fast):
+        F.cross_entropy(m(x), y).backward()
+    for cell in fast.cells:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert len(_storages(cell, name)) == 1
+    assert_same_state(plain, fast)
+    cell = fast.cells[1]
+    bns = [m for m in cell.edges.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns[3].running_var = bns[3].running_var.clone()  # e.g. replaced by hand
+    bns[5].num_batches_tracked = bns[5].num_batches_tracked.clone()
+    assert len(_storages(cell, "running_var")) == 2
+    for _ in range(2):
+        for m in (plain, fast):
+            F.cross_entropy(m(x), y).backward()
+    assert_same_state(plain, fast)
+    assert len(_storages(cell, "running_var")) == 1 and len(_storages(cell, "num_batches_tracked")) == 1
+    buf = io.BytesIO()
+    torch.save(fast.state_dict(), buf)
+    buf.seek(0)
+    fresh = pair(**settings)[1]
+    fresh.load_state_dict(torch.load(buf))
+    assert_same_state(fast, fresh)
+    for m in (plain, fast):
+        m.eval()
+    with torch.no_grad():
+        close(fast(x), plain(x))
 
 
 def test_other_batch_norms_fall_back_to_edge_by_edge():

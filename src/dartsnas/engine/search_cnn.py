@@ -21,6 +21,7 @@ from .. import distributed
 from ..data.images import BatchStream, ImageData, Normalizer, Stream, epoch_generator, load_image_data, split_indices
 from ..data.stream import DatasetInfo, DatasetStream, dataset_info, shuffled_split
 from ..errors import UserError
+from ..flat_sgd import FlatSGD
 from ..genotype import from_dict
 from ..ops import fastconv
 from ..rundir import write_json
@@ -128,8 +129,7 @@ def build_search(cfg: SearchConfig, data: ImageData | DatasetInfo, device: torch
     model = distributed.convert_sync_bn(model, cfg.sync_bn)
     if use_channels_last(cfg.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
-    w_opt = torch.optim.SGD(model.weight_parameters(), cfg.learning_rate, momentum=cfg.momentum,
-                            weight_decay=cfg.weight_decay)
+    w_opt = FlatSGD(model.weight_parameters(), cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, cfg.epochs, eta_min=cfg.learning_rate_min)
     a_opt = torch.optim.Adam(model.arch_parameters(), lr=cfg.arch_learning_rate, betas=(0.5, 0.999),
                              weight_decay=cfg.arch_weight_decay)
@@ -174,7 +174,10 @@ def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Ten
         loss.backward()
         params = model.weight_parameters()
         distributed.average_gradients(params)  # no-op in a single process
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if isinstance(w_opt, FlatSGD):
+            w_opt.clip_grad_norm_(grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         w_opt.step()
     return loss.detach(), logits.detach()
 

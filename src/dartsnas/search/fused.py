@@ -93,16 +93,61 @@ def _conv(convs: list[nn.Conv2d], x: Tensor, shift: int = 0) -> Tensor:
                            flipped=isinstance(c, FlippedBackwardConv2d))
 
 
+def _span(tensors: list[Tensor]) -> Tensor | None:
+    """The 1-D view over ``tensors`` when they lie one after another in one storage (as :func:`_pack`
+    puts the edges' batch-norm buffers), else None."""
+    first = tensors[0]
+    storage, start, size = first.untyped_storage().data_ptr(), first.data_ptr(), first.element_size()
+    total = 0
+    for t in tensors:
+        if t.data_ptr() != start + total * size or t.untyped_storage().data_ptr() != storage or not t.is_contiguous():
+            return None
+        total += t.numel()
+    return first.as_strided((total,), (1,))
+
+
+def _pack(bns: list[nn.Module]) -> None:
+    """Put the running statistics and counters of ``bns`` one after another into one tensor per kind
+    (in this order: a fused batch norm's edges are then one slice of it). Each module keeps its own
+    buffers, now views: names, values, state_dict and checkpoints are unchanged."""
+    with torch.no_grad():
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            buffers = [getattr(m, name) for m in bns]
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            for m, b, view in zip(bns, buffers, flat.split([b.numel() for b in buffers])):
+                setattr(m, name, view.view_as(b))
+
+
 class _Bookkeeping:
     """The edges' batch-norm bookkeeping of one cell forward, applied at its end in a few calls for the
     whole cell instead of a few per batch norm: ``num_batches_tracked + 1``, and the running statistics
     ``(1 - momentum) * running + momentum * batch statistic`` (unbiased variance), each edge's as its
-    own batch norm would update them."""
+    own batch norm would update them.
+
+    The cell's batch norms are packed (:func:`_pack`) in the order of its first forward, after which
+    each fused batch norm's running statistics are one slice that it updates in place, and every
+    counter of the cell is one tensor; buffers moved apart since (another device, a replaced tensor)
+    take the general path, and are packed again at the end of that forward."""
 
     def __init__(self) -> None:
         self.counters: list[Tensor] = []
         self.copies: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # per size: buffers, their new values
         self.lerps: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # per momentum: buffers, statistics
+        self.span_lerps: list[tuple[Tensor, Tensor, float]] = []  # packed (n, C) buffers, statistic, momentum
+        self.groups: list[list[nn.Module]] = []
+        self.packed = True
+
+    def running(self, bns: list[nn.Module]) -> tuple[Tensor, Tensor] | None:
+        """The packed running mean and variance of the edges ``bns`` (one slice each), or None."""
+        self.groups.append(bns)
+        if len(bns) == 1:
+            return bns[0].running_mean, bns[0].running_var  # type: ignore[return-value]
+        means = _span([m.running_mean for m in bns])  # type: ignore[misc]
+        variances = _span([m.running_var for m in bns]) if means is not None else None  # type: ignore[misc]
+        if variances is None:
+            self.packed = False
+            return None
+        return means, variances  # type: ignore[return-value]
 
     def copy(self, buffers: list[Tensor], values: Tensor) -> None:
         """``values`` holds the new values of ``buffers`` one after the other."""
@@ -110,20 +155,35 @@ class _Bookkeeping:
         dst += buffers
         src.append(values)
 
-    def lerp(self, buffers: list[Tensor], statistic: Tensor, momentum: float) -> None:
+    def lerp(self, buffers: list[Tensor], statistic: Tensor, momentum: float, packed: Tensor | None = None) -> None:
+        # Under autocast the statistic may be in a lower precision than the (float32) running buffers.
+        statistic = statistic.to(buffers[0].dtype)
+        if packed is not None:
+            self.span_lerps.append((packed.view(len(buffers), -1), statistic, momentum))
+            return
         dst, src = self.lerps.setdefault(momentum, ([], []))
         dst += buffers
-        # Under autocast the statistic may be in a lower precision than the (float32) running buffers.
-        src += [statistic.to(buffers[0].dtype)] * len(buffers)
+        src += [statistic] * len(buffers)
 
     def apply(self) -> None:
+        # Every write goes through ``.data``, like PyTorch's own update of running statistics: packed
+        # buffers share one version counter, and slices of them that other batch norms saved for their
+        # backward must not count as changed.
         with torch.no_grad():
             if self.counters:
-                torch._foreach_add_(self.counters, 1)
+                packed = _span(self.counters)
+                if packed is not None:
+                    packed.data.add_(1)
+                else:
+                    torch._foreach_add_([c.data for c in self.counters], 1)
             for size, (dst, src) in self.copies.items():
-                torch._foreach_copy_(dst, torch.cat(src).view(-1, size).unbind(0))
+                torch._foreach_copy_([d.data for d in dst], torch.cat(src).view(-1, size).unbind(0))
             for momentum, (dst, src) in self.lerps.items():
-                torch._foreach_lerp_(dst, src, momentum)
+                torch._foreach_lerp_([d.data for d in dst], src, momentum)
+            for buffers, statistic, momentum in self.span_lerps:
+                buffers.data.lerp_(statistic.expand_as(buffers), momentum)
+        if not self.packed or (self.counters and _span(self.counters) is None):
+            _pack([m for group in self.groups for m in group])
 
 
 def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Tensor:
@@ -134,21 +194,23 @@ def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Ten
     channels one after the other)."""
     b, n = bns[0], len(bns)
     shared = x.shape[1] == b.num_features and n > 1
+    packed = book.running(bns)  # type: ignore[arg-type]
     means = [m.running_mean for m in bns]
     variances = [m.running_var for m in bns]
     if not b.training:
         x = _repeat(x, n) if shared else x
-        return F.batch_norm(x, torch.cat(means), torch.cat(variances), None, None, False, 0.0, b.eps)  # type: ignore
+        stats = packed if packed is not None else (torch.cat(means), torch.cat(variances))  # type: ignore[arg-type]
+        return F.batch_norm(x, *stats, None, None, False, 0.0, b.eps)
     book.counters += [m.num_batches_tracked for m in bns]  # type: ignore[misc]
     if shared:
         # Running statistics with momentum 1 are the batch's own (the mean and the unbiased variance,
         # exactly): the one normalisation computes them, and each edge's buffers follow at the end.
         running: tuple[Tensor | None, Tensor | None] = (means[0].new_zeros(b.num_features),  # type: ignore
                                                         variances[0].new_zeros(b.num_features))  # type: ignore
-        book.lerp(means, running[0], b.momentum)  # type: ignore[arg-type]
-        book.lerp(variances, running[1], b.momentum)  # type: ignore[arg-type]
-    elif n == 1:
-        running = means[0], variances[0]
+        book.lerp(means, running[0], b.momentum, packed[0] if packed else None)  # type: ignore[arg-type]
+        book.lerp(variances, running[1], b.momentum, packed[1] if packed else None)  # type: ignore[arg-type]
+    elif packed is not None:
+        running = packed  # one slice of the cell's buffers, updated in place by the normalisation
     else:
         # The batch norm updates the concatenation in place, which is then copied back edge by edge.
         running = torch.cat(means), torch.cat(variances)  # type: ignore[arg-type]
