@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from ..genotype import from_dict
 from ..ops import fastconv
 from ..rundir import write_json
 from ..search.alpha_noise import adversarial_weights, noise_bound, perturbed_weights
-from ..search.architect import Architect, VirtualStep
+from ..search.architect import Architect, VirtualStep, frozen
 from ..search.beta_decay import beta_decay_loss, beta_decay_weight
 from ..search.cnn import SearchNetwork
 from ..search.diagnostics import cnn_diagnostics
@@ -149,30 +149,18 @@ def build_search(cfg: SearchConfig, data: ImageData | DatasetInfo, device: torch
     return model, w_opt, scheduler, architect
 
 
-@contextlib.contextmanager
-def _frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """Parameters that need no gradient for the duration (restored afterwards)."""
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
 def weight_step(model: SearchNetwork, w_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 grad_clip: float, mixing: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step of the weights with alpha held fixed (no alpha gradient is computed); ``mixing``, when
     given, replaces the network's mixing weights (SDARTS-RS and -ADV, :mod:`dartsnas.search.alpha_noise`)."""
-    with _frozen(model.arch_parameters()):
+    with frozen(model.arch_parameters()):
         w_opt.zero_grad(set_to_none=True)
         logits = model(x, mixing)
         loss = F.cross_entropy(logits, y)
         loss.backward()
-        params = model.weight_parameters()
+        # The optimiser's own list: the network's weights, without walking its modules again (ms a step).
+        params = [p for group in w_opt.param_groups for p in group["params"]]
         distributed.average_gradients(params)  # no-op in a single process
         if isinstance(w_opt, FlatSGD):
             w_opt.clip_grad_norm_(grad_clip)
@@ -361,7 +349,7 @@ class CNNSearch(SearchJob):
         def loss_of(mixing: list[torch.Tensor]) -> torch.Tensor:
             return F.cross_entropy(model(x, (mixing[0], mixing[1])), y)
 
-        with buffers_kept(model), _frozen(model.weight_parameters()):
+        with buffers_kept(model), frozen(model.weight_parameters()):
             normal, reduce = adversarial_weights(loss_of, [model.alphas_normal, model.alphas_reduce], bound,
                                                  self.cfg.adversarial_steps, generator)
         return normal, reduce

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,19 @@ def _clip_coef(tensors: Sequence[Tensor], max_norm: float) -> float:
     return min(1.0, max_norm / (norm + 1e-6))
 
 
+@contextlib.contextmanager
+def frozen(params: Sequence[Tensor]) -> Iterator[None]:
+    """Parameters that need no gradient for the duration (their flags restored afterwards)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def _grads(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool = False) -> list[Tensor]:
     grads = torch.autograd.grad(loss, list(inputs), create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
@@ -90,7 +103,8 @@ class Architect:
         weights: the network weights by name (``named_parameters`` without the alphas).
         alphas: the architecture parameters by name.
         loss_fn: ``loss_fn(params, batch)``: the loss of the model evaluated with ``params`` (a
-            dict of all weights and alphas, possibly substituted tensors) on ``batch``.
+            dict of weights and alphas by name, possibly substituted tensors; the model's own for
+            names it leaves out) on ``batch``.
         arch_optimizer: the optimiser of the alphas (Adam in the paper).
         weight_optimizer: the weights' optimiser, whose momentum buffers the virtual step uses.
         unrolled: second order when True.
@@ -140,8 +154,11 @@ class Architect:
     # -- gradients -----------------------------------------------------------------------------
     def first_order_grad(self, valid_batch: Any) -> list[Tensor]:
         """``grad_alpha L_val(w, alpha)``; autograd computes no weight gradient on the way."""
-        # Detached weights: custom backwards (ops/fastconv.py) see that no weight gradient is wanted.
-        loss = self.loss_fn(self._params([w.detach() for w in self.weights]), valid_batch)
+        # The weights frozen in place (custom backwards, ops/fastconv.py, see that no weight gradient is
+        # wanted) and only the alphas substituted: substituting hundreds of detached weights by name
+        # costs a few ms a step.
+        with frozen(self.weights):
+            loss = self.loss_fn(dict(zip(self.alpha_names, self.alphas)), valid_batch)
         return self._reduce(_grads(loss, self.alphas))
 
     def virtual_weights(self, train_batch: Any, lr: float, create_graph: bool = False
