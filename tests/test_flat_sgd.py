@@ -65,6 +65,7 @@ def test_matches_torch_sgd_with_clipping():
     _same(ref, flat)
     assert fsgd._intact(buffers=True)  # still on the flat tensors
     assert len({p.untyped_storage().data_ptr() for p in flat}) == 1
+    assert all(p.data_ptr() % 64 == 0 for p in flat)  # each weight aligned as an allocation of its own
     for clip in (None, 100.0):  # no clipping; a norm under the threshold
         r, f = _params(), _params()
         _run(torch.optim.SGD(r, 0.05, momentum=0.9), r, range(3), clip)
