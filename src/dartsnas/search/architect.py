@@ -156,10 +156,12 @@ class Architect:
         """``grad_alpha L_val(w, alpha)``; autograd computes no weight gradient on the way."""
         # The weights frozen in place (custom backwards, ops/fastconv.py, see that no weight gradient is
         # wanted) and only the alphas substituted: substituting hundreds of detached weights by name
-        # costs a few ms a step.
+        # costs a few ms a step. Frozen through the backward too: a checkpointed cell recomputed there
+        # must build the forward's graph (--checkpoint_cells).
         with frozen(self.weights):
             loss = self.loss_fn(dict(zip(self.alpha_names, self.alphas)), valid_batch)
-        return self._reduce(_grads(loss, self.alphas))
+            grads = _grads(loss, self.alphas)
+        return self._reduce(grads)
 
     def virtual_weights(self, train_batch: Any, lr: float, create_graph: bool = False
                         ) -> tuple[list[Tensor], float, list[Tensor] | None]:
