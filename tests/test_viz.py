@@ -450,15 +450,27 @@ def test_per_epoch_alpha_heatmaps_mark_each_epochs_cell_on_one_scale(tmp_path: P
 
     run = make_search_run(tmp_path / "run", epochs=4, seed=3)
     frames: list[tuple[str, list[str], tuple[float, float], list[list[float]]]] = []
-    draw = plotting.figure_bytes
+    draw, grabber = plotting.figure_bytes, plotting.frames
 
-    def keep(fig, *args, **kwargs):
+    def record(fig) -> None:
         ax = fig.axes[0]
         frames.append((ax.get_title(), [t.get_text() for t in ax.get_yticklabels()], ax.images[0].get_clim(),
                        ax.images[0].get_array().tolist()))
+
+    def keep(fig, *args, **kwargs):  # the final PNG
+        record(fig)
         return draw(fig, *args, **kwargs)
 
+    def keep_frames(fig, changing, *args, **kwargs):  # the animation's frames
+        grab = grabber(fig, changing, *args, **kwargs)
+
+        def frame():
+            record(fig)
+            return grab()
+        return frame
+
     monkeypatch.setattr(plotting, "figure_bytes", keep)
+    monkeypatch.setattr(plotting, "frames", keep_frames)
     write_alpha_heatmaps(run, tmp_path / "out")
     history = load_history(run)
     assert len(frames) == 10  # per cell: the final PNG, then one frame per epoch
@@ -472,3 +484,33 @@ def test_per_epoch_alpha_heatmaps_mark_each_epochs_cell_on_one_scale(tmp_path: P
             assert clim == pytest.approx((min(every), max(every)))  # one scale for every frame
             kept = {f"{src} → {dst}" for (src, dst, _), _op in edge_keys(cell_graph(genotype, cell))}
             assert {label[2:] for label in labels if label.startswith("* ")} == kept
+
+
+def test_blitted_animation_frames_match_full_renders():
+    """plotting.frames redraws only the changing artists over a kept background: every frame matches
+    a full render of the same figure state (up to antialiasing at the edges of redrawn text)."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[viz]')")
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dartsnas.viz import plotting
+
+    fig = plotting.new_figure((4, 3), constrained=False)
+    ax = fig.subplots()
+    image = ax.imshow(np.zeros((3, 4)), vmin=0, vmax=1)
+    texts = [ax.text(j, i, "", ha="center", va="center") for i in range(3) for j in range(4)]
+    fig.colorbar(image, ax=ax)
+    grab = plotting.frames(fig, lambda: [image, *texts, ax.title])
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        values = rng.random((3, 4))
+        image.set_data(values)
+        for t, v in zip(texts, values.ravel()):
+            t.set_text(f"{v:.2f}")
+        ax.set_title(f"frame {k}", y=1.0)
+        frame = np.asarray(grab(), dtype=int)
+        full = np.asarray(Image.open(io.BytesIO(plotting.figure_bytes(fig))).convert("RGB"), dtype=int)
+        assert frame.shape == full.shape
+        assert (np.abs(frame - full) > 40).mean() < 0.01

@@ -110,11 +110,11 @@ def progress_frames(genotypes: Sequence[AnyGenotype], epochs: Sequence[int], cel
             for graph, epoch in zip(graphs, epochs)]
 
 
-def write_gif(frames_png: Sequence[bytes], path: str | Path) -> Path:
-    """Assemble PNG frames into a looping GIF, padding them to one canvas size."""
+def write_gif(frames: Sequence[Any], path: str | Path) -> Path:
+    """Assemble frames (PNG bytes or PIL images) into a looping GIF, padding them to one canvas size."""
     from PIL import Image
 
-    images = [Image.open(io.BytesIO(data)).convert("RGBA") for data in frames_png]
+    images = [(Image.open(io.BytesIO(f)) if isinstance(f, bytes) else f).convert("RGBA") for f in frames]
     width = max(im.width for im in images)
     height = max(im.height for im in images)
     frames = []
@@ -238,11 +238,12 @@ def write_alpha_figures(run_dir: str | Path, out_dir: str | Path, history: Searc
 
 
 def _heatmap_figure(cell: str, shape: tuple[int, int], primitives: list[str], low: float, high: float
-                    ) -> Callable[[list[list[float]], AnyGenotype, str], Any]:
+                    ) -> tuple[Callable[[list[list[float]], AnyGenotype, str], Any], Callable[[], list[Any]]]:
     """An edges x operations grid of softmaxed alphas, each value written in its square, the edges a
     genotype keeps marked with ``*``; colours span ``low``..``high``. Returns ``draw(rows, genotype,
-    title) -> figure``, which puts one table into the same figure: the frames of an animation reuse the
-    figure and the layout computed for the first (drawing the 100-odd numbers is the cost that stays)."""
+    title) -> figure``, which puts one table into the same figure (the frames of an animation reuse the
+    figure and the layout computed for the first), and ``changing() -> artists``: what differs between
+    two tables (the colours, the numbers, the title, the edge labels), for :func:`plotting.frames`."""
     from .plotting import new_figure
 
     titles = _edge_titles(cell, _steps_from_rows(cell, shape[0]))
@@ -262,7 +263,7 @@ def _heatmap_figure(cell: str, shape: tuple[int, int], primitives: list[str], lo
 
     def draw(rows: list[list[float]], genotype: AnyGenotype, title: str) -> Any:
         nonlocal first
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=10, y=1.0)  # a fixed place: frames redraw the title alone
         if first:  # the layout from the widest labels (every edge marked), then kept for every frame
             label(None)
             fig.draw_without_rendering()
@@ -277,7 +278,10 @@ def _heatmap_figure(cell: str, shape: tuple[int, int], primitives: list[str], lo
                 texts[i][j].set_color("white" if dark else "black")
         return fig
 
-    return draw
+    def changing() -> list[Any]:
+        return [image, *(t for row in texts for t in row), ax.title, ax.yaxis]
+
+    return draw, changing
 
 
 def _value_range(tables: Sequence[list[list[float]]]) -> tuple[float, float]:
@@ -296,7 +300,8 @@ def write_alpha_heatmaps(run_dir: str | Path, out_dir: str | Path, history: Sear
     epochs = sorted(history.alphas)
     if not epochs:
         return []
-    from .plotting import figure_bytes, save_figure
+    from . import plotting
+    from .plotting import save_figure
 
     genotype_of = dict(zip(history.epochs, history.genotypes))
     final, last = history.genotypes[-1], history.alphas[epochs[-1]]
@@ -308,7 +313,7 @@ def write_alpha_heatmaps(run_dir: str | Path, out_dir: str | Path, history: Sear
         # Colours span the values present (early in a search they all sit near 1/|ops|); the numbers
         # written in the squares give the absolute weights.
         shape = (len(last[cell]), len(primitives))
-        draw = _heatmap_figure(cell, shape, primitives, *_value_range([last[cell]]))
+        draw, _ = _heatmap_figure(cell, shape, primitives, *_value_range([last[cell]]))
         fig = draw(last[cell], final, f"softmax(alpha) of the {cell} cell after epoch {epochs[-1]} (* edge kept)")
         files.append(save_figure(fig, Path(out_dir) / f"alpha_heatmap_{cell}.png"))
         # An epoch's frame marks the edges of that epoch's cell; an epoch without a saved genotype
@@ -316,11 +321,16 @@ def write_alpha_heatmaps(run_dir: str | Path, out_dir: str | Path, history: Sear
         frames = [e for e in epochs if e in genotype_of and cell in history.alphas[e]]
         if not frames:
             continue
-        draw = _heatmap_figure(cell, shape, primitives, *_value_range([history.alphas[e][cell] for e in frames]))
-        pngs = [figure_bytes(draw(history.alphas[e][cell], genotype_of[e], f"softmax(alpha) of the {cell} cell, "
-                                  f"{_frame_title(e, history.total_epochs)} (* edge kept)"))
-                for e in frames]
-        files.append(write_gif(pngs, Path(out_dir) / f"alpha_heatmap_{cell}.gif"))
+        draw, changing = _heatmap_figure(cell, shape, primitives,
+                                         *_value_range([history.alphas[e][cell] for e in frames]))
+        grab = None
+        images = []
+        for e in frames:
+            fig = draw(history.alphas[e][cell], genotype_of[e], f"softmax(alpha) of the {cell} cell, "
+                       f"{_frame_title(e, history.total_epochs)} (* edge kept)")
+            grab = grab or plotting.frames(fig, changing)
+            images.append(grab())
+        files.append(write_gif(images, Path(out_dir) / f"alpha_heatmap_{cell}.gif"))
     return files
 
 
