@@ -14,6 +14,7 @@ Run by hand; figures go to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -30,12 +31,13 @@ NETWORKS = {
 }
 
 
-def count(network: str, fused: bool, threads: int = 2, **settings: object) -> int:
-    """ATen calls of one first-order search step of ``network``."""
-    C, layers, batch, size, in_channels = NETWORKS[network]
+def search_setup(spec: tuple[int, int, int, int, int], threads: int, **settings: object) -> tuple[Any, ...]:
+    """``(cfg, model, w_opt, architect, x, y)``: the search of a network given as in :data:`NETWORKS`,
+    on the CPU with ``threads`` threads, and a random batch for it (also used by step_phases.py)."""
+    C, layers, batch, size, in_channels = spec
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = SearchConfig(init_channels=C, layers=layers, batch_size=batch, fuse_edges="on" if fused else "off", **settings)
+    cfg = SearchConfig(init_channels=C, layers=layers, batch_size=batch, **settings)
     cfg.validate()
     data = ImageData("bench", ImageSet(torch.zeros(1, in_channels, size, size, dtype=torch.uint8),
                                        torch.zeros(1, dtype=torch.long)), None, 10, (0.5,) * in_channels,
@@ -45,6 +47,13 @@ def count(network: str, fused: bool, threads: int = 2, **settings: object) -> in
     fmt = torch.channels_last if use_channels_last(cfg.channels_last, torch.device("cpu")) else torch.contiguous_format
     x = torch.randn(batch, in_channels, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
+    return cfg, model, w_opt, architect, x, y
+
+
+def count(network: str, fused: bool, threads: int = 2, **settings: object) -> int:
+    """ATen calls of one first-order search step of ``network``."""
+    cfg, model, w_opt, architect, x, y = search_setup(NETWORKS[network], threads, fuse_edges="on" if fused else "off",
+                                                      **settings)
 
     def step() -> None:
         architect.step((x, y), (x, y), cfg.learning_rate)

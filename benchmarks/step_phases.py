@@ -29,10 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_count import NETWORKS as COUNTED
+from kernel_count import search_setup
 from pc_darts import cpu_model
-
-from dartsnas.data.images import ImageData, ImageSet
-from dartsnas.engine.search_cnn import SearchConfig, build_search, use_channels_last
 
 # name: (init_channels, layers, batch, image size, input channels)
 NETWORKS = {**COUNTED, "pc-darts": (16, 5, 32, 32, 3)}  # benchmarks/pc_darts.py's network
@@ -45,18 +43,7 @@ except ImportError:  # revisions before the first-order step froze the weights i
 
 def phases(network: str, steps: int, threads: int, partial_channels: int = 1) -> dict[str, float]:
     """Median seconds of each phase of a first-order search step of ``network``."""
-    C, layers, batch, size, in_channels = NETWORKS[network]
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cfg = SearchConfig(init_channels=C, layers=layers, batch_size=batch, partial_channels=partial_channels)
-    cfg.validate()
-    data = ImageData("bench", ImageSet(torch.zeros(1, in_channels, size, size, dtype=torch.uint8),
-                                       torch.zeros(1, dtype=torch.long)), None, 10, (0.5,) * in_channels,
-                     (0.25,) * in_channels, pad=0, flip=False)
-    model, w_opt, _, architect = build_search(cfg, data, torch.device("cpu"))
-    fmt = torch.channels_last if use_channels_last(cfg.channels_last, torch.device("cpu")) else torch.contiguous_format
-    x = torch.randn(batch, in_channels, size, size).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch,))
+    cfg, model, w_opt, architect, x, y = search_setup(NETWORKS[network], threads, partial_channels=partial_channels)
     times: dict[str, list[float]] = {}
 
     def tick(name: str, start: float) -> float:
