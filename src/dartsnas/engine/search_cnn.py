@@ -36,7 +36,7 @@ from ..search.hessian import buffers_kept, due, search_eigenvalue
 from ..search.robust import aux_skip_coefficient
 from ..settings.search_cnn import RESUMABLE_OVERRIDES, SearchConfig
 from ..utils import AverageMeter, accuracy
-from . import common
+from . import common, evaluate_cnn
 from .common import log_distributed
 from .loop import EpochContext, run_job
 from .search_job import SearchJob, SearchResult
@@ -108,10 +108,9 @@ def use_fused(setting: str, device: torch.device, init_channels: int, image_size
 
 
 def use_channels_last(setting: str, device: torch.device) -> bool:
-    """Channels-last on the CPU, where depthwise and 1x1 convolutions run several times faster."""
-    if setting in ("on", "off"):
-        return setting == "on"
-    return device.type == "cpu"
+    """The training's choice (:func:`.evaluate_cnn.use_channels_last`) for a search, which runs without
+    mixed precision: channels-last on the CPU."""
+    return evaluate_cnn.use_channels_last(setting, device, None)
 
 
 def build_search(cfg: SearchConfig, data: ImageData | DatasetInfo, device: torch.device, dtype: torch.dtype = torch.float32

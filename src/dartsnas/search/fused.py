@@ -137,17 +137,19 @@ class _Bookkeeping:
         self.groups: list[list[nn.Module]] = []
         self.packed = True
 
-    def running(self, bns: list[nn.Module]) -> tuple[Tensor, Tensor] | None:
-        """The packed running mean and variance of the edges ``bns`` (one slice each), or None."""
+    def running(self, bns: list[nn.Module], means: list[Tensor], variances: list[Tensor]
+                ) -> tuple[Tensor, Tensor] | None:
+        """The running mean and variance of the edges ``bns`` (their buffers ``means`` and
+        ``variances``) as one slice each of the packed buffers, or None."""
         self.groups.append(bns)
         if len(bns) == 1:
-            return bns[0].running_mean, bns[0].running_var  # type: ignore[return-value]
-        means = _span([m.running_mean for m in bns])  # type: ignore[misc]
-        variances = _span([m.running_var for m in bns]) if means is not None else None  # type: ignore[misc]
-        if variances is None:
+            return means[0], variances[0]
+        mean = _span(means)
+        variance = _span(variances) if mean is not None else None
+        if variance is None:
             self.packed = False
             return None
-        return means, variances  # type: ignore[return-value]
+        return mean, variance  # type: ignore[return-value]
 
     def copy(self, buffers: list[Tensor], values: Tensor) -> None:
         """``values`` holds the new values of ``buffers`` one after the other."""
@@ -169,20 +171,19 @@ class _Bookkeeping:
         # Every write goes through ``.data``, like PyTorch's own update of running statistics: packed
         # buffers share one version counter, and slices of them that other batch norms saved for their
         # backward must not count as changed.
+        counters = _span(self.counters) if self.counters else None
         with torch.no_grad():
-            if self.counters:
-                packed = _span(self.counters)
-                if packed is not None:
-                    packed.data.add_(1)
-                else:
-                    torch._foreach_add_([c.data for c in self.counters], 1)
+            if counters is not None:
+                counters.data.add_(1)
+            elif self.counters:
+                torch._foreach_add_([c.data for c in self.counters], 1)
             for size, (dst, src) in self.copies.items():
                 torch._foreach_copy_([d.data for d in dst], torch.cat(src).view(-1, size).unbind(0))
             for momentum, (dst, src) in self.lerps.items():
                 torch._foreach_lerp_([d.data for d in dst], src, momentum)
             for buffers, statistic, momentum in self.span_lerps:
                 buffers.data.lerp_(statistic.expand_as(buffers), momentum)
-        if not self.packed or (self.counters and _span(self.counters) is None):
+        if not self.packed or (self.counters and counters is None):
             _pack([m for group in self.groups for m in group])
 
 
@@ -194,9 +195,9 @@ def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Ten
     channels one after the other)."""
     b, n = bns[0], len(bns)
     shared = x.shape[1] == b.num_features and n > 1
-    packed = book.running(bns)  # type: ignore[arg-type]
     means = [m.running_mean for m in bns]
     variances = [m.running_var for m in bns]
+    packed = book.running(bns, means, variances)  # type: ignore[arg-type]
     if not b.training:
         x = _repeat(x, n) if shared else x
         stats = packed if packed is not None else (torch.cat(means), torch.cat(variances))  # type: ignore[arg-type]

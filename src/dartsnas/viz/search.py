@@ -301,7 +301,6 @@ def write_alpha_heatmaps(run_dir: str | Path, out_dir: str | Path, history: Sear
     if not epochs:
         return []
     from . import plotting
-    from .plotting import save_figure
 
     genotype_of = dict(zip(history.epochs, history.genotypes))
     final, last = history.genotypes[-1], history.alphas[epochs[-1]]
@@ -315,7 +314,7 @@ def write_alpha_heatmaps(run_dir: str | Path, out_dir: str | Path, history: Sear
         shape = (len(last[cell]), len(primitives))
         draw, _ = _heatmap_figure(cell, shape, primitives, *_value_range([last[cell]]))
         fig = draw(last[cell], final, f"softmax(alpha) of the {cell} cell after epoch {epochs[-1]} (* edge kept)")
-        files.append(save_figure(fig, Path(out_dir) / f"alpha_heatmap_{cell}.png"))
+        files.append(plotting.save_figure(fig, Path(out_dir) / f"alpha_heatmap_{cell}.png"))
         # An epoch's frame marks the edges of that epoch's cell; an epoch without a saved genotype
         # (none in runs this project writes) is left out rather than drawn with another epoch's marks.
         frames = [e for e in epochs if e in genotype_of and cell in history.alphas[e]]
