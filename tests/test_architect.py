@@ -194,3 +194,29 @@ def test_lean_memory_and_flipped_backward_match_plain_operations(unrolled, hvp):
                                rtol=1e-10, atol=1e-13)
     for (n, b_l), b_p in zip(model_l.named_buffers(), model_p.buffers()):
         torch.testing.assert_close(b_l, b_p, rtol=1e-12, atol=1e-15, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_call_with_substitutes_only_when_a_tensor_differs(monkeypatch):
+    """``call_with`` is ``functional_call``; with the model's own tensors it calls the model directly
+    (nothing to substitute), with any other tensor it substitutes as ``functional_call`` does."""
+    from torch import nn
+
+    from dartsnas.search import architect as arch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))
+    x = torch.randn(4, 3)
+    w = torch.randn(2, 3)
+    expected = functional_call(model, {"0.weight": w}, (x,))
+    assert not torch.equal(expected, model(x))
+    assert torch.equal(arch.call_with(model, {"0.weight": w, "2.bias": model[2].bias}, (x,)), expected)
+    assert torch.equal(arch.call_with(model, {"nope": w}, (x,)), functional_call(model, {"nope": w}, (x,)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("functional_call with the model's own tensors")
+
+    monkeypatch.setattr(arch, "functional_call", refuse)
+    out = arch.call_with(model, dict(model.named_parameters()), (x,))
+    assert torch.equal(out, model(x))
+    out.sum().backward()
+    assert model[0].weight.grad is not None

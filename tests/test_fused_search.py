@@ -226,11 +226,42 @@ def test_packed_batch_norm_buffers(settings):
 
 def test_other_batch_norms_fall_back_to_edge_by_edge():
     _, fast = pair()
+    fast(batch()[0])  # the cells' plans are made and kept
     cell = fast.cells[0]
     edge_bn = cell.edges[0].ops[0][1]
     cell.edges[0].ops[0][1] = nn.SyncBatchNorm(edge_bn.num_features, affine=False).double()
     assert not fused.fusable(cell)
     assert fused.fusable(fast.cells[1])
+
+
+def test_the_plan_follows_changes_of_the_cell():
+    """A cell's plan is made once and kept while its modules stay; a module replaced or a setting
+    changed after forwards is seen at the next one, whose values are then the edge-by-edge cell's."""
+    plain, fast = pair()
+    x, y = batch()
+    for m in (plain, fast):
+        F.cross_entropy(m(x), y).backward()
+    cell, plain_cell = fast.cells[1], plain.cells[1]
+    plan = fused._plan(cell)
+    assert plan is not None and fused._plan(cell) is plan
+    for c in (cell, plain_cell):  # a cumulative moving average cannot be fused
+        c.edges[2].ops[3].op[3].momentum = None
+    assert not fused.fusable(cell)
+    for m in (plain, fast):
+        F.cross_entropy(m(x), y).backward()
+    assert_same_state(plain, fast)
+    for c in (cell, plain_cell):
+        c.edges[2].ops[3].op[3].momentum = 0.1
+    assert fused._plan(cell) is plan
+    channels = cell.edges[4].ops[1][1].num_features
+    for c in (cell, plain_cell):  # a new operation module: a new plan holding it
+        c.edges[4].ops[1] = nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+                                          nn.BatchNorm2d(channels, affine=False)).double()
+    cell.edges[4].ops[1].load_state_dict(plain_cell.edges[4].ops[1].state_dict())
+    assert fused._plan(cell) is not plan
+    losses = [F.cross_entropy(m(x), y) for m in (plain, fast)]
+    close(losses[1], losses[0])
+    assert_same_state(plain, fast)
 
 
 def test_auto_fuses_small_networks_on_the_cpu_only():

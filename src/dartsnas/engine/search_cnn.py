@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from .. import distributed
@@ -26,7 +25,7 @@ from ..genotype import from_dict
 from ..ops import fastconv
 from ..rundir import write_json
 from ..search.alpha_noise import adversarial_weights, noise_bound, perturbed_weights
-from ..search.architect import Architect, VirtualStep, frozen
+from ..search.architect import Architect, VirtualStep, call_with, frozen
 from ..search.beta_decay import beta_decay_loss, beta_decay_weight
 from ..search.cnn import SearchNetwork
 from ..search.diagnostics import cnn_diagnostics
@@ -135,7 +134,7 @@ def build_search(cfg: SearchConfig, data: ImageData | DatasetInfo, device: torch
 
     def loss_fn(params: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
+        return F.cross_entropy(call_with(model, params, (x,)), y)
 
     architect = Architect(
         dict(model.named_weight_parameters()),

@@ -21,14 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from .. import distributed
 from ..config import check
 from ..data.text import Corpus, batchify, get_batch
 from ..genotype import from_dict
 from ..ops.loss import cross_entropy
-from ..search.architect import Architect, VirtualStep
+from ..search.architect import Architect, VirtualStep, call_with
 from ..search.diagnostics import rnn_diagnostics
 from ..search.early_stop import Tracker, parse_rule
 from ..search.hessian import due, search_eigenvalue
@@ -67,7 +66,7 @@ def make_loss_fn(model: RNNSearchModel) -> Callable[[dict[str, Tensor], TextBatc
         # w' and the two finite-difference points then all differentiate one function of the weights.
         gen = torch.Generator(device=batch.data.device)
         gen.manual_seed(batch.seed)
-        out = functional_call(model, params, (batch.data, batch.hidden), {"generator": gen})
+        out = call_with(model, params, (batch.data, batch.hidden), {"generator": gen})
         batch.hidden_out = out.hidden.detach()
         # The authors' architect uses the plain language-model loss (no TAR) on both batches.
         return cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), batch.targets.reshape(-1))

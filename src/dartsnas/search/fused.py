@@ -65,20 +65,102 @@ def fusable(cell: nn.Module) -> bool:
     fuse (plain or lean, affine-free batch norms with running statistics and a momentum; plain or
     flipped-backward, bias-free convolutions), and every module one of the operations' own kinds (an
     operation replaced by anything else, e.g. by hand, is computed edge by edge)."""
+    return _plan(cell) is not None
+
+
+def _walk_fusable(cell: nn.Module) -> bool:
     stack: list[nn.Module] = [cell.edges]
-    while stack:  # every module below the edges; a plain walk (checked at every forward: keep it cheap)
+    while stack:  # every module below the edges
         m = stack.pop()
         stack.extend(c for c in m._modules.values() if c is not None)
         if type(m) not in _KNOWN and type(m).__name__ != "MixedOp":
             return False
-        if isinstance(m, nn.modules.batchnorm._NormBase) and (
-                type(m) not in (nn.BatchNorm2d, lean.LeanBatchNorm2d) or m.affine or not m.track_running_stats
-                or m.momentum is None):
+        if isinstance(m, nn.modules.batchnorm._NormBase) and type(m) not in (nn.BatchNorm2d, lean.LeanBatchNorm2d):
             return False
-        if isinstance(m, nn.Conv2d) and (
-                type(m) not in (nn.Conv2d, FlippedBackwardConv2d) or m.bias is not None or m.padding_mode != "zeros"):
+        if isinstance(m, nn.Conv2d) and (type(m) not in (nn.Conv2d, FlippedBackwardConv2d) or m.bias is not None):
             return False
     return True
+
+
+# Module trees change rarely (a batch norm replaced by a synchronised one, an operation by hand), and only
+# through registration (setattr, add_module, register_parameter), which PyTorch reports to global hooks:
+# the cell's plan below is kept until then. functional_call's substitution of tensors registers nothing.
+_generation = 0
+
+
+def _structure_changed(*_: object) -> None:
+    global _generation
+    _generation += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_structure_changed)
+nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
+
+_Group = tuple  # one operation of the n edges leaving a state, as modules (see _plan_group)
+
+
+class _Plan:
+    """A cell's modules arranged for :func:`cell_forward`: per source state, its edges and each
+    operation's modules across them; and every batch norm and convolution of the edges, whose settings
+    that can change without a registration (momentum, padding mode, ...) are checked at each forward."""
+
+    def __init__(self, cell: nn.Module):
+        order, sizes = edge_order(cell.steps)
+        self.states: list[tuple[list[nn.Module], list[tuple[int, _Group]], _Group | None]] = []
+        start = 0
+        for n in sizes:
+            edges = [cell.edges[e] for e in order[start:start + n]]
+            start += n
+            first = edges[0]
+            ops = [(o, _plan_group([e.ops[pos] for e in edges])) for pos, o in enumerate(first.op_index)]
+            aux = _plan_group([e.aux for e in edges]) if first.aux is not None else None
+            self.states.append((edges, ops, aux))
+        self.spans: dict[object, tuple[tuple[Tensor, ...], Tensor]] = {}  # see _cached_span
+        modules = list(cell.edges.modules())
+        self.bns = [m for m in modules if isinstance(m, nn.modules.batchnorm._NormBase)]
+        self.convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+
+    def valid(self) -> bool:
+        return not any(m.affine or not m.track_running_stats or m.momentum is None for m in self.bns) and all(
+            m.padding_mode == "zeros" for m in self.convs)
+
+
+def _plan_group(ops: list[nn.Module]) -> _Group:
+    """``("skip",)``, ``("pool", pooling, batch norms)``, ``("reduce", conv_1s, conv_2s, batch norms)`` (a
+    factorized reduce) or ``("layers", [(kind, modules)])`` for a ReLU-first sequence: its layers after
+    the ReLU as ``relu``, ``conv`` or ``bn`` with the n edges' modules."""
+    op = ops[0]
+    if isinstance(op, nn.Identity):
+        return ("skip",)
+    if isinstance(op, nn.Sequential) and isinstance(op[0], (nn.MaxPool2d, nn.AvgPool2d)):
+        return ("pool", op[0], [o[1] for o in ops])
+    if isinstance(op, FactorizedReduce):
+        return ("reduce", [o.conv_1 for o in ops], [o.conv_2 for o in ops], [o.bn for o in ops])
+    layers = [list(o.op) for o in ops]
+    steps: list[tuple[str, list[nn.Module]]] = []
+    for k in range(1, len(layers[0])):
+        layer = layers[0][k]
+        column = [seq[k] for seq in layers]
+        if isinstance(layer, nn.ReLU):
+            steps.append(("relu", column))
+        elif isinstance(layer, nn.Conv2d):
+            steps.append(("conv", column))
+        elif isinstance(layer, nn.BatchNorm2d):
+            steps.append(("bn", column))
+        else:
+            raise TypeError(f"cannot fuse {type(layer).__name__}")
+    return ("layers", steps)
+
+
+def _plan(cell: nn.Module) -> _Plan | None:
+    """The cell's plan, made again after any change of a module tree; None when it cannot be fused."""
+    cached = cell.__dict__.get("_fused_plan")
+    if cached is None or cached[0] != _generation:
+        plan = _Plan(cell) if _walk_fusable(cell) else None
+        cached = (_generation, plan)
+        cell.__dict__["_fused_plan"] = cached
+    plan = cached[1]
+    return plan if plan is not None and plan.valid() else None
 
 
 def _conv(convs: list[nn.Conv2d], x: Tensor, shift: int = 0) -> Tensor:
@@ -106,6 +188,19 @@ def _span(tensors: list[Tensor]) -> Tensor | None:
     return first.as_strided((total,), (1,))
 
 
+def _cached_span(cache: dict[object, tuple[tuple[Tensor, ...], Tensor]], key: object, tensors: list[Tensor]
+                 ) -> Tensor | None:
+    """:func:`_span` of ``tensors``, remembered under ``key`` for as long as they are the same tensor
+    objects (a buffer moved or replaced is a new object; packing assigns new views)."""
+    hit = cache.get(key)
+    if hit is not None and len(hit[0]) == len(tensors) and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[1]
+    span = _span(tensors)
+    if span is not None:
+        cache[key] = (tuple(tensors), span)
+    return span
+
+
 def _pack(bns: list[nn.Module]) -> None:
     """Put the running statistics and counters of ``bns`` one after another into one tensor per kind
     (in this order: a fused batch norm's edges are then one slice of it). Each module keeps its own
@@ -129,7 +224,8 @@ class _Bookkeeping:
     counter of the cell is one tensor; buffers moved apart since (another device, a replaced tensor)
     take the general path, and are packed again at the end of that forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, spans: dict[object, tuple[tuple[Tensor, ...], Tensor]]) -> None:
+        self.spans = spans  # the cell plan's cache of packed views (_cached_span)
         self.counters: list[Tensor] = []
         self.copies: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # per size: buffers, their new values
         self.lerps: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # per momentum: buffers, statistics
@@ -144,8 +240,8 @@ class _Bookkeeping:
         self.groups.append(bns)
         if len(bns) == 1:
             return means[0], variances[0]
-        mean = _span(means)
-        variance = _span(variances) if mean is not None else None
+        mean = _cached_span(self.spans, ("mean", id(bns)), means)
+        variance = _cached_span(self.spans, ("var", id(bns)), variances) if mean is not None else None
         if variance is None:
             self.packed = False
             return None
@@ -159,7 +255,8 @@ class _Bookkeeping:
 
     def lerp(self, buffers: list[Tensor], statistic: Tensor, momentum: float, packed: Tensor | None = None) -> None:
         # Under autocast the statistic may be in a lower precision than the (float32) running buffers.
-        statistic = statistic.to(buffers[0].dtype)
+        if statistic.dtype != buffers[0].dtype:
+            statistic = statistic.to(buffers[0].dtype)
         if packed is not None:
             self.span_lerps.append((packed.view(len(buffers), -1), statistic, momentum))
             return
@@ -171,7 +268,7 @@ class _Bookkeeping:
         # Every write goes through ``.data``, like PyTorch's own update of running statistics: packed
         # buffers share one version counter, and slices of them that other batch norms saved for their
         # backward must not count as changed.
-        counters = _span(self.counters) if self.counters else None
+        counters = _cached_span(self.spans, "counters", self.counters) if self.counters else None
         with torch.no_grad():
             if counters is not None:
                 counters.data.add_(1)
@@ -182,7 +279,7 @@ class _Bookkeeping:
             for momentum, (dst, src) in self.lerps.items():
                 torch._foreach_lerp_([d.data for d in dst], src, momentum)
             for buffers, statistic, momentum in self.span_lerps:
-                buffers.data.lerp_(statistic.expand_as(buffers), momentum)
+                buffers.data.lerp_(statistic, momentum)  # the statistic broadcast over the edges
         if not self.packed or (self.counters and counters is None):
             _pack([m for group in self.groups for m in group])
 
@@ -225,39 +322,36 @@ def _batch_norm(bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Ten
     return F.batch_norm(x, *running, None, None, True, momentum, b.eps)
 
 
-def _shared_pool(ops: list[nn.Sequential], x: Tensor, book: _Bookkeeping) -> Tensor:
+def _shared_pool(pool: nn.Module, bns: list[nn.BatchNorm2d], x: Tensor, book: _Bookkeeping) -> Tensor:
     """Pooling followed by an affine-free batch norm, the same on every edge: computed once, shape
     ``(batch, 1, C, H, W)`` in training; ``(batch, n, C, H, W)`` in eval mode (each edge's own running
     statistics)."""
-    y = _batch_norm([op[1] for op in ops], ops[0][0](x), book)
+    y = _batch_norm(bns, pool(x), book)
     return y.unflatten(1, (-1, x.shape[1]))
 
 
-def _relu_op(ops: list[nn.Module], x: Tensor, book: _Bookkeeping) -> Tensor:
+def _relu_op(group: _Group, x: Tensor, book: _Bookkeeping) -> Tensor:
     """The ``n`` edges' ReLU-first operation (its ReLU already applied: ``x`` is the repeated ``relu``
-    of the input), shape ``(batch, n, C, H, W)``."""
-    n = len(ops)
-    if isinstance(ops[0], FactorizedReduce):
-        a = _conv([op.conv_1 for op in ops], x)
-        b = _conv([op.conv_2 for op in ops], x, shift=1)
+    of the input), shape ``(batch, n, C, H, W)``; ``group`` from :func:`_plan_group`."""
+    if group[0] == "reduce":
+        _, conv_1, conv_2, bns = group
+        n = len(bns)
+        a = _conv(conv_1, x)
+        b = _conv(conv_2, x, shift=1)
         if b.shape[-2:] != a.shape[-2:]:
             b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
         # Each edge's output channels are its conv_1's then its conv_2's.
         y = torch.cat([a.unflatten(1, (n, -1)), b.unflatten(1, (n, -1))], dim=2).flatten(1, 2)
-        return _batch_norm([op.bn for op in ops], y, book).unflatten(1, (n, -1))
-    layers = [op.op for op in ops]  # type: ignore[union-attr]
+        return _batch_norm(bns, y, book).unflatten(1, (n, -1))
     y = x
-    for k in range(1, len(layers[0])):
-        layer = layers[0][k]
-        if isinstance(layer, nn.ReLU):
+    for kind, modules in group[1]:
+        if kind == "relu":
             y = F.relu(y)
-        elif isinstance(layer, nn.Conv2d):
-            y = _conv([seq[k] for seq in layers], y)
-        elif isinstance(layer, nn.BatchNorm2d):
-            y = _batch_norm([seq[k] for seq in layers], y, book)
+        elif kind == "conv":
+            y = _conv(modules, y)
         else:
-            raise TypeError(f"cannot fuse {type(layer).__name__}")
-    return y.unflatten(1, (n, -1))
+            y = _batch_norm(modules, y, book)
+    return y.unflatten(1, (len(modules), -1))
 
 
 def _repeat(x: Tensor, n: int) -> Tensor:
@@ -281,11 +375,12 @@ def _add(acc: Tensor | None, y: Tensor, c: Coef, n: int) -> Tensor:
 def cell_forward(cell: nn.Module, s0: Tensor, s1: Tensor, weights: Tensor, edge_weights: Tensor | None,
                  aux_coef: float) -> Tensor:
     """:meth:`SearchCell.forward` computed state by state (module docstring)."""
+    plan = _plan(cell)
+    assert plan is not None, "cell_forward of a cell that is not fusable"
     states = [cell.preprocess0(s0), cell.preprocess1(s1)]
     fmt = lean.memory_format(states[1])
-    steps, edges = cell.steps, cell.edges
-    k = edges[0].partial_channels
-    order, sizes = edge_order(steps)
+    k = plan.states[0][0][0].partial_channels
+    order, sizes = edge_order(cell.steps)
     index = torch.tensor(order, device=weights.device)
     # Coefficient of operation o on edge e: its mixing weight times, with edge normalisation, the edge's
     # weight in its node's sum (PC-DARTS eq. 4); rows grouped by source state, as (n, 1, 1, 1) blocks.
@@ -299,13 +394,10 @@ def cell_forward(cell: nn.Module, s0: Tensor, s1: Tensor, weights: Tensor, edge_
         aux_coefs = [aux_coef * c for c in node_coefs]  # type: ignore[operator]
     # The accumulators of nodes max(0, j - 1) .. steps - 1 by part (see _state_terms), (batch, nodes, C, H, W).
     acc: dict[str, Tensor] = {}
-    book = _Bookkeeping()
-    start = 0
+    book = _Bookkeeping(plan.spans)
     for j, n in enumerate(sizes):
-        out_edges = [edges[e] for e in order[start:start + n]]
-        start += n
         # One coefficient tensor per operation (unbind: its backward is one stack, not a zero-filled select each).
-        terms = _state_terms(out_edges, states[j], coefs[j].unbind(0), node_coefs[j], aux_coefs[j], k, book)
+        terms = _state_terms(plan.states[j], states[j], coefs[j].unbind(0), node_coefs[j], aux_coefs[j], k, book)
         for part, y, c in terms:
             acc[part] = _add(acc.get(part), y, c, n)
         if j >= 1:
@@ -329,13 +421,14 @@ def _node(done: dict[str, Tensor], k: int) -> Tensor:
     return out + done["full"].squeeze(1) if "full" in done else out
 
 
-def _state_terms(edges: list[nn.Module], h: Tensor, coef: Sequence[Tensor], node_coef: Tensor | None, aux_coef: Coef,
-                 k: int, book: _Bookkeeping) -> list[tuple[str, Tensor, Coef]]:
-    """``(part, y, c)``: the contributions ``c * y`` of the edges leaving state ``h`` to their nodes'
-    accumulators ``mix`` (the operations' channels), ``rest`` (PC-DARTS's bypass) and ``full`` (the
-    auxiliary skip with partial channels, added after the shuffle)."""
+def _state_terms(state: tuple[list[nn.Module], list[tuple[int, _Group]], _Group | None], h: Tensor,
+                 coef: Sequence[Tensor], node_coef: Tensor | None, aux_coef: Coef, k: int, book: _Bookkeeping
+                 ) -> list[tuple[str, Tensor, Coef]]:
+    """``(part, y, c)``: the contributions ``c * y`` of the edges leaving state ``h`` (their plan
+    ``state``) to their nodes' accumulators ``mix`` (the operations' channels), ``rest`` (PC-DARTS's
+    bypass) and ``full`` (the auxiliary skip with partial channels, added after the shuffle)."""
+    edges, ops, aux = state
     n = len(edges)
-    first = edges[0]
     if k == 1:
         selected, rest = h, None
     else:
@@ -344,28 +437,27 @@ def _state_terms(edges: list[nn.Module], h: Tensor, coef: Sequence[Tensor], node
     relu = F.relu(selected)
     repeated: Tensor | None = None
     terms: list[tuple[str, Tensor, Coef]] = []
-    for pos, (o, op) in enumerate(zip(first.op_index, first.ops)):
-        ops = [e.ops[pos] for e in edges]
-        if isinstance(op, nn.Identity):
+    for o, group in ops:
+        if group[0] == "skip":
             y = selected.unsqueeze(1)
-        elif isinstance(op, nn.Sequential) and isinstance(op[0], (nn.MaxPool2d, nn.AvgPool2d)):
-            y = _shared_pool(ops, selected, book)
+        elif group[0] == "pool":
+            y = _shared_pool(group[1], group[2], selected, book)
         else:
             if repeated is None:
                 repeated = _repeat(relu, n)
-            y = _relu_op(ops, repeated, book)
+            y = _relu_op(group, repeated, book)
         terms.append(("mix", y, coef[o]))
     if rest is not None:
-        terms.append(("rest", first.bypass(rest).unsqueeze(1), node_coef))
-    if first.aux is not None:
+        terms.append(("rest", edges[0].bypass(rest).unsqueeze(1), node_coef))
+    if aux is not None:
         part = "mix" if k == 1 else "full"
-        if isinstance(first.aux, nn.Identity):
+        if aux[0] == "skip":
             y = h.unsqueeze(1)
         else:
             if k > 1:
                 repeated = _repeat(F.relu(h), n)
             elif repeated is None:
                 repeated = _repeat(relu, n)
-            y = _relu_op([e.aux for e in edges], repeated, book)
+            y = _relu_op(aux, repeated, book)
         terms.append((part, y, aux_coef))
     return terms
