@@ -127,7 +127,7 @@ class _Plan:
 
 def _plan_group(ops: list[nn.Module]) -> _Group:
     """``("skip",)``, ``("pool", pooling, batch norms)``, ``("reduce", conv_1s, conv_2s, batch norms)`` (a
-    factorized reduce) or ``("layers", [(kind, modules)])`` for a ReLU-first sequence: its layers after
+    factorized reduce) or ``("layers", [(kind, modules)], n)`` for a ReLU-first sequence: its layers after
     the ReLU as ``relu``, ``conv`` or ``bn`` with the n edges' modules."""
     op = ops[0]
     if isinstance(op, nn.Identity):
@@ -149,7 +149,7 @@ def _plan_group(ops: list[nn.Module]) -> _Group:
             steps.append(("bn", column))
         else:
             raise TypeError(f"cannot fuse {type(layer).__name__}")
-    return ("layers", steps)
+    return ("layers", steps, len(ops))
 
 
 def _plan(cell: nn.Module) -> _Plan | None:
@@ -343,15 +343,16 @@ def _relu_op(group: _Group, x: Tensor, book: _Bookkeeping) -> Tensor:
         # Each edge's output channels are its conv_1's then its conv_2's.
         y = torch.cat([a.unflatten(1, (n, -1)), b.unflatten(1, (n, -1))], dim=2).flatten(1, 2)
         return _batch_norm(bns, y, book).unflatten(1, (n, -1))
+    _, steps, n = group
     y = x
-    for kind, modules in group[1]:
+    for kind, modules in steps:
         if kind == "relu":
             y = F.relu(y)
         elif kind == "conv":
             y = _conv(modules, y)
         else:
             y = _batch_norm(modules, y, book)
-    return y.unflatten(1, (len(modules), -1))
+    return y.unflatten(1, (n, -1))
 
 
 def _repeat(x: Tensor, n: int) -> Tensor:
