@@ -253,6 +253,11 @@ def test_the_plan_follows_changes_of_the_cell():
     for c in (cell, plain_cell):
         c.edges[2].ops[3].op[3].momentum = 0.1
     assert fused._plan(cell) is plan
+    bn = cell.edges[0].ops[4].op[3]
+    bn.__class__ = type("OwnBatchNorm", (nn.BatchNorm2d,), {})  # a class swapped in place registers nothing
+    assert not fused.fusable(cell)
+    bn.__class__ = nn.BatchNorm2d
+    assert fused._plan(cell) is plan
     channels = cell.edges[4].ops[1][1].num_features
     for c in (cell, plain_cell):  # a new operation module: a new plan holding it
         c.edges[4].ops[1] = nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False),

@@ -60,6 +60,10 @@ _KNOWN = frozenset({nn.ModuleList, nn.Sequential, nn.ReLU, nn.Identity, nn.MaxPo
                     FactorizedReduce, ReLUConvBN, Conv7x1_1x7})
 
 
+_FUSED_BN = (nn.BatchNorm2d, lean.LeanBatchNorm2d)
+_FUSED_CONV = (nn.Conv2d, FlippedBackwardConv2d)
+
+
 def fusable(cell: nn.Module) -> bool:
     """Whether every batch norm and convolution of the cell's edges is one :func:`cell_forward` can
     fuse (plain or lean, affine-free batch norms with running statistics and a momentum; plain or
@@ -75,9 +79,9 @@ def _walk_fusable(cell: nn.Module) -> bool:
         stack.extend(c for c in m._modules.values() if c is not None)
         if type(m) not in _KNOWN and type(m).__name__ != "MixedOp":
             return False
-        if isinstance(m, nn.modules.batchnorm._NormBase) and type(m) not in (nn.BatchNorm2d, lean.LeanBatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._NormBase) and type(m) not in _FUSED_BN:
             return False
-        if isinstance(m, nn.Conv2d) and (type(m) not in (nn.Conv2d, FlippedBackwardConv2d) or m.bias is not None):
+        if isinstance(m, nn.Conv2d) and (type(m) not in _FUSED_CONV or m.bias is not None):
             return False
     return True
 
@@ -121,8 +125,10 @@ class _Plan:
         self.convs = [m for m in modules if isinstance(m, nn.Conv2d)]
 
     def valid(self) -> bool:
-        return not any(m.affine or not m.track_running_stats or m.momentum is None for m in self.bns) and all(
-            m.padding_mode == "zeros" for m in self.convs)
+        # Also the classes: a class swapped in place (as ops/lean.py and ops/fastconv.py do) registers nothing.
+        return not any(type(m) not in _FUSED_BN or m.affine or not m.track_running_stats or m.momentum is None
+                       for m in self.bns) and all(type(m) in _FUSED_CONV and m.padding_mode == "zeros"
+                                                  for m in self.convs)
 
 
 def _plan_group(ops: list[nn.Module]) -> _Group:
