@@ -242,8 +242,8 @@ def test_the_plan_follows_changes_of_the_cell():
     for m in (plain, fast):
         F.cross_entropy(m(x), y).backward()
     cell, plain_cell = fast.cells[1], plain.cells[1]
-    plan = fused._plan(cell)
-    assert plan is not None and fused._plan(cell) is plan
+    plan = fused.cell_plan(cell)
+    assert plan is not None and fused.cell_plan(cell) is plan
     for c in (cell, plain_cell):  # a cumulative moving average cannot be fused
         c.edges[2].ops[3].op[3].momentum = None
     assert not fused.fusable(cell)
@@ -252,18 +252,18 @@ def test_the_plan_follows_changes_of_the_cell():
     assert_same_state(plain, fast)
     for c in (cell, plain_cell):
         c.edges[2].ops[3].op[3].momentum = 0.1
-    assert fused._plan(cell) is plan
+    assert fused.cell_plan(cell) is plan
     bn = cell.edges[0].ops[4].op[3]
     bn.__class__ = type("OwnBatchNorm", (nn.BatchNorm2d,), {})  # a class swapped in place registers nothing
     assert not fused.fusable(cell)
     bn.__class__ = nn.BatchNorm2d
-    assert fused._plan(cell) is plan
+    assert fused.cell_plan(cell) is plan
     channels = cell.edges[4].ops[1][1].num_features
     for c in (cell, plain_cell):  # a new operation module: a new plan holding it
         c.edges[4].ops[1] = nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False),
                                           nn.BatchNorm2d(channels, affine=False)).double()
     cell.edges[4].ops[1].load_state_dict(plain_cell.edges[4].ops[1].state_dict())
-    assert fused._plan(cell) is not plan
+    assert fused.cell_plan(cell) is not plan
     losses = [F.cross_entropy(m(x), y) for m in (plain, fast)]
     close(losses[1], losses[0])
     assert_same_state(plain, fast)

@@ -141,8 +141,9 @@ class SearchCell(nn.Module):
                 edge_weights: torch.Tensor | None = None, aux_coef: float = 0.0) -> torch.Tensor:
         """The cell's output; ``edge_weights`` (one per edge, PC-DARTS eq. 4) scale each edge's output
         in its node's sum, ``aux_coef`` is the auxiliary skip's coefficient (DARTS-)."""
-        if self.fused and fused.fusable(self):
-            return fused.cell_forward(self, s0, s1, weights, edge_weights, aux_coef)
+        plan = fused.cell_plan(self) if self.fused else None
+        if plan is not None:
+            return fused.cell_forward(self, plan, s0, s1, weights, edge_weights, aux_coef)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         # One ReLU per state, shared by all operations on all edges leaving it: the same values as
         # a ReLU per operation, with a fraction of the memory and time.

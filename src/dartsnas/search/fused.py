@@ -69,19 +69,18 @@ def fusable(cell: nn.Module) -> bool:
     fuse (plain or lean, affine-free batch norms with running statistics and a momentum; plain or
     flipped-backward, bias-free convolutions), and every module one of the operations' own kinds (an
     operation replaced by anything else, e.g. by hand, is computed edge by edge)."""
-    return _plan(cell) is not None
+    return cell_plan(cell) is not None
 
 
 def _walk_fusable(cell: nn.Module) -> bool:
+    # Batch norms and convolutions of other classes are not _KNOWN; their settings are _Plan.valid's.
     stack: list[nn.Module] = [cell.edges]
     while stack:  # every module below the edges
         m = stack.pop()
         stack.extend(c for c in m._modules.values() if c is not None)
         if type(m) not in _KNOWN and type(m).__name__ != "MixedOp":
             return False
-        if isinstance(m, nn.modules.batchnorm._NormBase) and type(m) not in _FUSED_BN:
-            return False
-        if isinstance(m, nn.Conv2d) and (type(m) not in _FUSED_CONV or m.bias is not None):
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
             return False
     return True
 
@@ -158,8 +157,9 @@ def _plan_group(ops: list[nn.Module]) -> _Group:
     return ("layers", steps, len(ops))
 
 
-def _plan(cell: nn.Module) -> _Plan | None:
-    """The cell's plan, made again after any change of a module tree; None when it cannot be fused."""
+def cell_plan(cell: nn.Module) -> _Plan | None:
+    """The cell's plan for :func:`cell_forward`, made again after any change of a module tree; None when
+    the cell cannot be fused (:func:`fusable`)."""
     cached = cell.__dict__.get("_fused_plan")
     if cached is None or cached[0] != _generation:
         plan = _Plan(cell) if _walk_fusable(cell) else None
@@ -379,11 +379,10 @@ def _add(acc: Tensor | None, y: Tensor, c: Coef, n: int) -> Tensor:
     return torch.addcmul(acc, y, c)
 
 
-def cell_forward(cell: nn.Module, s0: Tensor, s1: Tensor, weights: Tensor, edge_weights: Tensor | None,
+def cell_forward(cell: nn.Module, plan: _Plan, s0: Tensor, s1: Tensor, weights: Tensor, edge_weights: Tensor | None,
                  aux_coef: float) -> Tensor:
-    """:meth:`SearchCell.forward` computed state by state (module docstring)."""
-    plan = _plan(cell)
-    assert plan is not None, "cell_forward of a cell that is not fusable"
+    """:meth:`SearchCell.forward` computed state by state (module docstring), with the cell's
+    :func:`cell_plan`."""
     states = [cell.preprocess0(s0), cell.preprocess1(s1)]
     fmt = lean.memory_format(states[1])
     k = plan.states[0][0][0].partial_channels
