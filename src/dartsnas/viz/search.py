@@ -117,16 +117,16 @@ def write_gif(frames: Sequence[Any], path: str | Path) -> Path:
     images = [(Image.open(io.BytesIO(f)) if isinstance(f, bytes) else f).convert("RGBA") for f in frames]
     width = max(im.width for im in images)
     height = max(im.height for im in images)
-    frames = []
+    padded = []
     for im in images:
         canvas = Image.new("RGB", (width, height), "white")
         canvas.paste(im, (0, 0), im)
-        frames.append(canvas)
-    durations = [int(FRAME_SECONDS * 1000)] * len(frames)
+        padded.append(canvas)
+    durations = [int(FRAME_SECONDS * 1000)] * len(padded)
     durations[-1] = int(LAST_FRAME_SECONDS * 1000)
     buf = io.BytesIO()
     # Each frame differs at least in its epoch label, so Pillow never merges two into one.
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0,
+    padded[0].save(buf, format="GIF", save_all=True, append_images=padded[1:], duration=durations, loop=0,
                    disposal=1, optimize=False)
     path = Path(path)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
